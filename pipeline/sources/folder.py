@@ -1,0 +1,40 @@
+"""A folder of images without annotations: every readable image becomes a record with no boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from pipeline.sources.records import ErrorReason, ImageRecord, SourceError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+class FolderSource:
+    """Images under `root` (recursively, sorted by relative path); ids are 1-based positions in that order."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"image folder not found: {self.root}")
+        resolved = self.root.resolve()
+        self.paths = sorted(
+            p for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve().is_relative_to(resolved)
+        )
+        self.categories: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
+        for image_id, path in enumerate(self.paths, start=1):
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception as exc:  # PIL raises several types for corrupt files
+                yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", str(path))
+                continue
+            yield ImageRecord(image_id=image_id, path=path, width=width, height=height)

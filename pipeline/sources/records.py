@@ -1,0 +1,76 @@
+"""The two things a source yields: an image record to audit, or a typed error to store.
+
+A source never raises on bad content: a broken image or annotation becomes a `SourceError`, which the
+audit writes to its `errors` table while the stream goes on. Only input that is not a dataset at all
+(a json that is not COCO) raises, at once, with `SourceFormatError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class SourceFormatError(ValueError):
+    """The input is not a dataset of the expected kind; the message names the file and the problem."""
+
+
+class ErrorReason(str, enum.Enum):
+    """Why a source could not yield (part of) an image. Stored as text in the `errors` table."""
+
+    MISSING_FILE = "missing_file"
+    UNREADABLE_IMAGE = "unreadable_image"
+    PATH_ESCAPES_ROOT = "path_escapes_root"
+    BOX_OUT_OF_BOUNDS = "box_out_of_bounds"
+    DEGENERATE_BOX = "degenerate_box"
+    UNKNOWN_CATEGORY = "unknown_category"
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """One problem found while reading a dataset.
+
+    `annotation_id` is set when only one annotation is bad: the image itself is still yielded with its
+    valid boxes, so one broken box does not drop an image from the audit.
+    """
+
+    image_id: int | None
+    reason: ErrorReason
+    message: str
+    path: str | None = None
+    annotation_id: int | None = None
+
+
+def _empty_boxes() -> np.ndarray:
+    return np.zeros((0, 4), dtype=np.float32)
+
+
+def _empty_labels() -> np.ndarray:
+    return np.zeros((0,), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to audit.
+
+    Boxes are absolute pixel xyxy, float32 [n, 4]; `labels` are the dataset's category ids [n];
+    `names` the matching category names. A folder source yields records with no boxes.
+    """
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=_empty_boxes)
+    labels: np.ndarray = field(default_factory=_empty_labels)
+    names: tuple[str, ...] = ()
+    annotation_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.boxes.shape != (len(self.labels), 4):
+            raise ValueError(f"boxes {self.boxes.shape} do not match {len(self.labels)} labels")
+        if len(self.names) != len(self.labels):
+            raise ValueError(f"{len(self.names)} names for {len(self.labels)} labels")

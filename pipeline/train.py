@@ -1,0 +1,227 @@
+"""Train or fine-tune a DETR-family detector on a COCO-format dataset with transformers' set loss.
+
+Checkpoints go to `OUT/checkpoint/` every `checkpoint_every` steps (weights, optimizer, step); rerunning
+the same command resumes from there. The finished model is a plain `save_pretrained` directory that
+every other command loads.
+
+Training from scratch needs trainable batch norm: transformers freezes the backbone's BatchNorm (right
+for pretrained backbones, fatal for random ones), so `trainable_batch_norm` swaps in real BatchNorm
+while training; the saved state dict keeps the frozen layout, so checkpoints load with the stock class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torchvision.ops import box_convert
+from transformers import AutoModelForObjectDetection, PreTrainedModel
+
+from pipeline.models.families import FAMILIES, build_config, save_preprocessor
+from pipeline.models.preprocess import PreprocessConfig, load_image, preprocess
+from pipeline.sources.coco import CocoSource
+from pipeline.sources.records import ImageRecord
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run; saved beside the model as `training_config.json`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    coco: Path
+    images: Path
+    out: Path
+    family: str = "conditional-detr-small"
+    init: Path | None = Field(None, description="fine-tune this model directory instead of a random init")
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0
+    warmup_steps: int = 200
+    lr_drop_fraction: float = 0.8
+    checkpoint_every: int = 500
+    hflip: bool = True
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def trainable_batch_norm(model: nn.Module) -> int:
+    """Replace every frozen BatchNorm (buffers only) by a trainable nn.BatchNorm2d with the same stats."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("FrozenBatchNorm2d"):
+                bn = nn.BatchNorm2d(child.weight.numel()).to(child.weight.device)
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(bn, key).copy_(getattr(child, key))
+                setattr(parent, name, bn)
+                swapped += 1
+    return swapped
+
+
+def _frozen_layout_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as the stock (frozen-BN) class expects it: no BatchNorm step counters."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def label_names_and_map(source: CocoSource, model_labels: dict[int, str] | None) -> tuple[list[str], dict[int, int]]:
+    """Model label names and the map dataset category id -> model label index.
+
+    From scratch, labels are the dataset's categories in id order; to fine-tune, categories are matched to
+    the model's labels by name and a missing name is an error.
+    """
+    cat_ids = sorted(source.categories)
+    if model_labels is None:
+        return [source.categories[c] for c in cat_ids], {c: i for i, c in enumerate(cat_ids)}
+    by_name = {name: idx for idx, name in model_labels.items()}
+    missing = [source.categories[c] for c in cat_ids if source.categories[c] not in by_name]
+    if missing:
+        raise ValueError(f"the model has no label for the dataset categories {missing}")
+    return [model_labels[i] for i in sorted(model_labels)], {c: by_name[source.categories[c]] for c in cat_ids}
+
+
+class _TrainSet(torch.utils.data.Dataset):
+    """Decoded image and normalised cxcywh targets of each valid training record."""
+
+    def __init__(self, records: list[ImageRecord], cat_to_label: dict[int, int], hflip: bool, seed: int) -> None:
+        self.records, self.cat_to_label, self.hflip, self.seed = records, cat_to_label, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index, step = key
+        record = self.records[index]
+        image = load_image(record.path)
+        boxes = torch.as_tensor(record.boxes).reshape(-1, 4).clone()
+        flip = self.hflip and bool(np.random.default_rng([self.seed, step, index]).random() < 0.5)
+        if flip:
+            image = image.flip(-1)
+            boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
+        scale = torch.tensor([record.width, record.height, record.width, record.height], dtype=torch.float32)
+        target = {
+            "class_labels": torch.tensor([self.cat_to_label[int(c)] for c in record.labels], dtype=torch.long),
+            "boxes": box_convert(boxes / scale, "xyxy", "cxcywh"),
+        }
+        return image, target
+
+
+def _batches(n_items: int, batch_size: int, seed: int, start_step: int, steps: int) -> Iterator[list[tuple[int, int]]]:
+    """(index, step) keys of each step's batch; a pure function of the step, so a resumed run sees the same data."""
+    per_epoch = max(1, n_items // batch_size)
+    for step in range(start_step, steps):
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n_items)
+        yield [(int(i), step) for i in order[offset * batch_size:(offset + 1) * batch_size]]
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    return 0.1 if step >= config.lr_drop_fraction * config.steps else 1.0
+
+
+def _build_model(config: TrainConfig, source: CocoSource) -> tuple[PreTrainedModel, dict[int, int], PreprocessConfig]:
+    if config.init is not None:
+        from pipeline.models.detr import load_hf_model
+
+        model = load_hf_model(config.init)
+        _, cat_to_label = label_names_and_map(source, model.config.id2label)
+        return model, cat_to_label, PreprocessConfig.from_dir(config.init)
+    names, cat_to_label = label_names_and_map(source, None)
+    family = FAMILIES[config.family]
+    model = family.model_class(build_config(config.family, names))
+    return model, cat_to_label, PreprocessConfig(family.shortest_edge, family.longest_edge)
+
+
+def _save(model: PreTrainedModel, out: Path, preprocess_config: PreprocessConfig) -> None:
+    """Write a loadable model directory atomically (temp dir, then rename)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=_frozen_layout_state(model))
+    save_preprocessor(tmp, preprocess_config.shortest_edge, preprocess_config.longest_edge)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """Run (or resume) training; returns a summary with the final loss and wall time."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    source = CocoSource(config.coco, config.images)
+    records = [r for r in source if isinstance(r, ImageRecord) and len(r.labels) > 0]
+    if not records:
+        raise ValueError(f"{config.coco}: no readable image with annotations to train on")
+    out = Path(config.out)
+    checkpoint = out / CHECKPOINT_DIR
+    resume = (checkpoint / TRAINER_STATE).exists()
+    model, cat_to_label, preprocess_config = _build_model(
+        config.model_copy(update={"init": checkpoint}) if resume else config, source
+    )
+    if config.init is None:
+        trainable_batch_norm(model)
+        model.requires_grad_(True)  # transformers freezes a ResNet stem meant to be pretrained
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start_step, elapsed = 0, 0.0
+    if resume:
+        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, elapsed = int(state["step"]), float(state["elapsed"])
+    dataset = _TrainSet(records, cat_to_label, config.hflip, config.seed)
+    started, loss_value = time.perf_counter() - elapsed, math.nan
+    for keys in _batches(len(records), min(config.batch_size, len(records)), config.seed, start_step, config.steps):
+        step = keys[0][1]
+        items = [dataset[k] for k in keys]
+        batch = preprocess([img for img, _ in items], preprocess_config, device)
+        labels = [{k: v.to(device) for k, v in t.items()} for _, t in items]
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, config)
+        loss = model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if on_step is not None:
+            on_step(step + 1, loss_value)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save(model, checkpoint, preprocess_config)
+            torch.save({"optimizer": optimizer.state_dict(), "step": step + 1,
+                        "elapsed": time.perf_counter() - started}, checkpoint / TRAINER_STATE)
+    seconds = time.perf_counter() - started
+    summary = {"steps": config.steps, "final_loss": loss_value, "train_seconds": round(seconds, 1),
+               "device": str(device), "images": len(records)}
+    final = out / ".final"
+    _save(model, final, preprocess_config)
+    (final / "training_config.json").write_text(
+        json.dumps({"config": json.loads(config.model_dump_json()), "summary": summary}, indent=2)
+    )
+    for path in final.iterdir():
+        path.replace(out / path.name)
+    final.rmdir()
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return summary

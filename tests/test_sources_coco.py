@@ -1,0 +1,126 @@
+"""COCO reader on real coco_tiny, and every kind of bad input it must turn into an error, not a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.sources import CocoSource, ErrorReason, ImageRecord, SourceError, SourceFormatError
+
+
+@pytest.mark.parametrize("split", ["val2017", "train2017"])
+def test_counts_match_the_json(coco_tiny: Path, split: str) -> None:
+    ann_file = coco_tiny / "annotations" / f"instances_{split}.json"
+    raw = json.loads(ann_file.read_text())
+    items = list(CocoSource(ann_file, coco_tiny / split))
+    records = [r for r in items if isinstance(r, ImageRecord)]
+    errors = [e for e in items if isinstance(e, SourceError)]
+    assert len(records) == len(raw["images"]) == 80
+    n_boxes = sum(len(r.labels) for r in records)
+    # Every annotation is either a box of its image or an error naming it: nothing is silently lost.
+    assert n_boxes + len(errors) == len(raw["annotations"])
+    assert all(e.annotation_id is not None for e in errors)
+
+
+def test_record_boxes_are_absolute_xyxy_with_names(coco_tiny: Path) -> None:
+    ann_file = coco_tiny / "annotations" / "instances_val2017.json"
+    raw = json.loads(ann_file.read_text())
+    source = CocoSource(ann_file, coco_tiny / "val2017")
+    record = next(r for r in source if isinstance(r, ImageRecord) and len(r.labels))
+    ann = next(a for a in raw["annotations"] if a["id"] == record.annotation_ids[0])
+    x, y, w, h = ann["bbox"]
+    np.testing.assert_allclose(record.boxes[0], [x, y, min(x + w, record.width), min(y + h, record.height)], atol=1e-3)
+    assert record.names[0] == source.categories[ann["category_id"]]
+    assert record.path.is_file() and record.width > 0 and record.height > 0
+
+
+@pytest.fixture()
+def broken(tmp_path: Path) -> tuple[Path, Path]:
+    """A 6-image dataset with one of each problem; image 1 is fine."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in ("ok.png", "badbox.png"):
+        Image.new("RGB", (64, 48), "gray").save(root / name)
+    (root / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "outside.png").write_bytes((root / "ok.png").read_bytes())
+    images = [
+        {"id": 1, "file_name": "ok.png", "width": 64, "height": 48},
+        {"id": 2, "file_name": "missing.png", "width": 64, "height": 48},
+        {"id": 3, "file_name": "corrupt.png", "width": 64, "height": 48},
+        {"id": 4, "file_name": "../outside.png", "width": 64, "height": 48},
+        {"id": 5, "file_name": "badbox.png", "width": 64, "height": 48},
+    ]
+    anns = [
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+        {"id": 11, "image_id": 5, "category_id": 1, "bbox": [50, 40, 30, 30]},  # leaves the image
+        {"id": 12, "image_id": 5, "category_id": 1, "bbox": [5, 5, 0, 4]},  # zero width
+        {"id": 13, "image_id": 5, "category_id": 99, "bbox": [5, 5, 4, 4]},  # unknown category
+        {"id": 14, "image_id": 5, "category_id": 1, "bbox": [1, 1, 8, 8]},  # fine
+    ]
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    return ann_file, root
+
+
+def test_every_bad_input_becomes_a_typed_error(broken: tuple[Path, Path]) -> None:
+    items = list(CocoSource(*broken))
+    errors = {(e.image_id, e.annotation_id): e for e in items if isinstance(e, SourceError)}
+    records = {r.image_id: r for r in items if isinstance(r, ImageRecord)}
+    assert errors[(2, None)].reason is ErrorReason.MISSING_FILE
+    assert errors[(3, None)].reason is ErrorReason.UNREADABLE_IMAGE
+    assert errors[(4, None)].reason is ErrorReason.PATH_ESCAPES_ROOT
+    assert errors[(5, 11)].reason is ErrorReason.BOX_OUT_OF_BOUNDS
+    assert errors[(5, 12)].reason is ErrorReason.DEGENERATE_BOX
+    assert errors[(5, 13)].reason is ErrorReason.UNKNOWN_CATEGORY
+    assert "99" in errors[(5, 13)].message
+    # The stream goes on: the good image and the good box of the bad image survive.
+    assert sorted(records) == [1, 5]
+    assert records[5].annotation_ids == (14,)
+
+
+def test_absolute_file_name_cannot_escape(broken: tuple[Path, Path], tmp_path: Path) -> None:
+    ann_file, root = broken
+    raw = json.loads(ann_file.read_text())
+    raw["images"] = [{"id": 1, "file_name": str(tmp_path / "outside.png"), "width": 64, "height": 48}]
+    raw["annotations"] = []
+    ann_file.write_text(json.dumps(raw))
+    (error,) = list(CocoSource(ann_file, root))
+    assert isinstance(error, SourceError) and error.reason is ErrorReason.PATH_ESCAPES_ROOT
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [("not json at all", "not valid JSON"), ("[1, 2]", "top level is list"),
+     ('{"images": []}', "missing list 'annotations'"),
+     ('{"images": [{"id": 1}], "annotations": [], "categories": []}', "file_name")],
+)
+def test_non_coco_json_fails_at_once_naming_file(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "weird.json"
+    path.write_text(content)
+    with pytest.raises(SourceFormatError) as info:
+        CocoSource(path, tmp_path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+
+
+def test_missing_annotation_file(tmp_path: Path) -> None:
+    with pytest.raises(SourceFormatError, match="not found"):
+        CocoSource(tmp_path / "nope.json", tmp_path)
+
+
+def test_folder_source_yields_images_without_gt(coco_tiny: Path, tmp_path: Path) -> None:
+    from pipeline.sources import FolderSource
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(coco_tiny / "val2017", folder)
+    (folder / "broken.jpg").write_bytes(b"nope")
+    items = list(FolderSource(folder))
+    records = [r for r in items if isinstance(r, ImageRecord)]
+    errors = [e for e in items if isinstance(e, SourceError)]
+    assert len(records) == 80 and all(len(r.labels) == 0 for r in records)
+    assert [e.reason for e in errors] == [ErrorReason.UNREADABLE_IMAGE]
