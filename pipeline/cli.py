@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -11,6 +10,8 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.config import AuditConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -115,20 +116,99 @@ def evaluate(
 
 
 @app.command()
+def run(
+    images: Path = typer.Option(..., help="image root (with --coco) or a plain image folder"),
+    out: Path = typer.Option(..., help="store root: Parquet tables and catalog.duckdb"),
+    coco: Optional[Path] = typer.Option(None, help="COCO annotation json"),
+    model: str = typer.Option("default", help="model directory, hub id, or `default`"),
+    explainer: str = typer.Option("eive", help="comma-separated explainer names"),
+    fusion: str = typer.Option("clhcf", help="EIVE layer fusion: last | mean | max | product | clhcf"),
+    score_threshold: float = typer.Option(0.5),
+    max_detections: int = typer.Option(100),
+    batch_size: int = typer.Option(8),
+    shard_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Audit a dataset: detect, explain and score every instance; prints the run id and a summary."""
+    typer.echo(json.dumps(_audit(AuditConfig(images=images, coco=coco, out=out, model=model,
+                                           explainers=tuple(explainer.split(",")), fusion=fusion,
+                                           score_threshold=score_threshold, max_detections=max_detections,
+                                           batch_size=batch_size, shard_size=shard_size, device=device))))
+
+
+def _audit(config: AuditConfig) -> dict:
+    from flows.audit import audit
+    from pipeline.models.detr import ModelLoadError
+    from pipeline.sources import SourceFormatError
+
+    try:
+        return audit(config)
+    except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError) as exc:
+        _fail(str(exc))
+        raise
+
+
+@app.command()
+def sql(
+    statement: str = typer.Argument(..., help="one SELECT over the views runs, images, instances, maps, errors"),
+    store: Path = typer.Option(..., help="store root"),
+    format: str = typer.Option("table", help="table | csv | json"),
+) -> None:
+    """Query a store's catalog read-only."""
+    from storage.catalog import query
+
+    if format not in ("table", "csv", "json"):
+        _fail(f"--format must be table, csv or json, not {format!r}")
+    try:
+        result = query(store, statement)
+    except Exception as exc:  # DuckDB raises many types: a parse error, a missing column, a refused write
+        _fail(str(exc))
+    _print_table(result, format)
+
+
+def _print_table(result, format: str) -> None:
+    rows = result.to_pylist()
+    if format == "json":
+        typer.echo(json.dumps(rows, default=str))
+    elif format == "csv":
+        import csv
+        import sys
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=result.column_names)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.table import Table
+
+        table = Table(*result.column_names)
+        for row in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        Console().print(table)
+
+
+@app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="where to render the demo data (default: a temp dir)"),
+    out: Path = typer.Option(Path("demo-store"), help="store root; the synthetic data goes in OUT/data"),
     n_val: int = typer.Option(200),
     seed: int = typer.Option(1234, help="a seed the shipped model never saw"),
 ) -> None:
-    """Render a fresh synthetic val set and print the shipped model's COCO metrics on it."""
+    """Audit a synthetic planted-cue val set with the shipped model; show the correct detections that
+    look least at their object."""
     from pipeline.sources.synthetic import generate
+    from storage.catalog import query
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = out or Path(tmp)
+    data = out / "data"
+    ann = data / "annotations" / "val.json"
+    if not ann.is_file():
         with progress_bar("rendering", n_val) as advance:
-            written = generate(root, 0, n_val, seed, progress=advance)
-        metrics = _evaluate(written["val"], root / "images" / "val", "default", 16, "auto")
-    typer.echo(json.dumps({"model": "default", "data": f"synthetic val, seed {seed}, {n_val} images", **metrics}))
+            generate(data, 0, n_val, seed, progress=advance)
+    summary = _audit(AuditConfig(images=data / "images" / "val", coco=ann, out=out))
+    typer.echo(json.dumps(summary))
+    worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
+                       "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "
+                       "WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt LIMIT 10", [summary["run_id"]])
+    err.print("[bold]Correct detections with the least saliency on their object[/bold] (read back through DuckDB):")
+    _print_table(worst, "table")
 
 
 def main() -> None:

@@ -33,18 +33,18 @@ def predict(
     adapter: DetrAdapter, source: CocoSource, batch_size: int = 16, score_threshold: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, Detections], int]:
-    """Detections of every readable image (keyed by image id) and the number of errors met."""
+    """Detections of every readable image (keyed by image id) and the number of images that failed."""
     results: dict[int, Detections] = {}
-    errors = 0
+    failed_images = 0
     for item in iter_batches(source, batch_size):
         if not isinstance(item, ImageBatch):
-            errors += item.annotation_id is None
+            failed_images += item.annotation_id is None  # a bad box alone does not fail its image
             continue
         for record, dets in zip(item.records, adapter.detect(item.images, score_threshold, max_detections=100)):
             results[record.image_id] = dets
         if progress is not None:
             progress(len(item.records))
-    return results, errors
+    return results, failed_images
 
 
 def coco_metrics(adapter: DetrAdapter, source: CocoSource, batch_size: int = 16,

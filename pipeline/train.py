@@ -23,8 +23,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.ops import box_convert
-from transformers import AutoModelForObjectDetection, PreTrainedModel
+from transformers import PreTrainedModel
 
+from pipeline.models.detr import load_hf_model, resolve_device
 from pipeline.models.families import FAMILIES, build_config, save_preprocessor
 from pipeline.models.preprocess import PreprocessConfig, load_image, preprocess
 from pipeline.sources.coco import CocoSource
@@ -56,13 +57,6 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def trainable_batch_norm(model: nn.Module) -> int:
@@ -144,8 +138,6 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 def _build_model(config: TrainConfig, source: CocoSource) -> tuple[PreTrainedModel, dict[int, int], PreprocessConfig]:
     if config.init is not None:
-        from pipeline.models.detr import load_hf_model
-
         model = load_hf_model(config.init)
         _, cat_to_label = label_names_and_map(source, model.config.id2label)
         return model, cat_to_label, PreprocessConfig.from_dir(config.init)

@@ -2,3 +2,24 @@
 
 Imports none of the other project packages.
 """
+
+from storage.catalog import CATALOG_NAME, ReadOnlyQueryError, load_map, query, refresh_catalog
+from storage.maps import decode_map, encode_map
+from storage.schema import SCHEMA_VERSION, SCHEMAS
+from storage.writer import mark_shard_done, remove_run, shard_done, write_table
+
+__all__ = [
+    "CATALOG_NAME",
+    "SCHEMAS",
+    "SCHEMA_VERSION",
+    "ReadOnlyQueryError",
+    "decode_map",
+    "encode_map",
+    "load_map",
+    "mark_shard_done",
+    "query",
+    "refresh_catalog",
+    "remove_run",
+    "shard_done",
+    "write_table",
+]

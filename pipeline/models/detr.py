@@ -34,6 +34,13 @@ def resolve_model_path(name: str | Path) -> str:
     return str(DEFAULT_MODEL_DIR) if str(name) == "default" else str(name)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_hf_model(name: str | Path) -> PreTrainedModel:
     """Load a supported transformers detector with eager attention, or raise ModelLoadError."""
     path = resolve_model_path(name)
@@ -124,12 +131,10 @@ class DetrAdapter:
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "auto") -> "DetrAdapter":
         """Load from a local directory, a hub id, or `default` (the shipped model)."""
-        from pipeline.train import resolve_device
-
         model = load_hf_model(name)
         path = Path(resolve_model_path(name))
         config = PreprocessConfig.from_dir(path) if path.is_dir() else PreprocessConfig()
-        return cls(model, config, resolve_device(str(device)))
+        return cls(model, config, resolve_device(device))
 
     @property
     def num_layers(self) -> int:

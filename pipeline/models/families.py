@@ -100,13 +100,13 @@ def write_random_model(family: str, label_names: list[str], out: Path, seed: int
     """Save a random-init model of `family` plus its preprocessor config to `out` (save_pretrained)."""
     import torch
 
-    torch.manual_seed(seed)
-    spec = FAMILIES[family] if family in FAMILIES else None
     config = build_config(family, label_names)
-    model = spec.model_class(config)  # type: ignore[union-attr]
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = spec.model_class(config)
     out = Path(out)
     model.save_pretrained(out)
-    save_preprocessor(out, spec.shortest_edge, spec.longest_edge)  # type: ignore[union-attr]
+    save_preprocessor(out, spec.shortest_edge, spec.longest_edge)
     return out
 
 

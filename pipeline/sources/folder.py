@@ -29,12 +29,21 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def image_ids(self) -> list[int]:
+        return list(range(1, len(self.paths) + 1))
+
     def __iter__(self) -> Iterator[ImageRecord | SourceError]:
-        for image_id, path in enumerate(self.paths, start=1):
-            try:
-                with Image.open(path) as image:
-                    width, height = image.size
-            except Exception as exc:  # PIL raises several types for corrupt files
-                yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", str(path))
-                continue
-            yield ImageRecord(image_id=image_id, path=path, width=width, height=height)
+        for image_id in self.image_ids:
+            yield from self.read(image_id)
+
+    def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
+        """The record of one image, or the error that stops it."""
+        path = self.paths[image_id - 1]
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception as exc:  # PIL raises several types for corrupt files
+            yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", str(path))
+            return
+        yield ImageRecord(image_id=image_id, path=path, width=width, height=height)

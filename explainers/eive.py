@@ -1,0 +1,116 @@
+"""EIVE: instance saliency from the decoder's cross-attention, for every instance of a batch at once.
+
+In a DETR-like detector each prediction comes from one object query, and that query's cross-attention
+over the image tokens is where it looked. One forward explains every detection: no gradients, no
+perturbation. Layers are fused by CLHCF (METHODS.md 1c, reconstructed) or a simpler rule.
+
+Everything stays on the model's device and is vectorised over instances and layers: the rows of the
+kept queries are gathered first, so no [L, B, M, Q, N] tensor ever leaves the device.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torchvision.ops import box_convert
+
+from explainers.base import Targets, register
+from pipeline.models.detr import DetectorOutput, DetrAdapter
+from pipeline.models.preprocess import PixelBatch
+
+FUSIONS = ("last", "mean", "max", "product", "clhcf")
+
+
+def paired_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes paired by position (not all pairs, unlike torchvision's box_iou).
+
+    a, b: [..., 4] xyxy with broadcastable leading shapes; returns [...]. Empty boxes give 0.
+    """
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-12)
+
+
+def _minmax(x: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    """Scale each row to [0, 1] over its valid tokens; invalid (padding) tokens become 0."""
+    lo = x.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+    hi = x.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True)
+    return ((x - lo) / (hi - lo).clamp(min=eps)).clamp(min=0) * valid
+
+
+@register("eive")
+class EIVE:
+    """Decoder cross-attention of each instance's query, fused over layers.
+
+    fusion: `clhcf` (default), `last`, `mean`, `max` or `product` (geometric mean).
+    track: follow each instance's representative query per layer (argmax of IoU with the instance box
+    times the layer's probability of its class) instead of the final query at every layer.
+    temperature, alpha, rho, eps: the CLHCF constants of METHODS.md 1c.
+    """
+
+    needs_gradients: ClassVar[bool] = False
+    name: ClassVar[str]
+
+    def __init__(self, fusion: str = "clhcf", track: bool = True, temperature: float = 0.1, alpha: float = 0.5,
+                 rho: float = 0.2, eps: float = 1e-6) -> None:
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if temperature <= 0 or not 0 <= alpha <= 1 or not 0 < rho < 1:
+            raise ValueError("need temperature > 0, 0 <= alpha <= 1 and 0 < rho < 1")
+        self.fusion, self.track = fusion, track
+        self.temperature, self.alpha, self.rho, self.eps = temperature, alpha, rho, eps
+
+    @torch.no_grad()
+    def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
+        h, w = outputs.grid
+        if len(targets) == 0:
+            return outputs.cross_attentions.new_zeros((0, h, w), dtype=torch.float32)
+        rows, layer_scores = self._attention_rows(model, outputs, targets)  # [L, K, N], [L, K]
+        valid = outputs.token_mask[targets.batch_index].flatten(1)  # [K, N]
+        rows = rows * valid
+        dist = rows / rows.sum(-1, keepdim=True).clamp(min=1e-12)
+        fused = self._fuse(dist, layer_scores, valid)
+        return (fused * valid).view(len(targets), h, w)
+
+    def _attention_rows(self, model: DetrAdapter, outputs: DetectorOutput,
+                        targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-averaged attention row of each instance's representative query per layer, and that
+        query's score p_l(r, c) * IoU(box_l(r), box)."""
+        n_layers = outputs.cross_attentions.shape[0]
+        b = targets.batch_index
+        probs = model.class_probs(outputs.layer_logits[:, b])  # [L, K, Q, C]
+        label = targets.label[None, :, None, None].expand(*probs.shape[:3], 1)
+        class_prob = probs.gather(-1, label)[..., 0]  # [L, K, Q]
+        layer_boxes = box_convert(outputs.layer_boxes[:, b].float(), "cxcywh", "xyxy")  # [L, K, Q, 4]
+        target_box = box_convert(targets.box.float(), "cxcywh", "xyxy")[None, :, None, :]
+        score = paired_box_iou(layer_boxes, target_box) * class_prob  # [L, K, Q]
+        if self.track:
+            best, query = score.max(-1)
+        else:
+            query = targets.query.expand(n_layers, -1)
+            best = score.gather(-1, query[..., None])[..., 0]
+        layer = torch.arange(n_layers, device=query.device)[:, None]
+        rows = outputs.cross_attentions[layer, b[None, :], :, query, :]  # [L, K, M, N]
+        return rows.float().mean(2), best
+
+    def _fuse(self, dist: torch.Tensor, layer_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Fuse per-layer distributions [L, K, N] into one map per instance [K, N]."""
+        if self.fusion == "last":
+            return dist[-1]
+        if self.fusion == "mean":
+            return dist.mean(0)
+        if self.fusion == "max":
+            return dist.amax(0)
+        log_dist = torch.log(dist + self.eps)
+        if self.fusion == "product":
+            return log_dist.mean(0).exp()
+        weights = torch.softmax(layer_scores / self.temperature, dim=0)[..., None]  # [L, K, 1]
+        union = (weights * dist).sum(0)
+        consensus = (weights * log_dist).sum(0).exp()
+        threshold = torch.nanquantile(dist.masked_fill(~valid, float("nan")), 1 - self.rho, dim=-1, keepdim=True)
+        vote = (dist >= threshold).float().mean(0)
+        return self.alpha * _minmax(consensus, valid, self.eps) + (1 - self.alpha) * _minmax(union * vote, valid, self.eps)

@@ -1,0 +1,170 @@
+"""The audit of one batch: forward, postprocess, match, explain every instance, score, emit table rows.
+
+Explained instances are the kept detections (tp / fp / dup) and every missed GT box (fn), the latter
+through the query whose final box overlaps it most: "why was it missed". All instances of a batch go
+to each explainer in one call. Rows are plain dicts in the column names of `storage.schema`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torchvision.ops import box_convert, box_iou
+
+from pipeline.batching import ImageBatch
+from pipeline.matching import FN, match_image
+from pipeline.metrics.localization import boxes_to_grid, localization_scores
+from pipeline.models.detr import DetectorOutput, DetrAdapter
+from pipeline.models.preprocess import PixelBatch
+from pipeline.models.targets import Targets
+from pipeline.sources.records import ImageRecord
+
+
+class BatchExplainer(Protocol):
+    """What the audit needs of an explainer (see explainers.base)."""
+
+    name: str
+
+    def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
+        ...
+
+
+@dataclass
+class Instance:
+    """One instance to explain, before scoring: where it came from and what it is matched to."""
+
+    image: int  # index in the batch
+    instance_id: str
+    outcome: str
+    query: int
+    model_label: int
+    category: int | None
+    label_name: str
+    score: float
+    pred_box: torch.Tensor  # xyxy, original pixels
+    gt: int  # index into the record's GT boxes, -1 for none
+    iou: float | None
+
+
+@dataclass
+class BatchRows:
+    images: list[dict[str, Any]] = field(default_factory=list)
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    maps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _image_instances(i: int, record: ImageRecord, output: DetectorOutput, batch: PixelBatch, adapter: DetrAdapter,
+                     detections: Any, label_map: dict[int, int]) -> list[Instance]:
+    """Match one image's detections to its GT and list the instances to explain."""
+    cat_to_label = {c: l for l, c in label_map.items()}
+    categories = torch.tensor([label_map.get(int(l), -1) for l in detections.labels], dtype=torch.long)
+    gt_boxes = torch.as_tensor(record.boxes)
+    match = match_image(detections.boxes, detections.scores, categories, gt_boxes, torch.as_tensor(record.labels))
+    instances = [
+        Instance(i, f"{record.image_id}-q{int(q)}", outcome, int(q), int(l), int(c) if c >= 0 else None,
+                 adapter.label_names[int(l)], float(s), box, int(g), float(iou) if g >= 0 else None)
+        for q, l, c, s, box, outcome, g, iou in zip(detections.queries, detections.labels, categories,
+                                                     detections.scores, detections.boxes, match.outcome,
+                                                     match.gt_index, match.iou)
+    ]
+    if len(match.missed):
+        size = batch.original_sizes[i].flip(-1).repeat(2).float().cpu()  # (w, h, w, h)
+        all_boxes = box_convert(output.boxes[i].float().cpu(), "cxcywh", "xyxy") * size
+        overlap = box_iou(gt_boxes[match.missed], all_boxes)  # [missed, Q]
+        probs = adapter.class_probs(output.logits[i]).cpu()
+        for g, row in zip(match.missed.tolist(), overlap):
+            category = int(record.labels[g])
+            label = cat_to_label.get(category)
+            if label is None:  # the model has no such class: nothing of it to explain
+                continue
+            q = int(row.argmax())
+            ann = record.annotation_ids[g] if record.annotation_ids else g
+            instances.append(Instance(i, f"{record.image_id}-gt{ann}", FN, q, label, category, record.names[g],
+                                      float(probs[q, label]), all_boxes[q], g, float(row[q])))
+    return instances
+
+
+def _targets(instances: list[Instance], records: list[ImageRecord], device: torch.device) -> Targets:
+    """Explainer targets: the instance box in the model's frame (GT box for a miss, else the prediction)."""
+    boxes = []
+    for inst in instances:
+        record = records[inst.image]
+        box = torch.as_tensor(record.boxes[inst.gt]) if inst.outcome == FN else inst.pred_box
+        size = torch.tensor([record.width, record.height] * 2, dtype=torch.float32)
+        boxes.append(box.float() / size)
+    stacked = torch.stack(boxes) if boxes else torch.zeros(0, 4)
+    return Targets(
+        batch_index=torch.tensor([inst.image for inst in instances], dtype=torch.long, device=device),
+        query=torch.tensor([inst.query for inst in instances], dtype=torch.long, device=device),
+        label=torch.tensor([inst.model_label for inst in instances], dtype=torch.long, device=device),
+        box=box_convert(stacked, "xyxy", "cxcywh").to(device),
+    )
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if np.isnan(value) else value
+
+
+def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch, label_map: dict[int, int],
+                score_threshold: float, max_detections: int) -> BatchRows:
+    """Rows of the images, instances and maps tables for one decoded batch (maps as float32 arrays)."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        batch = adapter.preprocess(item.images)
+        output = adapter.forward(batch)
+        detections = adapter.postprocess(output, batch, score_threshold, max_detections)
+    forward_s = time.perf_counter() - started
+    instances = [inst for i, record in enumerate(item.records)
+                 for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map)]
+    targets = _targets(instances, item.records, adapter.device)
+    rows = BatchRows()
+    explain_s = 0.0
+    padded = tuple(batch.pixel_values.shape[-2:])
+    for explainer in explainers:
+        started = time.perf_counter()
+        maps = explainer.explain(adapter, batch, output, targets).float().cpu()
+        explain_s += time.perf_counter() - started
+        for i, record in enumerate(item.records):
+            index = [k for k, inst in enumerate(instances) if inst.image == i]
+            if not index:
+                continue
+            mine = [instances[k] for k in index]
+            to_grid = dict(original_size=(record.height, record.width), input_size=tuple(batch.input_sizes[i].tolist()),
+                           padded_size=padded, grid=output.grid)
+            own = boxes_to_grid(torch.stack([inst.pred_box for inst in mine]), **to_grid)
+            gts = boxes_to_grid(torch.as_tensor(record.boxes).reshape(-1, 4), **to_grid)
+            scores = localization_scores(maps[index], own, torch.tensor([inst.gt for inst in mine]), gts)
+            for j, inst in enumerate(mine):
+                rows.instances.append(_instance_row(inst, record, explainer.name, {k: float(v[j]) for k, v in scores.items()}))
+                rows.maps.append({"instance_id": inst.instance_id, "image_id": record.image_id,
+                                  "explainer": explainer.name, "grid_h": output.grid[0], "grid_w": output.grid[1],
+                                  "map": maps[index[j]].numpy()})
+    n = len(item.records)
+    for i, record in enumerate(item.records):
+        rows.images.append({
+            "image_id": record.image_id, "file_path": str(record.path), "width": record.width,
+            "height": record.height, "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
+            "status": "ok", "forward_ms": 1000 * forward_s / n, "explain_ms": 1000 * explain_s / n,
+        })
+    return rows
+
+
+def _instance_row(inst: Instance, record: ImageRecord, explainer: str, scores: dict[str, float]) -> dict[str, Any]:
+    gt = record.boxes[inst.gt].tolist() if inst.gt >= 0 else [None] * 4
+    x0, y0, x1, y1 = inst.pred_box.tolist()
+    peak = _nan_to_none(scores["peak_in_gt"])
+    return {
+        "instance_id": inst.instance_id, "image_id": record.image_id, "explainer": explainer,
+        "outcome": inst.outcome, "query": inst.query, "label": inst.category,
+        "label_name": inst.label_name, "score": inst.score,
+        "pred_x0": x0, "pred_y0": y0, "pred_x1": x1, "pred_y1": y1,
+        "gt_annotation_id": (record.annotation_ids[inst.gt] if inst.gt >= 0 and record.annotation_ids else None),
+        "gt_x0": gt[0], "gt_y0": gt[1], "gt_x1": gt[2], "gt_y1": gt[3], "iou": inst.iou,
+        "mass_in_pred": _nan_to_none(scores["mass_in_pred"]), "mass_in_gt": _nan_to_none(scores["mass_in_gt"]),
+        "mass_on_other_gt": _nan_to_none(scores["mass_on_other_gt"]),
+        "peak_in_gt": None if peak is None else bool(peak), "compactness": _nan_to_none(scores["compactness"]),
+    }

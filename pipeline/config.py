@@ -1,0 +1,58 @@
+"""`AuditConfig`: everything that decides an audit's results, and the hash that names the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.models.detr import resolve_model_path
+
+
+class AuditConfig(BaseModel):
+    """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
+    run id is skipped. `out` and `device` do not enter the hash (where results go and which device
+    computes them do not change what is computed)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images: Path = Field(description="image root (COCO) or image folder (no GT)")
+    coco: Path | None = Field(None, description="COCO annotation json; None audits a plain image folder")
+    out: Path = Field(description="store root: Parquet tables and catalog.duckdb")
+    model: str = "default"
+    explainers: tuple[str, ...] = ("eive",)
+    fusion: str = "clhcf"
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(64, ge=1)
+    device: str = "auto"
+
+    @field_validator("explainers")
+    @classmethod
+    def _distinct_explainers(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"explainers must be distinct and at least one, got {names}")
+        return names
+
+    def _model_fingerprint(self) -> dict[str, object]:
+        """Path plus weight-file sizes and mtimes, so retraining a model in place starts a new run."""
+        path = Path(resolve_model_path(self.model))
+        if not path.is_dir():
+            return {"model": self.model}
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return {"model": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+    @property
+    def config_hash(self) -> str:
+        content = self.model_dump(mode="json", exclude={"out", "device", "model"})
+        content["images"] = str(self.images.resolve())
+        content["coco"] = str(self.coco.resolve()) if self.coco else None
+        content |= self._model_fingerprint()
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def run_id(self) -> str:
+        return self.config_hash[:12]

@@ -1,0 +1,1 @@
+"""Scores of an explanation map: localisation (free, from map and boxes) and faithfulness (costs forwards)."""

@@ -1,0 +1,123 @@
+"""The Parquet schema of every table, declared once so writers and the catalog cannot drift apart.
+
+Every table is hive-partitioned by `run_id` (`<root>/<table>/run_id=<id>/<shard>.parquet`), so `run_id`
+is a directory name, not a column in the files; DuckDB adds it back as a VARCHAR column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
+
+# Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
+ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
+    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn"}),
+}
+
+
+def _schema(*fields: pa.Field) -> pa.Schema:
+    """A schema stamped with SCHEMA_VERSION, so a reader can tell which layout a file was written with."""
+    return pa.schema(list(fields), metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+def _required(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+def _optional(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=True)
+
+
+_UTC = pa.timestamp("us", tz="UTC")
+
+# One row per audit run: its configuration, lifetime and totals.
+RUNS = _schema(
+    _required("config_hash", pa.string()),
+    _required("config_json", pa.string()),
+    _required("created_at", _UTC),
+    _optional("finished_at", _UTC),
+    _required("status", pa.string()),
+    _required("model", pa.string()),
+    _required("explainers", pa.string()),  # comma-separated explainer names
+    _required("n_images", pa.int64()),
+    _required("n_instances", pa.int64()),
+    _required("n_errors", pa.int64()),
+    _required("seconds", pa.float64()),
+)
+
+# One row per image of the source: its size, counts, status and timings.
+IMAGES = _schema(
+    _required("image_id", pa.int64()),
+    _required("shard", pa.string()),
+    _required("file_path", pa.string()),
+    _required("width", pa.int32()),
+    _required("height", pa.int32()),
+    _required("n_gt", pa.int32()),
+    _required("n_detections", pa.int32()),
+    _required("status", pa.string()),
+    _required("forward_ms", pa.float32()),
+    _required("explain_ms", pa.float32()),
+)
+
+# One row per (explained prediction or missed ground truth, explainer): match, box and map scores.
+INSTANCES = _schema(
+    _required("instance_id", pa.string()),
+    _required("image_id", pa.int64()),
+    _required("shard", pa.string()),
+    _required("explainer", pa.string()),
+    _required("outcome", pa.string()),  # tp, fp, dup or fn (ALLOWED_VALUES)
+    _required("query", pa.int32()),
+    _optional("label", pa.int64()),  # dataset category id
+    _required("label_name", pa.string()),
+    _required("score", pa.float32()),
+    _required("pred_x0", pa.float32()),
+    _required("pred_y0", pa.float32()),
+    _required("pred_x1", pa.float32()),
+    _required("pred_y1", pa.float32()),
+    _optional("gt_annotation_id", pa.int64()),
+    _optional("gt_x0", pa.float32()),
+    _optional("gt_y0", pa.float32()),
+    _optional("gt_x1", pa.float32()),
+    _optional("gt_y1", pa.float32()),
+    _optional("iou", pa.float32()),
+    _required("mass_in_pred", pa.float32()),
+    _optional("mass_in_gt", pa.float32()),
+    _optional("mass_on_other_gt", pa.float32()),
+    _optional("peak_in_gt", pa.bool_()),
+    _optional("compactness", pa.float32()),
+    _optional("deletion_auc", pa.float32()),
+    _optional("insertion_auc", pa.float32()),
+    _optional("faithfulness_steps", pa.int32()),
+)
+
+# One row per (instance, explainer): the saliency map at attention-grid resolution (storage.maps encodes it).
+MAPS = _schema(
+    _required("instance_id", pa.string()),
+    _required("image_id", pa.int64()),
+    _required("shard", pa.string()),
+    _required("explainer", pa.string()),
+    _required("grid_h", pa.int32()),
+    _required("grid_w", pa.int32()),
+    _required("map", pa.binary()),  # float16 little-endian, row-major, grid_h * grid_w values
+)
+
+# One row per failure (unreadable image, bad annotation, explainer crash), kept instead of aborting the run.
+ERRORS = _schema(
+    _optional("image_id", pa.int64()),
+    _optional("annotation_id", pa.int64()),
+    _required("shard", pa.string()),
+    _required("stage", pa.string()),
+    _required("type", pa.string()),
+    _required("message", pa.string()),
+    _optional("path", pa.string()),
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "images": IMAGES,
+    "instances": INSTANCES,
+    "maps": MAPS,
+    "errors": ERRORS,
+}

@@ -1,0 +1,283 @@
+"""storage: schema round trips through Parquet and the DuckDB catalog, safe rewrites, read-only queries, maps."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from storage import (
+    SCHEMA_VERSION,
+    SCHEMAS,
+    ReadOnlyQueryError,
+    decode_map,
+    encode_map,
+    load_map,
+    mark_shard_done,
+    query,
+    refresh_catalog,
+    remove_run,
+    shard_done,
+    write_table,
+)
+from storage.catalog import _connect_read_only
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+MAP = encode_map(np.array([[0.0, 0.5], [1.0, 0.25]]))
+
+# Per table: a first row with every column, a second with the required columns only (the rest must come back null).
+# Floats are exact in float32 so values compare equal after the round trip.
+SAMPLES: dict[str, list[dict[str, Any]]] = {
+    "runs": [
+        dict(config_hash="h1", config_json="{}", created_at=T0, finished_at=T0, status="done", model="detr",
+             explainers="eive,chefer", n_images=2, n_instances=3, n_errors=0, seconds=1.5),
+        dict(config_hash="h2", config_json="{}", created_at=T0, status="running", model="detr", explainers="eive",
+             n_images=0, n_instances=0, n_errors=0, seconds=0.0),
+    ],
+    "images": [
+        dict(image_id=1, shard="s0", file_path="a.jpg", width=640, height=480, n_gt=2, n_detections=3, status="ok",
+             forward_ms=12.5, explain_ms=0.75),
+        dict(image_id=2, shard="s0", file_path="b.jpg", width=32, height=16, n_gt=0, n_detections=0, status="ok",
+             forward_ms=1.0, explain_ms=0.5),
+    ],
+    "instances": [
+        dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", outcome="tp", query=7, label=18,
+             label_name="dog", score=0.875, pred_x0=1.0, pred_y0=2.0, pred_x1=30.0, pred_y1=40.0,
+             gt_annotation_id=900, gt_x0=1.5, gt_y0=2.5, gt_x1=29.0, gt_y1=39.0, iou=0.75, mass_in_pred=0.5,
+             mass_in_gt=0.625, mass_on_other_gt=0.125, peak_in_gt=True, compactness=0.25, deletion_auc=0.125,
+             insertion_auc=0.5, faithfulness_steps=16),
+        dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", outcome="fp", query=9,
+             label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0, mass_in_pred=0.25),
+    ],
+    "maps": [
+        dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", grid_h=2, grid_w=2, map=MAP),
+        dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", grid_h=1, grid_w=1, map=encode_map(np.ones((1, 1)))),
+    ],
+    "errors": [
+        dict(image_id=3, annotation_id=77, shard="s0", stage="decode", type="unreadable_image", message="bad jpeg",
+             path="c.jpg"),
+        dict(shard="s0", stage="source", type="bad_json", message="no images key"),
+    ],
+}
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def test_samples_cover_every_table_and_column() -> None:
+    assert set(SAMPLES) == set(SCHEMAS)
+    for table, rows in SAMPLES.items():
+        assert set(rows[0]) == set(SCHEMAS[table].names), table
+        assert {f.name for f in SCHEMAS[table] if not f.nullable} == set(rows[1]), table
+
+
+@pytest.mark.parametrize("table", sorted(SCHEMAS))
+def test_table_round_trip(tmp_path: Path, table: str) -> None:
+    path = write_table(tmp_path, table, "run-1", "s0", SAMPLES[table])
+    assert path == tmp_path / table / "run_id=run-1" / "s0.parquet"
+    assert pq.read_schema(path).metadata[b"eive_audit_schema_version"] == str(SCHEMA_VERSION).encode()
+    refresh_catalog(tmp_path)
+
+    described = query(tmp_path, f"DESCRIBE {table}").to_pylist()
+    assert [row["column_name"] for row in described] == [*SCHEMAS[table].names, "run_id"]
+    assert described[-1]["column_type"] == "VARCHAR"
+    got = query(tmp_path, f"SELECT * FROM {table} ORDER BY 1").to_pylist()
+    expected = [{name: row.get(name) for name in SCHEMAS[table].names} | {"run_id": "run-1"} for row in SAMPLES[table]]
+    assert got == expected
+
+
+@pytest.mark.parametrize("table", sorted(SCHEMAS))
+def test_empty_view_has_the_columns_of_a_written_one(tmp_path: Path, table: str) -> None:
+    empty, written = tmp_path / "empty", tmp_path / "written"
+    refresh_catalog(empty)
+    write_table(written, table, "r", "s0", SAMPLES[table])
+    refresh_catalog(written)
+    assert query(empty, f"SELECT count(*) AS n FROM {table}").column("n").to_pylist() == [0]
+    assert query(empty, f"DESCRIBE {table}").to_pylist() == query(written, f"DESCRIBE {table}").to_pylist()
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path: Path) -> None:
+    for _ in range(2):
+        write_table(tmp_path, "images", "r", "s0", SAMPLES["images"])
+    write_table(tmp_path, "images", "r", "s1", SAMPLES["images"][:1])
+    refresh_catalog(tmp_path)
+    counts = query(tmp_path, "SELECT count(*) AS n FROM images").column("n").to_pylist()
+    assert counts == [3]  # 2 rows in s0 (written twice) + 1 in s1
+    assert _files(tmp_path / "images") == ["run_id=r", "run_id=r/s0.parquet", "run_id=r/s1.parquet"]
+    assert not list(tmp_path.glob(".*"))  # the catalog's temp file is gone too
+
+
+def test_write_accepts_an_arrow_table_and_casts_numbers_safely(tmp_path: Path) -> None:
+    data = pa.Table.from_pylist(SAMPLES["images"])  # ints inferred as int64, floats as double
+    write_table(tmp_path, "images", "r", "s0", data)
+    assert pq.read_table(tmp_path / "images" / "run_id=r" / "s0.parquet").schema.equals(SCHEMAS["images"])
+
+
+def _bad(table: str, **changes: Any) -> list[dict[str, Any]]:
+    return [SAMPLES[table][0] | changes]
+
+
+@pytest.mark.parametrize(
+    ("table", "rows", "column"),
+    [
+        ("images", _bad("images", colour="red"), "colour"),
+        ("images", _bad("images", image_id="12"), "image_id"),
+        ("images", _bad("images", width=1.5), "width"),
+        ("images", _bad("images", width=2**40), "width"),
+        ("images", _bad("images", status=None), "status"),
+        ("images", [SAMPLES["images"][0], SAMPLES["images"][1] | {"height": "x"}], "height"),
+        ("maps", _bad("maps", map="not bytes"), "map"),
+        ("instances", _bad("instances", outcome="maybe"), "outcome"),
+        ("instances", _bad("instances", peak_in_gt=1), "peak_in_gt"),
+        ("runs", _bad("runs", created_at=datetime(2024, 5, 1)), "created_at"),
+        ("images", pa.table({"image_id": ["1"]}), "image_id"),
+    ],
+)
+def test_bad_rows_raise_naming_the_column(tmp_path: Path, table: str, rows: Any, column: str) -> None:
+    with pytest.raises(ValueError, match=f"'{column}'"):
+        write_table(tmp_path, table, "r", "s0", rows)
+    assert not (tmp_path / table).exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", ".hidden", "a..b", "x\\y", "run 1"])
+def test_bad_run_ids_and_shards_raise(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="bad run_id"):
+        write_table(tmp_path, "images", name, "s0", SAMPLES["images"])
+    with pytest.raises(ValueError, match="bad shard"):
+        write_table(tmp_path, "images", "r", name, SAMPLES["images"])
+    with pytest.raises(ValueError, match="bad shard"):
+        mark_shard_done(tmp_path, "r", name)
+    with pytest.raises(ValueError, match="bad run_id"):
+        remove_run(tmp_path, name)
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_unknown_table_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown table"):
+        write_table(tmp_path, "findings", "r", "s0", [])
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Path:
+    root = tmp_path / "out"
+    for table, rows in SAMPLES.items():
+        write_table(root, table, "r", "s0", rows)
+    refresh_catalog(root)
+    return root
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP VIEW images",
+        "INSERT INTO images SELECT * FROM images",
+        "CREATE TABLE x AS SELECT 1",
+        "CREATE OR REPLACE VIEW images AS SELECT 1",
+        "CREATE TEMP TABLE x AS SELECT 1",
+        "COPY images TO '{root}/images/run_id=r/copy.parquet'",
+        "COPY (SELECT 1) TO '{tmp}/copy.csv'",
+        "EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/images/copy.csv'",
+        "ATTACH '{tmp}/other.duckdb' AS other",
+        "SET enable_external_access = true",
+        "SELECT 1; DROP VIEW images",
+    ],
+)
+def test_writes_through_query_are_refused(catalog: Path, sql: str) -> None:
+    before = _files(catalog.parent)
+    with pytest.raises(ReadOnlyQueryError, match="the catalog is opened read-only"):
+        query(catalog, sql.format(root=catalog, tmp=catalog.parent))
+    assert _files(catalog.parent) == before
+    assert query(catalog, "SELECT count(*) AS n FROM images").column("n").to_pylist() == [2]
+
+
+@pytest.mark.parametrize("sql", ["DROP VIEW images", "COPY (SELECT 1) TO '{tmp}/copy.csv'"])
+def test_read_only_connection_is_a_backstop(catalog: Path, sql: str) -> None:
+    """Below the SELECT-only check, DuckDB itself refuses catalog changes and files outside the tables."""
+    with _connect_read_only(catalog) as con, pytest.raises(duckdb.Error, match="read-only|disabled by configuration"):
+        con.execute(sql.format(tmp=catalog.parent))
+
+
+def test_query_cannot_read_files_outside_the_tables(catalog: Path) -> None:
+    secret = catalog.parent / "secret.csv"
+    secret.write_text("a\n1\n")
+    with pytest.raises(duckdb.PermissionException):
+        query(catalog, f"SELECT * FROM read_csv('{secret}')")
+
+
+def test_query_takes_one_statement(catalog: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        query(catalog, "SELECT 1; SELECT 2")
+
+
+def test_query_without_a_catalog_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "catalog.duckdb")):
+        query(tmp_path, "SELECT 1")
+
+
+def test_load_map(catalog: Path) -> None:
+    np.testing.assert_array_equal(load_map(catalog, "1-q7"), [[0.0, 0.5], [1.0, 0.25]])
+    write_table(catalog, "maps", "r", "s1", [SAMPLES["maps"][0] | {"explainer": "chefer", "map": encode_map(np.zeros((2, 2)))}])
+    refresh_catalog(catalog)
+    with pytest.raises(ValueError, match="2 maps"):
+        load_map(catalog, "1-q7")
+    np.testing.assert_array_equal(load_map(catalog, "1-q7", explainer="chefer"), np.zeros((2, 2)))
+    with pytest.raises(KeyError, match="nope"):
+        load_map(catalog, "nope")
+
+
+def test_done_markers_and_remove_run(tmp_path: Path) -> None:
+    for run_id in ("a", "b"):
+        for table in ("images", "maps"):
+            write_table(tmp_path, table, run_id, "s0", SAMPLES[table])
+        mark_shard_done(tmp_path, run_id, "s0")
+    assert shard_done(tmp_path, "a", "s0") and not shard_done(tmp_path, "a", "s1")
+    assert (tmp_path / "_done" / "run_id=a" / "s0").is_file()
+
+    remove_run(tmp_path, "a")
+    remove_run(tmp_path, "never-written")  # nothing to delete is fine
+    assert not shard_done(tmp_path, "a", "s0") and shard_done(tmp_path, "b", "s0")
+    assert not list(tmp_path.glob("*/run_id=a"))
+    refresh_catalog(tmp_path)
+    assert query(tmp_path, "SELECT DISTINCT run_id FROM maps").column("run_id").to_pylist() == ["b"]
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@settings(database=None, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.float64]),
+        shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=32),
+        elements=st.floats(-FLOAT16_MAX, FLOAT16_MAX, allow_nan=False, allow_infinity=False, width=32),
+    )
+)
+def test_map_round_trip(array: np.ndarray) -> None:
+    data = encode_map(array)
+    assert len(data) == array.size * 2
+    decoded = decode_map(data, *array.shape)
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, array.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "array", [np.zeros(4), np.zeros((2, 2, 2)), np.zeros((0, 3)), np.array([[0.0, np.nan]]), np.array([[np.inf]]),
+              np.array([[1e6]])]
+)
+def test_encode_refuses_bad_maps(array: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        encode_map(array)
+
+
+def test_decode_refuses_a_size_mismatch() -> None:
+    with pytest.raises(ValueError, match="2 x 3 float16 grid needs 12"):
+        decode_map(encode_map(np.zeros((2, 2))), 2, 3)
