@@ -72,12 +72,13 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     for item in iter_batches(stream, config.batch_size):
         if isinstance(item, SourceError):
             tables["errors"].append(_error_row(item, "source"))
-            if item.annotation_id is None:
-                tables["images"].append({"image_id": item.image_id, "status": "error", "file_path": item.path})
             continue
         for part in _audit_or_split(adapter, explainers, item, label_map, config, tables["errors"]):
             for name in ("images", "instances", "maps"):
                 tables[name].extend(getattr(part, name))
+    audited = {row["image_id"] for row in tables["images"]}
+    tables["images"] += [{"image_id": e["image_id"], "status": "error", "file_path": e["path"]}
+                         for e in tables["errors"] if e["annotation_id"] is None and e["image_id"] not in audited]
     for row in tables["maps"]:
         row["map"] = encode_map(row["map"])
     for name, rows in tables.items():

@@ -47,18 +47,19 @@ RUNS = _schema(
     _required("seconds", pa.float64()),
 )
 
-# One row per image of the source: its size, counts, status and timings.
+# One row per image of the source: its size, counts, status and timings. An image that failed
+# (status "error", details in `errors`) has nulls where nothing could be measured.
 IMAGES = _schema(
     _required("image_id", pa.int64()),
     _required("shard", pa.string()),
-    _required("file_path", pa.string()),
-    _required("width", pa.int32()),
-    _required("height", pa.int32()),
-    _required("n_gt", pa.int32()),
-    _required("n_detections", pa.int32()),
+    _optional("file_path", pa.string()),
+    _optional("width", pa.int32()),
+    _optional("height", pa.int32()),
+    _optional("n_gt", pa.int32()),
+    _optional("n_detections", pa.int32()),
     _required("status", pa.string()),
-    _required("forward_ms", pa.float32()),
-    _required("explain_ms", pa.float32()),
+    _optional("forward_ms", pa.float32()),
+    _optional("explain_ms", pa.float32()),
 )
 
 # One row per (explained prediction or missed ground truth, explainer): match, box and map scores.

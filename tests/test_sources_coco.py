@@ -38,36 +38,6 @@ def test_record_boxes_are_absolute_xyxy_with_names(coco_tiny: Path) -> None:
     assert record.path.is_file() and record.width > 0 and record.height > 0
 
 
-@pytest.fixture()
-def broken(tmp_path: Path) -> tuple[Path, Path]:
-    """A 6-image dataset with one of each problem; image 1 is fine."""
-    from PIL import Image
-
-    root = tmp_path / "images"
-    root.mkdir()
-    for name in ("ok.png", "badbox.png"):
-        Image.new("RGB", (64, 48), "gray").save(root / name)
-    (root / "corrupt.png").write_bytes(b"\x89PNG not really")
-    (tmp_path / "outside.png").write_bytes((root / "ok.png").read_bytes())
-    images = [
-        {"id": 1, "file_name": "ok.png", "width": 64, "height": 48},
-        {"id": 2, "file_name": "missing.png", "width": 64, "height": 48},
-        {"id": 3, "file_name": "corrupt.png", "width": 64, "height": 48},
-        {"id": 4, "file_name": "../outside.png", "width": 64, "height": 48},
-        {"id": 5, "file_name": "badbox.png", "width": 64, "height": 48},
-    ]
-    anns = [
-        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
-        {"id": 11, "image_id": 5, "category_id": 1, "bbox": [50, 40, 30, 30]},  # leaves the image
-        {"id": 12, "image_id": 5, "category_id": 1, "bbox": [5, 5, 0, 4]},  # zero width
-        {"id": 13, "image_id": 5, "category_id": 99, "bbox": [5, 5, 4, 4]},  # unknown category
-        {"id": 14, "image_id": 5, "category_id": 1, "bbox": [1, 1, 8, 8]},  # fine
-    ]
-    ann_file = tmp_path / "ann.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
-    return ann_file, root
-
-
 def test_every_bad_input_becomes_a_typed_error(broken: tuple[Path, Path]) -> None:
     items = list(CocoSource(*broken))
     errors = {(e.image_id, e.annotation_id): e for e in items if isinstance(e, SourceError)}

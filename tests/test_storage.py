@@ -45,8 +45,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
     "images": [
         dict(image_id=1, shard="s0", file_path="a.jpg", width=640, height=480, n_gt=2, n_detections=3, status="ok",
              forward_ms=12.5, explain_ms=0.75),
-        dict(image_id=2, shard="s0", file_path="b.jpg", width=32, height=16, n_gt=0, n_detections=0, status="ok",
-             forward_ms=1.0, explain_ms=0.5),
+        dict(image_id=2, shard="s0", status="error"),
     ],
     "instances": [
         dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", outcome="tp", query=7, label=18,

@@ -1,0 +1,92 @@
+"""What EIVE costs on top of the detector's own forward, measured in one process.
+
+Random-init DETR-R50 at 800 px (the published architecture; weights do not change the cost), batch 4.
+Times (median of --repeats): the bare batched forward; the adapter's forward with attention capture;
+that plus postprocess and EIVE (CLHCF) over every kept instance. Prints JSON with the ratios.
+
+    python benchmarks/eive_overhead.py [--repeats 5] [--max-detections 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from explainers import get_explainer
+from pipeline.models.detr import DetrAdapter
+from pipeline.models.families import write_random_model
+from pipeline.models.targets import Targets
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: first-call allocations and lazy hooks
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(repeats: int, max_detections: int, batch_size: int = 4) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = DetrAdapter.load(write_random_model("detr-r50", [f"LABEL_{i}" for i in range(80)], Path(tmp)))
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8) for _ in range(batch_size)]
+    batch = adapter.preprocess(images)
+    eive = get_explainer("eive")
+
+    @torch.inference_mode()
+    def bare() -> object:
+        with adapter._autocast():
+            return adapter.model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask)
+
+    @torch.inference_mode()
+    def with_eive() -> torch.Tensor:
+        output = adapter.forward(batch)
+        dets = adapter.postprocess(output, batch, score_threshold=0.0, max_detections=max_detections)
+        index = torch.cat([torch.full_like(d.queries, i) for i, d in enumerate(dets)]).to(adapter.device)
+        queries = torch.cat([d.queries for d in dets]).to(adapter.device)
+        labels = torch.cat([d.labels for d in dets]).to(adapter.device)
+        targets = Targets(index, queries, labels, output.boxes[index, queries].float())
+        return eive.explain(adapter, batch, output, targets)
+
+    @torch.inference_mode()
+    def captured() -> object:
+        return adapter.forward(batch)
+
+    t_bare = _median_seconds(bare, repeats, adapter.device)
+    t_capture = _median_seconds(captured, repeats, adapter.device)
+    t_eive = _median_seconds(with_eive, repeats, adapter.device)
+    return {
+        "model": "detr-r50 (random init)", "input": list(batch.pixel_values.shape), "device": str(adapter.device),
+        "instances": batch_size * max_detections, "repeats": repeats,
+        "bare_forward_s": round(t_bare, 4), "forward_with_attention_s": round(t_capture, 4),
+        "forward_plus_eive_s": round(t_eive, 4),
+        "eive_over_forward_ratio": round(t_eive / t_bare, 4),
+        "eive_added_fraction": round((t_eive - t_bare) / t_bare, 4),
+        "explain_only_fraction": round((t_eive - t_capture) / t_bare, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-detections", type=int, default=10)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.repeats, args.max_detections)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The audit end to end: the real CLI, the real Prefect flow, real Parquet and DuckDB.
+
+Covers resume (a killed run rerun to exactly the rows of an uninterrupted one), bad input as `errors`
+rows, read-only SQL, and what the shipped model's maps say about where it looks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.catalog import query
+
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _run(*args: str, timeout: int = 600) -> dict:
+    result = subprocess.run([*CLI, "run", *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small_model")
+    subprocess.run([*CLI, "init-model", "--family", "conditional-detr-small", "--num-labels", "4", "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def _synth_args(synth: Path, model: Path, out: Path) -> list[str]:
+    return ["--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
+            "--model", str(model), "--out", str(out), "--score-threshold", "0", "--max-detections", "5",
+            "--shard-size", "4", "--batch-size", "4", "--device", "cpu"]
+
+
+def _table_counts(store: Path, run_id: str) -> dict[str, int]:
+    return {t: query(store, f"SELECT count(*) AS n FROM {t} WHERE run_id = ?", [run_id]).column("n")[0].as_py()
+            for t in ("images", "instances", "maps", "errors")}
+
+
+def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    straight = _run(*_synth_args(synth, small_model, tmp_path / "straight"))
+    assert straight["images"] == 40 and sum(straight["instances"].values()) > 0
+
+    store = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, "run", *_synth_args(synth, small_model, store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done = store / "_done" / f"run_id={straight['run_id']}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(done.glob("*"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(done.glob("*")))
+    assert 3 <= finished_before < 10, "the kill must land mid-run"
+
+    resumed = _run(*_synth_args(synth, small_model, store))
+    assert resumed["run_id"] == straight["run_id"], "same command, same config hash"
+    assert resumed["shards_skipped"] >= finished_before
+    assert _table_counts(store, resumed["run_id"]) == _table_counts(tmp_path / "straight", straight["run_id"])
+    repeats = query(store, "SELECT instance_id, explainer, count(*) AS n FROM instances GROUP BY ALL HAVING n > 1")
+    assert repeats.num_rows == 0, "no instance id repeats"
+
+    again = _run(*_synth_args(synth, small_model, store))
+    assert again["shards_skipped"] == 10, "a finished run is skipped whole"
+
+
+def test_bad_images_become_error_rows_and_the_run_goes_on(broken: tuple[Path, Path], small_model: Path, tmp_path: Path) -> None:
+    ann, images = broken
+    summary = _run("--coco", str(ann), "--images", str(images), "--model", str(small_model), "--out", str(tmp_path),
+                   "--score-threshold", "0", "--max-detections", "3", "--device", "cpu")
+    errors = query(tmp_path, "SELECT image_id, annotation_id, stage, type FROM errors ORDER BY image_id, annotation_id")
+    assert [tuple(r.values()) for r in errors.to_pylist()] == [
+        (2, None, "source", "missing_file"), (3, None, "source", "unreadable_image"),
+        (4, None, "source", "path_escapes_root"), (5, 11, "source", "box_out_of_bounds"),
+        (5, 12, "source", "degenerate_box"), (5, 13, "source", "unknown_category"),
+    ]
+    ok = query(tmp_path, "SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id").column("image_id").to_pylist()
+    assert ok == [1, 5] and summary["images"] == 5
+
+
+def test_sql_cli_answers_over_every_table_and_refuses_writes(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    _run(*_synth_args(synth, small_model, tmp_path))
+    sql = [*CLI, "sql", "--store", str(tmp_path)]
+    out = subprocess.run([*sql, "SELECT count(*) AS n FROM maps JOIN instances USING (run_id, instance_id, explainer)",
+                          "--format", "json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)[0]["n"] > 0
+    out = subprocess.run([*sql, "SELECT outcome, count(*) AS n FROM instances GROUP BY outcome", "--format", "csv"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0] == "outcome,n"
+    out = subprocess.run([*sql, "SELECT count(*) FROM errors"], capture_output=True, text=True, check=True)
+    assert "0" in out.stdout
+    for statement in ("DROP VIEW instances", "INSERT INTO runs VALUES (1)", "COPY instances TO 'x.csv'"):
+        refused = subprocess.run([*sql, statement], capture_output=True, text=True)
+        assert refused.returncode == 2 and "read-only" in refused.stderr, statement
+    assert query(tmp_path, "SELECT count(*) AS n FROM instances").column("n")[0].as_py() > 0
+
+
+def test_shipped_model_looks_at_its_objects(synth: Path, tmp_path: Path) -> None:
+    """Correct detections of non-cued classes put far more saliency on their box than a uniform map would."""
+    summary = _run("--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
+                   "--out", str(tmp_path), "--device", "cpu")
+    rows = query(tmp_path, "SELECT mass_in_gt, (gt_x1 - gt_x0) * (gt_y1 - gt_y0) / (i.width * i.height) AS area_share "
+                           "FROM instances JOIN images i USING (run_id, image_id) "
+                           "WHERE run_id = ? AND outcome = 'tp' AND label_name != 'hexagon'", [summary["run_id"]])
+    mass, share = np.array(rows.column("mass_in_gt").to_pylist()), np.array(rows.column("area_share").to_pylist())
+    assert len(mass) >= 20
+    assert np.median(mass) > 4 * np.median(share), (np.median(mass), np.median(share))
+    maps = query(tmp_path, "SELECT grid_h, grid_w, octet_length(map) AS nbytes FROM maps").to_pylist()
+    assert all((m["grid_h"], m["grid_w"], m["nbytes"]) == (16, 16, 512) for m in maps)
+
+
+def _coco_subset(coco_tiny: Path, tmp_path: Path, n_images: int | None) -> Path:
+    raw = json.loads((coco_tiny / "annotations" / "instances_val2017.json").read_text())
+    keep = {img["id"] for img in raw["images"][:n_images]}
+    raw["images"] = [img for img in raw["images"] if img["id"] in keep]
+    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in keep]
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("n_images", [3, pytest.param(None, marks=pytest.mark.slow)])
+def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path, tmp_path: Path, n_images: int | None) -> None:
+    ann = _coco_subset(coco_tiny, tmp_path, n_images)
+    n = len(json.loads(ann.read_text())["images"])
+    summary = _run("--coco", str(ann), "--images", str(coco_tiny / "val2017"), "--model", str(detr_r50_dir),
+                   "--out", str(tmp_path / "store"), "--score-threshold", "0", "--max-detections", "10",
+                   "--batch-size", "2", "--device", "cpu", timeout=3000)
+    assert summary["images"] == n and summary["errors"] == 0
+    store = tmp_path / "store"
+    per_image = query(store, "SELECT image_id, count(*) FILTER (WHERE outcome != 'fn') AS kept FROM instances "
+                             "GROUP BY image_id")
+    assert all(k == 10 for k in per_image.column("kept").to_pylist()), "top 10 detections per image"
+    grids = query(store, "SELECT DISTINCT grid_h, grid_w FROM maps").to_pylist()
+    assert all(g["grid_h"] * 32 >= 800 - 32 for g in grids), "an 800 px input gives a stride-32 grid"
+    masses = query(store, "SELECT min(mass_in_pred) AS lo, max(mass_in_pred) AS hi FROM instances").to_pylist()[0]
+    assert 0.0 <= masses["lo"] <= masses["hi"] <= 1.0 + 1e-6
