@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -212,6 +213,9 @@ def demo(
 
 
 def main() -> None:
+    # Offline by design: no telemetry from Prefect's temporary server or FiftyOne unless the user asks.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     app()
 
 
