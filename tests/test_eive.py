@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from explainers import available, get_explainer, register
-from explainers.eive import FUSIONS, paired_box_iou
+from explainers.eive import FUSIONS
+from pipeline.models.boxes import paired_box_iou
 from pipeline.models.detr import DetrAdapter
 from pipeline.models.families import FAMILIES, build_config
 from pipeline.models.preprocess import PreprocessConfig
