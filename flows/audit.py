@@ -1,4 +1,5 @@
-"""The audit flow: plan shards, run one task per shard, write its tables, refresh the DuckDB catalog.
+"""The audit flow: plan shards, run one task per shard, write its tables, refresh the DuckDB catalog;
+then, within the faithfulness budget, a second pass per shard fills deletion / insertion AUC.
 
 A shard's tables are written first and its done-marker last, so a run killed at any point leaves
 either a finished shard or one that a rerun rewrites whole (same file names: no duplicates). The run id
@@ -16,15 +17,16 @@ from typing import Any
 from prefect import flow, task
 
 from explainers import get_explainer
-from pipeline.audit import audit_batch
+from pipeline.audit import audit_batch, faithfulness_of_rows
 from pipeline.batching import ImageBatch, iter_batches
 from pipeline.config import AuditConfig
 from pipeline.evaluation import label_to_category
+from pipeline.metrics.faithfulness import FaithfulnessConfig
 from pipeline.models.detr import DetrAdapter
 from pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
 from storage.catalog import query, refresh_catalog
-from storage.maps import encode_map
-from storage.writer import mark_shard_done, shard_done, write_table
+from storage.maps import decode_map, encode_map
+from storage.writer import mark_shard_done, read_table, shard_done, write_table
 
 TABLES = ("images", "instances", "maps", "errors")
 
@@ -47,6 +49,14 @@ def plan_shards(config: AuditConfig) -> dict[str, list[int]]:
             for n, start in enumerate(range(0, len(ids), config.shard_size))}
 
 
+def _model_and_source(config: AuditConfig) -> tuple[DetrAdapter, CocoSource | FolderSource, dict[int, int]]:
+    """The cached model and source, and the map model label -> dataset category id."""
+    adapter = _adapter(config.model, config.device)
+    source = _source(config.images, config.coco)
+    label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
+    return adapter, source, label_map
+
+
 def _error_row(error: SourceError, stage: str) -> dict[str, Any]:
     return {"image_id": error.image_id, "annotation_id": error.annotation_id, "stage": stage,
             "type": error.reason.value, "message": error.message, "path": error.path}
@@ -63,9 +73,7 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     run_id = config.run_id
     if shard_done(config.out, run_id, shard):
         return {"skipped": 1}
-    adapter = _adapter(config.model, config.device)
-    source = _source(config.images, config.coco)
-    label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
+    adapter, source, label_map = _model_and_source(config)
     explainers = [get_explainer(name, **({"fusion": config.fusion} if name == "eive" else {})) for name in config.explainers]
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     stream = (item for image_id in image_ids for item in source.read(image_id))
@@ -100,6 +108,56 @@ def _audit_or_split(adapter: DetrAdapter, explainers: list, item: ImageBatch, la
                 for part in _audit_or_split(adapter, explainers, ImageBatch([record], [image]), label_map, config, errors)]
 
 
+def faithfulness_selection(config: AuditConfig) -> dict[str, set[tuple[str, str]]]:
+    """Shard -> (instance_id, explainer) pairs that the budget gives deletion / insertion AUC.
+
+    `flagged` takes correct detections whose map has little mass on their object; `sample:N` takes N
+    instances of the whole run, the same N on every rerun (ordered by a hash of their ids).
+    """
+    budget = config.faithfulness
+    where, params = "TRUE", []
+    if budget == "flagged":
+        where, params = "outcome = 'tp' AND mass_in_gt < ?", [config.flag_mass_in_gt]
+    elif budget.startswith("sample:"):
+        where = (f"instance_id || '/' || explainer IN (SELECT instance_id || '/' || explainer FROM instances "
+                 f"WHERE run_id = ? ORDER BY md5(instance_id || '/' || explainer) LIMIT {int(budget[7:])})")
+        params = [config.run_id]
+    rows = query(config.out, f"SELECT shard, instance_id, explainer FROM instances WHERE run_id = ? AND {where}",
+                 [config.run_id, *params]).to_pylist()
+    selection: dict[str, set[tuple[str, str]]] = {}
+    for row in rows:
+        selection.setdefault(row["shard"], set()).add((row["instance_id"], row["explainer"]))
+    return selection
+
+
+@task(name="faithfulness-shard")
+def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, str]]) -> int:
+    """Fill deletion / insertion AUC of the chosen instances of one shard and rewrite its instances file."""
+    marker = f"{shard}.faithfulness"
+    if shard_done(config.out, config.run_id, marker):
+        return 0
+    adapter, source, label_map = _model_and_source(config)
+    instances = read_table(config.out, "instances", config.run_id, shard).to_pylist()
+    maps = {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"])
+            for m in read_table(config.out, "maps", config.run_id, shard).to_pylist()}
+    rows = [row for row in instances if (row["instance_id"], row["explainer"]) in chosen]
+    settings = FaithfulnessConfig(steps=config.faithfulness_steps, baseline=config.faithfulness_baseline,
+                                  batch_size=config.faithfulness_batch_size)
+    stream = (item for image_id in sorted({row["image_id"] for row in rows}) for item in source.read(image_id))
+    for item in iter_batches(stream, config.batch_size):
+        if not isinstance(item, ImageBatch):
+            continue  # phase one read this image, so only its bad annotations come back here
+        ids = {record.image_id for record in item.records}
+        mine = [row for row in rows if row["image_id"] in ids]
+        result = faithfulness_of_rows(adapter, item, mine, [maps[(r["instance_id"], r["explainer"])] for r in mine],
+                                      label_map, settings)
+        for row, deletion, insertion in zip(mine, result.deletion_auc.tolist(), result.insertion_auc.tolist()):
+            row |= {"deletion_auc": deletion, "insertion_auc": insertion, "faithfulness_steps": settings.steps}
+    write_table(config.out, "instances", config.run_id, shard, instances)
+    mark_shard_done(config.out, config.run_id, marker)
+    return len(rows)
+
+
 def _write_run_row(config: AuditConfig, status: str, started: datetime, seconds: float, counts: dict[str, int]) -> None:
     write_table(config.out, "runs", config.run_id, "run", [{
         "config_hash": config.config_hash, "config_json": config.model_dump_json(), "created_at": started,
@@ -117,8 +175,11 @@ def run_summary(store: Path, run_id: str) -> dict[str, Any]:
     def count(table: str) -> int:
         return query(store, f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id]).column("n")[0].as_py()
 
+    faithful = query(store, "SELECT count(*) AS n FROM instances WHERE run_id = ? AND insertion_auc IS NOT NULL",
+                     [run_id]).column("n")[0].as_py()
     return {"run_id": run_id, "images": count("images"), "errors": count("errors"),
-            "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist()))}
+            "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
+            "with_faithfulness": faithful}
 
 
 @flow(name="audit")
@@ -132,6 +193,9 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         for key, value in audit_shard(config, shard, ids).items():
             totals[key] = totals.get(key, 0) + value
     refresh_catalog(config.out)
+    if config.faithfulness != "none":
+        for shard, chosen in faithfulness_selection(config).items():
+            faithfulness_shard(config, shard, chosen)
     summary = run_summary(config.out, config.run_id)
     counts = {"images": summary["images"], "instances": sum(summary["instances"].values()), "errors": summary["errors"]}
     _write_run_row(config, "finished", started_at, time.perf_counter() - started, counts)

@@ -17,6 +17,7 @@ from torchvision.ops import box_convert, box_iou
 
 from pipeline.batching import ImageBatch
 from pipeline.matching import FN, match_image
+from pipeline.metrics.faithfulness import FaithfulnessConfig, FaithfulnessResult, deletion_insertion
 from pipeline.metrics.localization import boxes_to_grid, localization_scores
 from pipeline.models.detr import DetectorOutput, DetrAdapter
 from pipeline.models.preprocess import PixelBatch
@@ -168,3 +169,29 @@ def _instance_row(inst: Instance, record: ImageRecord, explainer: str, scores: d
         "mass_on_other_gt": _nan_to_none(scores["mass_on_other_gt"]),
         "peak_in_gt": None if peak is None else bool(peak), "compactness": _nan_to_none(scores["compactness"]),
     }
+
+
+def faithfulness_of_rows(adapter: DetrAdapter, item: ImageBatch, rows: list[dict[str, Any]], maps: list[np.ndarray],
+                         label_map: dict[int, int], config: FaithfulnessConfig) -> FaithfulnessResult:
+    """Deletion / insertion AUC of stored instances (rows of the instances table, with their maps) whose
+    images are in `item`: the instance box is the prediction's, or the GT box for a miss, as when explained."""
+    batch = adapter.preprocess(item.images)
+    position = {record.image_id: i for i, record in enumerate(item.records)}
+    cat_to_label = {c: l for l, c in label_map.items()}
+    label_of_name = {name: l for l, name in adapter.label_names.items()}
+    boxes, labels = [], []
+    for row in rows:
+        record = item.records[position[row["image_id"]]]
+        prefix = "gt" if row["outcome"] == FN else "pred"
+        box = torch.tensor([row[f"{prefix}_{c}"] for c in ("x0", "y0", "x1", "y1")], dtype=torch.float32)
+        boxes.append(box / torch.tensor([record.width, record.height] * 2, dtype=torch.float32))
+        labels.append(cat_to_label[row["label"]] if row["label"] is not None else label_of_name[row["label_name"]])
+    device = adapter.device
+    targets = Targets(
+        batch_index=torch.tensor([position[row["image_id"]] for row in rows], device=device),
+        query=torch.tensor([row["query"] for row in rows], device=device),
+        label=torch.tensor(labels, device=device),
+        box=box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(device),
+    )
+    stacked = torch.from_numpy(np.stack(maps)).float().to(device)
+    return deletion_insertion(adapter.predict, batch.pixel_values, batch.pixel_mask, stacked, targets, config)

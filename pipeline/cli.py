@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.config import AuditConfig
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
 
@@ -128,22 +126,29 @@ def run(
     max_detections: int = typer.Option(100),
     batch_size: int = typer.Option(8),
     shard_size: int = typer.Option(64),
+    faithfulness: str = typer.Option("none", help="none | all | sample:N | flagged (tp with mass_in_gt < 0.3)"),
+    faithfulness_steps: int = typer.Option(20),
+    faithfulness_baseline: str = typer.Option("blur", help="blur | mean | noise"),
     device: str = typer.Option("auto"),
 ) -> None:
     """Audit a dataset: detect, explain and score every instance; prints the run id and a summary."""
-    typer.echo(json.dumps(_audit(AuditConfig(images=images, coco=coco, out=out, model=model,
-                                           explainers=tuple(explainer.split(",")), fusion=fusion,
-                                           score_threshold=score_threshold, max_detections=max_detections,
-                                           batch_size=batch_size, shard_size=shard_size, device=device))))
+    typer.echo(json.dumps(_audit(images=images, coco=coco, out=out, model=model,
+                                 explainers=tuple(explainer.split(",")), fusion=fusion,
+                                 score_threshold=score_threshold, max_detections=max_detections,
+                                 batch_size=batch_size, shard_size=shard_size, device=device,
+                                 faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
+                                 faithfulness_baseline=faithfulness_baseline)))
 
 
-def _audit(config: AuditConfig) -> dict:
+def _audit(**settings: object) -> dict:
+    """Validate the settings into an AuditConfig and run the audit flow; bad input exits with a message."""
     from flows.audit import audit
+    from pipeline.config import AuditConfig
     from pipeline.models.detr import ModelLoadError
     from pipeline.sources import SourceFormatError
 
     try:
-        return audit(config)
+        return audit(AuditConfig(**settings))
     except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError) as exc:
         _fail(str(exc))
         raise
@@ -203,7 +208,7 @@ def demo(
     if not ann.is_file():
         with progress_bar("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
-    summary = _audit(AuditConfig(images=data / "images" / "val", coco=ann, out=out))
+    summary = _audit(images=data / "images" / "val", coco=ann, out=out)
     typer.echo(json.dumps(summary))
     worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
                        "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "

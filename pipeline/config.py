@@ -13,8 +13,8 @@ from pipeline.models.detr import resolve_model_path
 
 class AuditConfig(BaseModel):
     """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
-    run id is skipped. `out` and `device` do not enter the hash (where results go and which device
-    computes them do not change what is computed)."""
+    run id is skipped. `out`, `device` and the faithfulness batch size do not enter the hash (where
+    results go and how they are batched on which device do not change what is computed)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -28,6 +28,13 @@ class AuditConfig(BaseModel):
     max_detections: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(64, ge=1)
+    faithfulness: str = Field("none", pattern=r"^(none|all|flagged|sample:[1-9][0-9]*)$",
+                              description="which instances get deletion / insertion AUC")
+    faithfulness_steps: int = Field(20, ge=1)
+    faithfulness_baseline: str = Field("blur", pattern=r"^(blur|mean|noise)$")
+    faithfulness_batch_size: int = Field(64, ge=1)
+    flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
+                                   description="`flagged` budget: correct detections with less mass on their GT")
     device: str = "auto"
 
     @field_validator("explainers")
@@ -47,7 +54,7 @@ class AuditConfig(BaseModel):
 
     @property
     def config_hash(self) -> str:
-        content = self.model_dump(mode="json", exclude={"out", "device", "model"})
+        content = self.model_dump(mode="json", exclude={"out", "device", "model", "faithfulness_batch_size"})
         content["images"] = str(self.images.resolve())
         content["coco"] = str(self.coco.resolve()) if self.coco else None
         content |= self._model_fingerprint()

@@ -6,7 +6,7 @@ Imports none of the other project packages.
 from storage.catalog import CATALOG_NAME, ReadOnlyQueryError, load_map, query, refresh_catalog
 from storage.maps import decode_map, encode_map
 from storage.schema import SCHEMA_VERSION, SCHEMAS
-from storage.writer import mark_shard_done, remove_run, shard_done, write_table
+from storage.writer import mark_shard_done, read_table, remove_run, shard_done, write_table
 
 __all__ = [
     "CATALOG_NAME",
@@ -18,6 +18,7 @@ __all__ = [
     "load_map",
     "mark_shard_done",
     "query",
+    "read_table",
     "refresh_catalog",
     "remove_run",
     "shard_done",

@@ -60,6 +60,14 @@ def write_table(root: Path, table: str, run_id: str, shard: str, rows: list[dict
     return path
 
 
+def read_table(root: Path, table: str, run_id: str, shard: str) -> pa.Table:
+    """One shard of one table as written (no run_id column), e.g. to rewrite it with more columns filled."""
+    if table not in SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
+    path = _partition_dir(root, table, run_id) / f"{_check_name('shard', shard)}.parquet"
+    return pq.read_table(path, schema=SCHEMAS[table], partitioning=None)
+
+
 def _to_schema(table: str, rows: list[dict[str, Any]] | pa.Table) -> pa.Table:
     """`rows` (dicts or an Arrow table) as an Arrow table of exactly SCHEMAS[table], checked column by column."""
     schema = SCHEMAS[table]

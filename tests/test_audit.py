@@ -145,3 +145,57 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
     assert all(g["grid_h"] * 32 >= 800 - 32 for g in grids), "an 800 px input gives a stride-32 grid"
     masses = query(store, "SELECT min(mass_in_pred) AS lo, max(mass_in_pred) AS hi FROM instances").to_pylist()[0]
     assert 0.0 <= masses["lo"] <= masses["hi"] <= 1.0 + 1e-6
+
+
+def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    args = _synth_args(synth, small_model, tmp_path)
+    sample = _run(*args, "--faithfulness", "sample:5", "--faithfulness-steps", "3")
+    rows = query(tmp_path, "SELECT deletion_auc, insertion_auc, faithfulness_steps FROM instances WHERE run_id = ?",
+                 [sample["run_id"]]).to_pylist()
+    filled = [r for r in rows if r["insertion_auc"] is not None]
+    assert len(filled) == 5 == sample["with_faithfulness"]
+    assert all(r["deletion_auc"] is not None and r["faithfulness_steps"] == 3 for r in filled)
+    assert all(r["deletion_auc"] is None and r["faithfulness_steps"] is None for r in rows if r not in filled)
+
+    flagged = _run(*args, "--faithfulness", "flagged", "--faithfulness-steps", "2", "--score-threshold", "0.05")
+    chosen = query(tmp_path, "SELECT outcome, mass_in_gt, insertion_auc FROM instances WHERE run_id = ?",
+                   [flagged["run_id"]]).to_pylist()
+    expected = [r for r in chosen if r["outcome"] == "tp" and r["mass_in_gt"] < 0.3]
+    assert [r for r in chosen if r["insertion_auc"] is not None] == expected
+
+
+def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_path: Path) -> None:
+    """The same instances and protocol, once with EIVE's stored maps and once with random maps."""
+    import torch
+
+    from flows.audit import _model_and_source
+    from pipeline.audit import faithfulness_of_rows
+    from pipeline.batching import iter_batches
+    from pipeline.config import AuditConfig
+    from pipeline.metrics.faithfulness import FaithfulnessConfig
+    from storage.maps import decode_map
+
+    config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=tmp_path,
+                         faithfulness="all", faithfulness_steps=10, device="cpu")
+    summary = _run("--coco", str(config.coco), "--images", str(config.images), "--out", str(tmp_path),
+                   "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu")
+    rows = query(tmp_path, "SELECT i.*, m.grid_h, m.grid_w, m.map FROM instances i JOIN maps m "
+                           "USING (run_id, instance_id, explainer) WHERE run_id = ? AND outcome = 'tp' ORDER BY image_id",
+                 [summary["run_id"]]).to_pylist()
+    assert len(rows) >= 20 and all(r["insertion_auc"] is not None for r in rows)
+    adapter, source, label_map = _model_and_source(config)
+    generator = torch.Generator().manual_seed(0)
+    random_deletion, random_insertion = [], []
+    for item in iter_batches((x for i in sorted({r["image_id"] for r in rows}) for x in source.read(i)), 8):
+        mine = [r for r in rows if r["image_id"] in {rec.image_id for rec in item.records}]
+        noise = [torch.rand(r["grid_h"], r["grid_w"], generator=generator).numpy() for r in mine]
+        assert all(decode_map(r["map"], r["grid_h"], r["grid_w"]).shape == n.shape for r, n in zip(mine, noise))
+        result = faithfulness_of_rows(adapter, item, mine, noise, label_map, FaithfulnessConfig(steps=10))
+        random_deletion += result.deletion_auc.tolist()
+        random_insertion += result.insertion_auc.tolist()
+    eive_deletion = np.mean([r["deletion_auc"] for r in rows])
+    eive_insertion = np.mean([r["insertion_auc"] for r in rows])
+    print(f"EIVE deletion {eive_deletion:.3f} vs random {np.mean(random_deletion):.3f}; "
+          f"insertion {eive_insertion:.3f} vs random {np.mean(random_insertion):.3f}")
+    assert eive_deletion < np.mean(random_deletion)
+    assert eive_insertion > np.mean(random_insertion)

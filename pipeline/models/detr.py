@@ -221,6 +221,14 @@ class DetrAdapter:
         return results
 
     @torch.inference_mode()
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities [N, Q, C] and boxes [N, Q, 4] (cxcywh) of a plain forward without attention
+        capture: the cheap call that re-scores perturbed images."""
+        with self._autocast():
+            out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        return self.class_probs(out.logits), out.pred_boxes.float()
+
+    @torch.inference_mode()
     def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5, max_detections: int = 100) -> list[Detections]:
         """Preprocess, forward and postprocess a list of uint8 [3, h, w] images."""
         batch = self.preprocess(images)
