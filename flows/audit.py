@@ -142,7 +142,7 @@ def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, s
             for m in read_table(config.out, "maps", config.run_id, shard).to_pylist()}
     rows = [row for row in instances if (row["instance_id"], row["explainer"]) in chosen]
     settings = FaithfulnessConfig(steps=config.faithfulness_steps, baseline=config.faithfulness_baseline,
-                                  batch_size=config.faithfulness_batch_size)
+                                  batch_size=config.faithfulness_batch_size, protocol=config.faithfulness_protocol)
     stream = (item for image_id in sorted({row["image_id"] for row in rows}) for item in source.read(image_id))
     for item in iter_batches(stream, config.batch_size):
         if not isinstance(item, ImageBatch):

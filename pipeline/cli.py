@@ -129,6 +129,7 @@ def run(
     faithfulness: str = typer.Option("none", help="none | all | sample:N | flagged (tp with mass_in_gt < 0.3)"),
     faithfulness_steps: int = typer.Option(20),
     faithfulness_baseline: str = typer.Option("blur", help="blur | mean | noise"),
+    faithfulness_protocol: str = typer.Option("standard", help="standard | odam (with --faithfulness-baseline noise)"),
     device: str = typer.Option("auto"),
 ) -> None:
     """Audit a dataset: detect, explain and score every instance; prints the run id and a summary."""
@@ -137,7 +138,8 @@ def run(
                                  score_threshold=score_threshold, max_detections=max_detections,
                                  batch_size=batch_size, shard_size=shard_size, device=device,
                                  faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
-                                 faithfulness_baseline=faithfulness_baseline)))
+                                 faithfulness_baseline=faithfulness_baseline,
+                                 faithfulness_protocol=faithfulness_protocol)))
 
 
 def _audit(**settings: object) -> dict:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.models.detr import resolve_model_path
 
@@ -32,6 +32,8 @@ class AuditConfig(BaseModel):
                               description="which instances get deletion / insertion AUC")
     faithfulness_steps: int = Field(20, ge=1)
     faithfulness_baseline: str = Field("blur", pattern=r"^(blur|mean|noise)$")
+    faithfulness_protocol: str = Field("standard", pattern=r"^(standard|odam)$",
+                                       description="odam: ODAM's steps and score, noise fill (see metrics.faithfulness)")
     faithfulness_batch_size: int = Field(64, ge=1)
     flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
                                    description="`flagged` budget: correct detections with less mass on their GT")
@@ -51,6 +53,12 @@ class AuditConfig(BaseModel):
             return {"model": self.model}
         files = sorted(p for p in path.iterdir() if p.is_file())
         return {"model": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+    @model_validator(mode="after")
+    def _odam_fills_with_noise(self) -> "AuditConfig":
+        if self.faithfulness_protocol == "odam" and self.faithfulness_baseline != "noise":
+            raise ValueError("--faithfulness-protocol odam fills with noise: add --faithfulness-baseline noise")
+        return self
 
     @property
     def config_hash(self) -> str:

@@ -163,6 +163,13 @@ def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_mo
     expected = [r for r in chosen if r["outcome"] == "tp" and r["mass_in_gt"] < 0.3]
     assert [r for r in chosen if r["insertion_auc"] is not None] == expected
 
+    odam = _run(*args, "--faithfulness", "sample:3", "--faithfulness-steps", "2", "--faithfulness-protocol", "odam",
+                "--faithfulness-baseline", "noise")
+    assert odam["with_faithfulness"] == 3 and odam["run_id"] != sample["run_id"]
+    refused = subprocess.run([*CLI, "run", *args, "--faithfulness", "all", "--faithfulness-protocol", "odam"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "noise" in refused.stderr
+
 
 def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_path: Path) -> None:
     """The same instances and protocol, once with EIVE's stored maps and once with random maps."""

@@ -82,3 +82,17 @@ def test_step_masks_grow_from_nothing_to_every_valid_cell() -> None:
     assert masks[0].flatten(1).sum(-1).tolist() == [0, 3, 6, 9]
     assert masks[0, 1].nonzero().tolist() == [[2, 0], [2, 1], [2, 2]]  # the three highest valid cells
     assert not masks[0, -1, :, 3].any()
+
+
+def test_odam_protocol_steps_over_the_object_area_and_scores_relative(scene) -> None:
+    pixels, mask, targets = scene
+    config = FaithfulnessConfig(steps=8, baseline="noise", protocol="odam")
+    result = deletion_insertion(toy_detect, pixels, mask, _maps(), targets, config)
+    torch.testing.assert_close(result.deletion_curve[:, 0], torch.ones(4))  # relative to the intact image
+    assert result.deletion_auc[0] < result.deletion_auc[1] < result.deletion_auc[2]
+    assert result.insertion_auc[0] > result.insertion_auc[2]
+    # The box covers 4 x 4 = 16 of the 64 cells: the last step perturbs exactly the object's area.
+    masks = step_masks(_maps()[:1], torch.ones(1, 8, 8, dtype=torch.bool), 8, budget=torch.tensor([16]))
+    assert masks[0].flatten(1).sum(-1).tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    with pytest.raises(ValueError, match="noise"):
+        FaithfulnessConfig(protocol="odam")

@@ -24,6 +24,7 @@ from pipeline.models.boxes import paired_box_iou
 from pipeline.models.targets import Targets
 
 BASELINES = ("blur", "mean", "noise")
+PROTOCOLS = ("standard", "odam")
 
 # (pixel_values [N, 3, H, W], pixel_mask [N, H, W]) -> (class probabilities [N, Q, C], boxes cxcywh [N, Q, 4])
 DetectFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -31,17 +32,29 @@ DetectFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 
 @dataclass(frozen=True)
 class FaithfulnessConfig:
+    """`standard`: fractions of the image's cells, score IoU * p, raw AUC (METHODS.md 4).
+
+    `odam` (our reading of ODAM's protocol, for comparison with its tables): noise fill; steps are
+    fractions of the instance box's area (so the curve ends once an object's worth of cells is perturbed);
+    the score is the best same-class detection with IoU > 0.5, as a fraction of the intact image's score.
+    """
+
     steps: int = 20
     baseline: str = "blur"
     batch_size: int = 64
     blur_sigma: float = 10.0
     seed: int = 0
+    protocol: str = "standard"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol == "odam" and self.baseline != "noise":
+            raise ValueError("the odam protocol fills with noise: use baseline='noise'")
 
 
 def baseline_images(pixels: torch.Tensor, mask: torch.Tensor, config: FaithfulnessConfig) -> torch.Tensor:
@@ -59,17 +72,19 @@ def baseline_images(pixels: torch.Tensor, mask: torch.Tensor, config: Faithfulne
     return lo + (hi - lo) * torch.rand(pixels.shape, generator=generator, device=pixels.device)
 
 
-def step_masks(maps: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
-    """Cells kept salient at each step: [K, steps + 1, h, w] booleans, the top round(f * n_valid) cells of
-    each map at f = 0, 1/steps, ..., 1 (ties broken by cell order, padding never chosen)."""
+def step_masks(maps: torch.Tensor, valid: torch.Tensor, steps: int, budget: torch.Tensor | None = None) -> torch.Tensor:
+    """Cells kept salient at each step: [K, steps + 1, h, w] booleans, the top round(f * budget) cells of
+    each map at f = 0, 1/steps, ..., 1 (budget [K] defaults to the valid cells; ties broken by cell order,
+    padding never chosen)."""
     k, h, w = maps.shape
     scores = maps.flatten(1).masked_fill(~valid.flatten(1), float("-inf"))
     rank = torch.empty_like(scores, dtype=torch.long)
     order = scores.argsort(dim=-1, descending=True, stable=True)
     rank.scatter_(1, order, torch.arange(h * w, device=maps.device).expand(k, -1))
     n_valid = valid.flatten(1).sum(-1)  # [K]
+    budget = n_valid if budget is None else torch.minimum(budget.to(n_valid.dtype), n_valid)
     fractions = torch.linspace(0, 1, steps + 1, device=maps.device)
-    counts = torch.round(fractions[None, :] * n_valid[:, None]).long()  # [K, steps + 1]
+    counts = torch.round(fractions[None, :] * budget[:, None]).long()  # [K, steps + 1]
     return (rank[:, None, :] < counts[:, :, None]).view(k, steps + 1, h, w)
 
 
@@ -79,6 +94,21 @@ def instance_scores(probs: torch.Tensor, boxes: torch.Tensor, label: torch.Tenso
     iou = paired_box_iou(box_convert(boxes.float(), "cxcywh", "xyxy"), box_convert(box.float(), "cxcywh", "xyxy")[:, None])
     p = probs.float().gather(-1, label[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
     return (iou * p).amax(-1)
+
+
+def odam_scores(probs: torch.Tensor, boxes: torch.Tensor, label: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """ODAM's score: p of the best detection whose class is `label` and whose IoU with `box` exceeds 0.5
+    (0 when there is none). Shapes as in `instance_scores`."""
+    iou = paired_box_iou(box_convert(boxes.float(), "cxcywh", "xyxy"), box_convert(box.float(), "cxcywh", "xyxy")[:, None])
+    p, predicted = probs.float().max(-1)
+    return (p * ((predicted == label[:, None]) & (iou > 0.5))).amax(-1)
+
+
+def _box_area_in_cells(box: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Area of normalised cxcywh boxes [K, 4] in grid cells of their images' valid region [K, h, w]."""
+    rows = valid.any(-1).sum(-1)
+    cols = valid.any(-2).sum(-1)
+    return torch.round(box[:, 2] * cols * box[:, 3] * rows).clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -104,7 +134,10 @@ def deletion_insertion(detect: DetectFn, pixels: torch.Tensor, mask: torch.Tenso
         return FaithfulnessResult(empty, empty, empty.view(0, steps + 1), empty.view(0, steps + 1), fractions)
     baseline = baseline_images(pixels, mask, config)
     valid = F.interpolate(mask[:, None].float(), size=(h, w))[:, 0].bool()[targets.batch_index]
-    salient = step_masks(maps.to(pixels.device), valid, steps).flatten(0, 1)  # [K * (steps + 1), h, w]
+    odam = config.protocol == "odam"
+    budget = _box_area_in_cells(targets.box.float(), valid) if odam else None
+    salient = step_masks(maps.to(pixels.device), valid, steps, budget).flatten(0, 1)  # [K * (steps + 1), h, w]
+    score_fn = odam_scores if odam else instance_scores
     jobs = torch.arange(2 * salient.shape[0], device=pixels.device)  # first all deletions, then all insertions
     scores = torch.empty(len(jobs), device=pixels.device)
     for chunk in jobs.split(config.batch_size):
@@ -117,7 +150,10 @@ def deletion_insertion(detect: DetectFn, pixels: torch.Tensor, mask: torch.Tenso
         # Deletion swaps the salient region for the baseline; insertion shows only the salient region.
         perturbed = torch.where(region == deleting, replaced, kept)
         probs, boxes = detect(perturbed, mask[image])
-        scores[chunk] = instance_scores(probs, boxes, targets.label[inst], targets.box[inst])
+        scores[chunk] = score_fn(probs, boxes, targets.label[inst], targets.box[inst])
     deletion, insertion = scores.view(2, k, steps + 1)
+    if odam:  # as a fraction of the intact image's score, the first point of the deletion curve
+        intact = deletion[:, :1].clamp(min=1e-6)
+        deletion, insertion = deletion / intact, insertion / intact
     return FaithfulnessResult(torch.trapezoid(deletion, fractions, dim=-1), torch.trapezoid(insertion, fractions, dim=-1),
                               deletion, insertion, fractions)
