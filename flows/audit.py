@@ -99,7 +99,8 @@ def _audit_or_split(adapter: DetrAdapter, explainers: list, item: ImageBatch, la
                     config: AuditConfig, errors: list[dict[str, Any]]) -> list:
     """Audit a batch; if it fails, retry its images one by one so only the culprit becomes an error row."""
     try:
-        return [audit_batch(adapter, explainers, item, label_map, config.score_threshold, config.max_detections)]
+        return [audit_batch(adapter, explainers, item, label_map, config.score_threshold, config.max_detections,
+                            annotated=config.coco is not None)]
     except Exception as exc:
         if len(item.records) == 1:
             errors.append(_exception_row(item.records[0], "model", exc))

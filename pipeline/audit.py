@@ -16,7 +16,7 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from pipeline.batching import ImageBatch
-from pipeline.matching import FN, match_image
+from pipeline.matching import DET, FN, match_image
 from pipeline.metrics.faithfulness import FaithfulnessConfig, FaithfulnessResult, deletion_insertion
 from pipeline.metrics.localization import boxes_to_grid, localization_scores
 from pipeline.models.detr import DetectorOutput, DetrAdapter
@@ -59,17 +59,19 @@ class BatchRows:
 
 
 def _image_instances(i: int, record: ImageRecord, output: DetectorOutput, batch: PixelBatch, adapter: DetrAdapter,
-                     detections: Any, label_map: dict[int, int]) -> list[Instance]:
-    """Match one image's detections to its GT and list the instances to explain."""
+                     detections: Any, label_map: dict[int, int], annotated: bool) -> list[Instance]:
+    """Match one image's detections to its GT and list the instances to explain; in a source without
+    annotations every detection is a `det`, not a false positive."""
     cat_to_label = {c: l for l, c in label_map.items()}
     categories = torch.tensor([label_map.get(int(l), -1) for l in detections.labels], dtype=torch.long)
     gt_boxes = torch.as_tensor(record.boxes)
     match = match_image(detections.boxes, detections.scores, categories, gt_boxes, torch.as_tensor(record.labels))
+    outcomes = match.outcome if annotated else [DET] * len(match.outcome)
     instances = [
         Instance(i, f"{record.image_id}-q{int(q)}", outcome, int(q), int(l), int(c) if c >= 0 else None,
                  adapter.label_names[int(l)], float(s), box, int(g), float(iou) if g >= 0 else None)
         for q, l, c, s, box, outcome, g, iou in zip(detections.queries, detections.labels, categories,
-                                                     detections.scores, detections.boxes, match.outcome,
+                                                     detections.scores, detections.boxes, outcomes,
                                                      match.gt_index, match.iou)
     ]
     if len(match.missed):
@@ -111,8 +113,9 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch, label_map: dict[int, int],
-                score_threshold: float, max_detections: int) -> BatchRows:
-    """Rows of the images, instances and maps tables for one decoded batch (maps as float32 arrays)."""
+                score_threshold: float, max_detections: int, annotated: bool = True) -> BatchRows:
+    """Rows of the images, instances and maps tables for one decoded batch (maps as float32 arrays);
+    `annotated` is False for a source without GT (an image folder)."""
     started = time.perf_counter()
     with torch.inference_mode():
         batch = adapter.preprocess(item.images)
@@ -120,7 +123,7 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
         detections = adapter.postprocess(output, batch, score_threshold, max_detections)
     forward_s = time.perf_counter() - started
     instances = [inst for i, record in enumerate(item.records)
-                 for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map)]
+                 for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map, annotated)]
     targets = _targets(instances, item.records, adapter.device)
     rows = BatchRows()
     explain_s = 0.0

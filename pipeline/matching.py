@@ -13,6 +13,7 @@ import torch
 from torchvision.ops import box_iou
 
 TP, FP, DUP, FN = "tp", "fp", "dup", "fn"
+DET = "det"  # a detection in an image source without annotations: nothing to match against
 
 
 @dataclass(frozen=True)

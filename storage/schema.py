@@ -13,7 +13,7 @@ SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
-    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn"}),
+    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn", "det"}),
 }
 
 
@@ -68,7 +68,7 @@ INSTANCES = _schema(
     _required("image_id", pa.int64()),
     _required("shard", pa.string()),
     _required("explainer", pa.string()),
-    _required("outcome", pa.string()),  # tp, fp, dup or fn (ALLOWED_VALUES)
+    _required("outcome", pa.string()),  # tp, fp, dup, fn; det in a source without GT (ALLOWED_VALUES)
     _required("query", pa.int32()),
     _optional("label", pa.int64()),  # dataset category id
     _required("label_name", pa.string()),

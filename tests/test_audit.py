@@ -206,3 +206,11 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
           f"insertion {eive_insertion:.3f} vs random {np.mean(random_insertion):.3f}")
     assert eive_deletion < np.mean(random_deletion)
     assert eive_insertion > np.mean(random_insertion)
+
+
+def test_image_folder_audit_has_detections_but_no_false_positives(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    summary = _run("--images", str(synth / "images" / "val"), "--model", str(small_model), "--out", str(tmp_path),
+                   "--score-threshold", "0", "--max-detections", "2", "--shard-size", "20", "--device", "cpu")
+    assert summary["images"] == 40 and summary["instances"] == {"det": 80}
+    rows = query(tmp_path, "SELECT count(*) AS n FROM instances WHERE mass_in_gt IS NULL AND mass_in_pred IS NOT NULL")
+    assert rows.column("n")[0].as_py() == 80, "no GT: GT scores stay null, the map still scores its own box"
