@@ -49,7 +49,10 @@ def measure(adapter: DetrAdapter, images: list[torch.Tensor], per_image: int, st
     single = adapter.preprocess(images[:1])
     adapter.predict(single.pixel_values, single.pixel_mask)  # warm-up
     bare = statistics.median(_seconds(lambda: adapter.predict(single.pixel_values, single.pixel_mask))[0] for _ in range(3))
-    run = lambda config, t, m: deletion_insertion(adapter.predict, pixels.pixel_values, pixels.pixel_mask, m, t, config)
+
+    def run(config: FaithfulnessConfig, t: Targets, m: torch.Tensor):
+        return deletion_insertion(adapter.predict, pixels.pixel_values, pixels.pixel_mask, m, t, config)
+
     t_batched, batched = _seconds(lambda: run(FaithfulnessConfig(steps=steps, batch_size=batch), targets, maps))
 
     def naive() -> list:

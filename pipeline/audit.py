@@ -125,28 +125,31 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
     instances = [inst for i, record in enumerate(item.records)
                  for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map, annotated)]
     targets = _targets(instances, item.records, adapter.device)
+    padded = tuple(batch.pixel_values.shape[-2:])
+    per_image = []  # (record, instance indices, own boxes, GT index, GT boxes), all in grid units: explainer-independent
+    for i, record in enumerate(item.records):
+        index = [k for k, inst in enumerate(instances) if inst.image == i]
+        if index:
+            to_grid = dict(original_size=(record.height, record.width), input_size=tuple(batch.input_sizes[i].tolist()),
+                           padded_size=padded, grid=output.grid)
+            per_image.append((record, index,
+                              boxes_to_grid(torch.stack([instances[k].pred_box for k in index]), **to_grid),
+                              torch.tensor([instances[k].gt for k in index]),
+                              boxes_to_grid(torch.as_tensor(record.boxes).reshape(-1, 4), **to_grid)))
     rows = BatchRows()
     explain_s = 0.0
-    padded = tuple(batch.pixel_values.shape[-2:])
     for explainer in explainers:
         started = time.perf_counter()
         maps = explainer.explain(adapter, batch, output, targets).float().cpu()
         explain_s += time.perf_counter() - started
-        for i, record in enumerate(item.records):
-            index = [k for k, inst in enumerate(instances) if inst.image == i]
-            if not index:
-                continue
-            mine = [instances[k] for k in index]
-            to_grid = dict(original_size=(record.height, record.width), input_size=tuple(batch.input_sizes[i].tolist()),
-                           padded_size=padded, grid=output.grid)
-            own = boxes_to_grid(torch.stack([inst.pred_box for inst in mine]), **to_grid)
-            gts = boxes_to_grid(torch.as_tensor(record.boxes).reshape(-1, 4), **to_grid)
-            scores = localization_scores(maps[index], own, torch.tensor([inst.gt for inst in mine]), gts)
-            for j, inst in enumerate(mine):
-                rows.instances.append(_instance_row(inst, record, explainer.name, {k: float(v[j]) for k, v in scores.items()}))
+        for record, index, own, gt_index, gts in per_image:
+            scores = localization_scores(maps[index], own, gt_index, gts)
+            for j, k in enumerate(index):
+                inst = instances[k]
+                rows.instances.append(_instance_row(inst, record, explainer.name, {n: float(v[j]) for n, v in scores.items()}))
                 rows.maps.append({"instance_id": inst.instance_id, "image_id": record.image_id,
                                   "explainer": explainer.name, "grid_h": output.grid[0], "grid_w": output.grid[1],
-                                  "map": maps[index[j]].numpy()})
+                                  "map": maps[k].numpy()})
     n = len(item.records)
     for i, record in enumerate(item.records):
         rows.images.append({

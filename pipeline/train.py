@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 
+from pipeline.evaluation import label_to_category
 from pipeline.models.detr import load_hf_model, resolve_device
 from pipeline.models.families import FAMILIES, build_config, save_preprocessor
 from pipeline.models.preprocess import PreprocessConfig, load_image, preprocess
@@ -79,20 +80,13 @@ def _frozen_layout_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def label_names_and_map(source: CocoSource, model_labels: dict[int, str] | None) -> tuple[list[str], dict[int, int]]:
-    """Model label names and the map dataset category id -> model label index.
-
-    From scratch, labels are the dataset's categories in id order; to fine-tune, categories are matched to
-    the model's labels by name and a missing name is an error.
-    """
-    cat_ids = sorted(source.categories)
-    if model_labels is None:
-        return [source.categories[c] for c in cat_ids], {c: i for i, c in enumerate(cat_ids)}
-    by_name = {name: idx for idx, name in model_labels.items()}
-    missing = [source.categories[c] for c in cat_ids if source.categories[c] not in by_name]
-    if missing:
+def fine_tune_label_map(source: CocoSource, model_labels: dict[int, str]) -> dict[int, int]:
+    """Dataset category id -> model label index, matched by name; fine-tuning needs every name to match."""
+    mapping, how = label_to_category(model_labels, source.categories)
+    if how != "name":
+        missing = sorted(set(source.categories.values()) - set(model_labels.values()))
         raise ValueError(f"the model has no label for the dataset categories {missing}")
-    return [model_labels[i] for i in sorted(model_labels)], {c: by_name[source.categories[c]] for c in cat_ids}
+    return {category: label for label, category in mapping.items()}
 
 
 class _TrainSet(torch.utils.data.Dataset):
@@ -139,9 +133,9 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 def _build_model(config: TrainConfig, source: CocoSource) -> tuple[PreTrainedModel, dict[int, int], PreprocessConfig]:
     if config.init is not None:
         model = load_hf_model(config.init)
-        _, cat_to_label = label_names_and_map(source, model.config.id2label)
-        return model, cat_to_label, PreprocessConfig.from_dir(config.init)
-    names, cat_to_label = label_names_and_map(source, None)
+        return model, fine_tune_label_map(source, model.config.id2label), PreprocessConfig.from_dir(config.init)
+    cat_ids = sorted(source.categories)  # from scratch: one label per category, in id order
+    names, cat_to_label = [source.categories[c] for c in cat_ids], {c: i for i, c in enumerate(cat_ids)}
     family = FAMILIES[config.family]
     model = family.model_class(build_config(config.family, names))
     return model, cat_to_label, PreprocessConfig(family.shortest_edge, family.longest_edge)

@@ -59,3 +59,16 @@ def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path:
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_fine_tuning_matches_labels_by_name_and_refuses_unknown_categories(synth: Path) -> None:
+    from pipeline.sources import CocoSource
+    from pipeline.train import fine_tune_label_map
+
+    source = CocoSource(synth / "annotations" / "train.json", synth / "images" / "train")
+    model_labels = {0: "hexagon", 1: "triangle", 2: "square", 3: "circle", 4: "star"}
+    mapping = fine_tune_label_map(source, model_labels)
+    assert {source.categories[c]: model_labels[label] for c, label in mapping.items()} == {
+        name: name for name in source.categories.values()}
+    with pytest.raises(ValueError, match="no label for the dataset categories"):
+        fine_tune_label_map(source, {0: "circle", 1: "square", 2: "triangle", 3: "star"})
