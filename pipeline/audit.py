@@ -154,7 +154,9 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
     for i, record in enumerate(item.records):
         rows.images.append({
             "image_id": record.image_id, "file_path": str(record.path), "width": record.width,
-            "height": record.height, "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
+            "height": record.height, "input_height": int(batch.input_sizes[i, 0]),
+            "input_width": int(batch.input_sizes[i, 1]), "padded_height": padded[0], "padded_width": padded[1],
+            "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
             "status": "ok", "forward_ms": 1000 * forward_s / n, "explain_ms": 1000 * explain_s / n,
         })
     return rows

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: images gained input_* and padded_* sizes
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
@@ -55,6 +55,12 @@ IMAGES = _schema(
     _optional("file_path", pa.string()),
     _optional("width", pa.int32()),
     _optional("height", pa.int32()),
+    # The model input after resize (input_*) and the batch's padded size (padded_*): a stored map covers the
+    # padded input, so the image occupies its top-left input/padded fraction (see reports.overlay).
+    _optional("input_height", pa.int32()),
+    _optional("input_width", pa.int32()),
+    _optional("padded_height", pa.int32()),
+    _optional("padded_width", pa.int32()),
     _optional("n_gt", pa.int32()),
     _optional("n_detections", pa.int32()),
     _required("status", pa.string()),

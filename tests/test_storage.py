@@ -43,7 +43,8 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
              n_images=0, n_instances=0, n_errors=0, seconds=0.0),
     ],
     "images": [
-        dict(image_id=1, shard="s0", file_path="a.jpg", width=640, height=480, n_gt=2, n_detections=3, status="ok",
+        dict(image_id=1, shard="s0", file_path="a.jpg", width=640, height=480, input_height=600, input_width=800,
+             padded_height=608, padded_width=800, n_gt=2, n_detections=3, status="ok",
              forward_ms=12.5, explain_ms=0.75),
         dict(image_id=2, shard="s0", status="error"),
     ],
