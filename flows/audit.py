@@ -1,5 +1,6 @@
 """The audit flow: plan shards, run one task per shard, write its tables, refresh the DuckDB catalog;
-then, within the faithfulness budget, a second pass per shard fills deletion / insertion AUC.
+then, within the faithfulness budget, a second pass per shard fills deletion / insertion AUC; last, the
+review outputs: the HTML report, the FiftyOne push when asked, and the run's Prefect artifacts.
 
 A shard's tables are written first and its done-marker last, so a run killed at any point leaves
 either a finished shard or one that a rerun rewrites whole (same file names: no duplicates). The run id
@@ -24,6 +25,7 @@ from pipeline.evaluation import label_to_category
 from pipeline.metrics.faithfulness import FaithfulnessConfig
 from pipeline.models.detr import DetrAdapter
 from pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
+from reports.artifacts import publish_run_artifacts
 from storage.catalog import query, refresh_catalog
 from storage.maps import decode_map, encode_map
 from storage.writer import mark_shard_done, read_table, shard_done, write_table
@@ -183,9 +185,42 @@ def run_summary(store: Path, run_id: str) -> dict[str, Any]:
             "with_faithfulness": faithful}
 
 
+def report_path(store: Path, run_id: str) -> Path:
+    """Where a run's HTML report goes by default: beside its tables, named by the run."""
+    return Path(store) / "reports" / f"{run_id}.html"
+
+
+@task(name="write-report")
+def write_report_task(store: Path, run_id: str) -> Path:
+    """Write the run's HTML report to `report_path`; imported here so the flow loads without the report's deps."""
+    from reports.html_report import write_report
+
+    return write_report(store, run_id, report_path(store, run_id))
+
+
+@task(name="push-fiftyone")
+def push_fiftyone_task(store: Path, run_id: str, dataset: str) -> dict:
+    """Push the run to a FiftyOne dataset; imported here so only runs that push start FiftyOne's database."""
+    from reports.fiftyone_push import push_run
+
+    return push_run(store, run_id, dataset)
+
+
+def _review(config: AuditConfig) -> dict[str, Any]:
+    """The finished run's review outputs (report, FiftyOne, artifacts), as the summary's extra keys."""
+    report = write_report_task(config.out, config.run_id) if config.report else None
+    if config.fiftyone_dataset:
+        push_fiftyone_task(config.out, config.run_id, config.fiftyone_dataset)
+    artifacts = publish_run_artifacts(config.out, config.run_id, report, config.fiftyone_dataset)
+    return {"report": str(report) if report else None, "fiftyone_dataset": config.fiftyone_dataset,
+            "artifacts": artifacts}
+
+
 @flow(name="audit")
 def audit(config: AuditConfig) -> dict[str, Any]:
-    """Audit a dataset: every shard once, then the catalog; returns the run summary."""
+    """Audit a dataset: every shard once, then the catalog, then the review outputs; returns the run summary.
+
+    A deployment (flows.schedule) passes `config` as a JSON dict; Prefect validates it into AuditConfig."""
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     Path(config.out).mkdir(parents=True, exist_ok=True)
     _write_run_row(config, "running", started_at, 0.0, {})
@@ -200,4 +235,5 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     summary = run_summary(config.out, config.run_id)
     counts = {"images": summary["images"], "instances": sum(summary["instances"].values()), "errors": summary["errors"]}
     _write_run_row(config, "finished", started_at, time.perf_counter() - started, counts)  # the runs view globs it
-    return {**summary, "seconds": round(time.perf_counter() - started, 1), "shards_skipped": totals.get("skipped", 0)}
+    seconds = round(time.perf_counter() - started, 1)
+    return {**summary, "seconds": seconds, "shards_skipped": totals.get("skipped", 0), **_review(config)}

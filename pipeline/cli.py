@@ -6,11 +6,15 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from pipeline.config import AuditConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -25,8 +29,9 @@ def progress_bar(description: str, total: int | None) -> Iterator:
         yield lambda n=1: progress.advance(task, n)
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+def _fail(message: str) -> NoReturn:
+    """Print `message` as an error and exit with code 2; verbatim (no markup, no wrapping), so it can be grepped."""
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -116,8 +121,12 @@ def evaluate(
 
 @app.command()
 def run(
-    images: Path = typer.Option(..., help="image root (with --coco) or a plain image folder"),
-    out: Path = typer.Option(..., help="store root: Parquet tables and catalog.duckdb"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="YAML file of AuditConfig fields; flags given here override it"),
+    images: Optional[Path] = typer.Option(None, help="image root (with --coco) or a plain image folder; required "
+                                                     "unless --config gives it"),
+    out: Optional[Path] = typer.Option(None, help="store root: Parquet tables and catalog.duckdb; required unless "
+                                                  "--config gives it"),
     coco: Optional[Path] = typer.Option(None, help="COCO annotation json"),
     model: str = typer.Option("default", help="model directory, hub id, or `default`"),
     explainer: str = typer.Option("eive", help="comma-separated explainer names"),
@@ -131,29 +140,51 @@ def run(
     faithfulness_baseline: str = typer.Option("blur", help="blur | mean | noise"),
     faithfulness_protocol: str = typer.Option("standard", help="standard | odam (with --faithfulness-baseline noise)"),
     device: str = typer.Option("auto"),
+    fiftyone_dataset: Optional[str] = typer.Option(None, help="push the finished run to this FiftyOne dataset"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write STORE/reports/<run_id>.html at the end"),
 ) -> None:
-    """Audit a dataset: detect, explain and score every instance; prints the run id and a summary."""
-    typer.echo(json.dumps(_audit(images=images, coco=coco, out=out, model=model,
-                                 explainers=tuple(explainer.split(",")), fusion=fusion,
-                                 score_threshold=score_threshold, max_detections=max_detections,
-                                 batch_size=batch_size, shard_size=shard_size, device=device,
-                                 faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
-                                 faithfulness_baseline=faithfulness_baseline,
-                                 faithfulness_protocol=faithfulness_protocol)))
+    """Audit a dataset: detect, explain and score every instance; prints the run id and a summary. Settings come
+    from flags, a YAML file of AuditConfig fields (--config), or both: a flag given on the command line wins."""
+    typer.echo(json.dumps(_audit(_load_config(config, _given_settings(ctx)))))
 
 
-def _audit(**settings: object) -> dict:
-    """Validate the settings into an AuditConfig and run the audit flow; bad input exits with a message."""
-    from flows.audit import audit
+def _given_settings(ctx: typer.Context) -> dict[str, object]:
+    """The command's options that the user gave (on the command line or in the environment), as AuditConfig
+    fields. Only these are passed on, so a flag left out neither overrides the config file nor pins a
+    default: AuditConfig's defaults stay the single source (a test checks the flags' shown defaults match).
+    """
+    # By name: typer vendors click, and its ParameterSource enum is not public API.
+    given = {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name != "DEFAULT"}
+    settings = {name: ctx.params[name] for name in given - {"config"}}
+    if "explainer" in settings:
+        settings["explainers"] = tuple(str(settings.pop("explainer")).split(","))
+    return settings
+
+
+def _load_config(config_file: Path | None, settings: dict[str, object]) -> "AuditConfig":
+    """`settings` over the YAML file's (if any) as an AuditConfig; bad settings exit with one line per problem."""
     from pipeline.config import AuditConfig
+    from pydantic import ValidationError
+
+    try:
+        return AuditConfig.from_yaml(config_file, **settings) if config_file else AuditConfig(**settings)
+    except ValidationError as exc:
+        _fail("bad audit settings: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+                                                 for e in exc.errors()))
+    except ValueError as exc:  # the YAML file: unreadable, not a mapping, an unknown key
+        _fail(str(exc))
+
+
+def _audit(config: "AuditConfig") -> dict:
+    """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
+    from flows.audit import audit
     from pipeline.models.detr import ModelLoadError
     from pipeline.sources import SourceFormatError
 
     try:
-        return audit(AuditConfig(**settings))
+        return audit(config)
     except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError) as exc:
         _fail(str(exc))
-        raise
 
 
 @app.command()
@@ -199,9 +230,10 @@ def demo(
     out: Path = typer.Option(Path("demo-store"), help="store root; the synthetic data goes in OUT/data"),
     n_val: int = typer.Option(200),
     seed: int = typer.Option(1234, help="a seed the shipped model never saw"),
+    fiftyone_dataset: Optional[str] = typer.Option(None, help="also push the run to this FiftyOne dataset"),
 ) -> None:
     """Audit a synthetic planted-cue val set with the shipped model; show the correct detections that
-    look least at their object."""
+    look least at their object, and where the HTML report is."""
     from pipeline.sources.synthetic import generate
     from storage.catalog import query
 
@@ -210,13 +242,94 @@ def demo(
     if not ann.is_file():
         with progress_bar("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
-    summary = _audit(images=data / "images" / "val", coco=ann, out=out)
+    summary = _audit(_load_config(None, {"images": data / "images" / "val", "coco": ann, "out": out,
+                                         "fiftyone_dataset": fiftyone_dataset}))
     typer.echo(json.dumps(summary))
     worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
                        "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "
                        "WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt LIMIT 10", [summary["run_id"]])
     err.print("[bold]Correct detections with the least saliency on their object[/bold] (read back through DuckDB):")
     _print_table(worst, "table")
+    err.print(f"HTML report: {summary['report']}")
+    if fiftyone_dataset:
+        err.print(f"FiftyOne dataset: {fiftyone_dataset} (browse it with `eive-audit app --dataset {fiftyone_dataset}`)")
+
+
+def _finished_run(store: Path, run: str | None) -> str:
+    """`run` checked to be a finished run of the store, or, when None, the store's latest finished run
+    (by finish time); a missing store or an unknown run exits with a message."""
+    from storage.catalog import catalog_path, query
+
+    if not catalog_path(store).is_file():
+        _fail(f"no store at {store} (no {catalog_path(store).name} there); pass the --out of an `eive-audit run`")
+    finished = query(store, "SELECT run_id FROM runs WHERE status = 'finished' ORDER BY finished_at DESC, run_id"
+                     ).column("run_id").to_pylist()
+    if run is None and not finished:
+        _fail(f"no finished run in the store at {store}")
+    if run is not None and run not in finished:
+        _fail(f"no finished run {run!r} in the store at {store}; finished runs, latest first: "
+              f"{', '.join(finished) or 'none'}")
+    return run or finished[0]
+
+
+_RUN_HELP = "run id; default: the latest finished run in the store"
+
+
+@app.command()
+def push(
+    store: Path = typer.Option(..., help="store root"),
+    run: Optional[str] = typer.Option(None, help=_RUN_HELP),
+    dataset: str = typer.Option(..., help="FiftyOne dataset to create or update"),
+) -> None:
+    """Push a run to a FiftyOne dataset (detections, GT, saliency heatmaps, scores) for review in the App."""
+    run_id = _finished_run(store, run)  # before importing FiftyOne, which starts its database
+    from reports.fiftyone_push import push_run
+
+    typer.echo(json.dumps(push_run(store, run_id, dataset), default=str))
+
+
+@app.command()
+def report(
+    store: Path = typer.Option(..., help="store root"),
+    out: Path = typer.Option(..., help="HTML file to write"),
+    run: Optional[str] = typer.Option(None, help=_RUN_HELP),
+) -> None:
+    """Write a run's self-contained HTML report; prints its path."""
+    run_id = _finished_run(store, run)
+    from reports.html_report import write_report
+
+    typer.echo(str(write_report(store, run_id, out)))
+
+
+@app.command("app")
+def review_app(
+    dataset: str = typer.Option(..., help="FiftyOne dataset (see `eive-audit push`)"),
+    port: int = typer.Option(5151, min=1, max=65535),
+    address: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens the App to the network"),
+) -> None:
+    """Serve the FiftyOne App on a dataset until interrupted (Ctrl-C)."""
+    from reports.fiftyone_push import launch_app
+
+    try:
+        launch_app(dataset, port=port, address=address, wait=True)
+    except ValueError as exc:  # FiftyOne raises ValueError for a dataset that does not exist
+        _fail(str(exc))
+
+
+@app.command()
+def schedule(
+    config: Path = typer.Option(..., help="YAML file of AuditConfig fields (as `run --config`)"),
+    cron: str = typer.Option(..., help='cron string: minute hour day-of-month month day-of-week, e.g. "0 2 * * *"'),
+    name: Optional[str] = typer.Option(None, help="deployment name; default: the config file's name without .yaml"),
+) -> None:
+    """Serve the audit as a Prefect deployment on a cron schedule, against the server at PREFECT_API_URL,
+    until interrupted; runs can also be started at once from the UI or `prefect deployment run`."""
+    from flows.schedule import NoServerError, serve_audit
+
+    try:
+        serve_audit(_load_config(config, {}), cron, name or config.stem)
+    except (NoServerError, ValueError) as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

@@ -5,16 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.models.detr import resolve_model_path
 
 
+# Fields that say where results go, how they are batched on which device, and what is done with them
+# afterwards: none of them changes what is computed, so none enters the run hash (`model` enters as its
+# fingerprint instead of its name).
+_NOT_HASHED = frozenset({"out", "device", "model", "faithfulness_batch_size", "fiftyone_dataset", "report"})
+_PATH_FIELDS = ("images", "coco", "out")
+
+
+class ConfigFileError(ValueError):
+    """A YAML config that cannot become an AuditConfig: unreadable, not a mapping, or an unknown key."""
+
+
 class AuditConfig(BaseModel):
     """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
-    run id is skipped. `out`, `device` and the faithfulness batch size do not enter the hash (where
-    results go and how they are batched on which device do not change what is computed)."""
+    run id is skipped. `out`, `device`, the faithfulness batch size and the review outputs (HTML report,
+    FiftyOne push) do not enter the hash (where results go and how they are batched on which device do
+    not change what is computed). `model` enters through its fingerprint, not its name."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -38,6 +52,9 @@ class AuditConfig(BaseModel):
     flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
                                    description="`flagged` budget: correct detections with less mass on their GT")
     device: str = "auto"
+    fiftyone_dataset: str | None = Field(None, min_length=1,
+                                         description="push the finished run to this FiftyOne dataset; None: no push")
+    report: bool = Field(True, description="write STORE/reports/<run_id>.html when the run finishes")
 
     @field_validator("explainers")
     @classmethod
@@ -62,7 +79,7 @@ class AuditConfig(BaseModel):
 
     @property
     def config_hash(self) -> str:
-        content = self.model_dump(mode="json", exclude={"out", "device", "model", "faithfulness_batch_size"})
+        content = self.model_dump(mode="json", exclude=set(_NOT_HASHED))
         content["images"] = str(self.images.resolve())
         content["coco"] = str(self.coco.resolve()) if self.coco else None
         content |= self._model_fingerprint()
@@ -71,3 +88,48 @@ class AuditConfig(BaseModel):
     @property
     def run_id(self) -> str:
         return self.config_hash[:12]
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> "AuditConfig":
+        """The config a YAML file describes (keys = field names), with `overrides` (e.g. the flags given on a
+        command line) winning over the file. Relative paths in the file resolve against the file's folder,
+        so a config means the same run from any working directory; `model` does too when that folder holds
+        it (otherwise it is `default` or a hub id). Unknown keys raise ConfigFileError naming them."""
+        path = Path(path).resolve()
+        try:
+            settings = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigFileError(f"cannot read config {path}: {exc}") from exc
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            raise ConfigFileError(f"config {path} must be a mapping of AuditConfig fields, not {type(settings).__name__}")
+        unknown = sorted(str(key) for key in set(settings) - set(cls.model_fields))
+        if unknown:
+            raise ConfigFileError(f"unknown key {', '.join(map(repr, unknown))} in {path}; "
+                                  f"valid keys: {', '.join(cls.model_fields)}")
+        return cls(**(_resolve_relative(settings, path.parent) | overrides))
+
+    def to_yaml(self, path: Path) -> Path:
+        """Write the config as YAML that `from_yaml` reads back to an equal config, wherever the file goes
+        (paths are written absolute). Returns `path`."""
+        content = self.absolute().model_dump(mode="json")
+        Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
+        return Path(path)
+
+    def absolute(self) -> "AuditConfig":
+        """The same config with absolute paths: what a process with another working directory (a scheduled
+        run) needs. Same run id."""
+        return self.model_copy(update={name: Path(value).resolve() for name in _PATH_FIELDS
+                                       if (value := getattr(self, name)) is not None})
+
+
+def _resolve_relative(settings: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Settings with relative path values made absolute against `base` (the YAML file's folder)."""
+    resolved = dict(settings)
+    for name in _PATH_FIELDS:
+        if isinstance(resolved.get(name), str):
+            resolved[name] = (base / Path(resolved[name]).expanduser()).resolve()
+    model = resolved.get("model")
+    if isinstance(model, str) and model != "default" and (base / model).exists():
+        resolved["model"] = str((base / model).resolve())
+    return resolved

