@@ -1,0 +1,302 @@
+"""The audit's HTML report: one self-contained file a reviewer can mail, archive or open offline.
+
+Everything is inline (CSS, figures as base64 PNG data URIs) and the page carries a Content-Security-Policy
+that forbids loading anything else and running scripts, so an image or a link smuggled into the data
+cannot make the page reach out. Every value read from the store is escaped. All data comes through
+`storage.catalog.query`, read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reports.overlay import map_to_image
+from reports.plots import Panel, overlay, score_distribution
+from storage.catalog import query
+
+# Scores plotted per class, in METHODS.md section 4 order; peak_in_gt is a yes/no and reads better in captions.
+PLOTTED_SCORES = ("mass_in_gt", "mass_in_pred", "mass_on_other_gt", "compactness", "deletion_auc", "insertion_auc")
+CAPTION_SCORES = ("mass_in_gt", "mass_in_pred", "mass_on_other_gt", "peak_in_gt", "compactness", "deletion_auc",
+                  "insertion_auc")
+MAX_ERROR_ROWS = 300
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1240px; padding: 0 16px 40px; color: #222; }
+h1 { font-size: 22px; margin: 18px 0 4px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; margin-top: 28px; }
+nav a { margin-right: 14px; } .note { color: #555; }
+table { border-collapse: collapse; margin: 6px 0; }
+th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } th { background: #f4f4f4; }
+.grid { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 14px; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+figure.failure { margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; background: #fafafa; }
+figure.failure img { display: block; } figcaption { font-size: 12px; max-width: 280px; }
+figcaption table { font-size: 11px; } h3 { font-size: 15px; margin: 18px 0 6px; }
+#errors td { font-size: 12px; word-break: break-word; }
+"""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One kind of failure for the gallery: which instances, in which order, and how the page says so."""
+
+    title: str
+    where: str  # SQL condition over `instances` (constant text, never user input)
+    order: str
+    chosen: str
+
+
+_MISSES = _Rule("Missed objects", "outcome = 'fn'", "mass_in_gt ASC NULLS LAST",
+                "missed GT boxes (fn), each explained through the query whose box overlaps it most, "
+                "least mass_in_gt first (the query looked elsewhere)")
+_FALSE_POSITIVES = _Rule("False positives", "outcome IN ('fp', 'dup')", "score DESC",
+                         "false positives and duplicates, most confident first")
+_CORRECT = _Rule("Correct, but looking elsewhere", "outcome = 'tp' AND mass_in_gt IS NOT NULL", "mass_in_gt ASC",
+                 "correct detections (tp) with the least mass_in_gt")
+
+
+def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
+                 extra_sections: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write the HTML report of one run of the store to `out` (atomically) and return its path.
+
+    top_failures: cards in the failure gallery: up to a third misses, up to a third false positives,
+    the rest correct detections with the least mass on their object.
+    extra_sections: (title, HTML) pairs appended as sections; the HTML must already be safe (escaped).
+    """
+    if top_failures < 0:
+        raise ValueError(f"top_failures must be >= 0, got {top_failures}")
+    store = Path(store)
+    runs = query(store, "SELECT * FROM runs WHERE run_id = ?", [run_id]).to_pylist()
+    if not runs:
+        raise ValueError(f"no run {run_id!r} in the store at {store}")
+    run = runs[0]
+    config = json.loads(run["config_json"])
+    explainers = run["explainers"].split(",")
+    sections = [
+        ("summary", "Run", _summary(store, run)),
+        ("failures", "Failure gallery", _failures(store, run_id, explainers, Path(config["images"]), top_failures)),
+        ("plots", "Score distributions", _plots(store, run_id)),
+        ("config", "Configuration", _table(["key", "value"], _config_rows(config))),
+        ("errors", "Errors", _errors(store, run_id)),
+        *((f"extra-{_slug(title)}", title, body) for title, body in extra_sections),
+    ]
+    page = _page(f"eive-audit report: run {run_id}", sections)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")  # opened normally, so the umask sets its mode
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(page)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
+
+
+def _page(title: str, sections: Sequence[tuple[str, str, str]]) -> str:
+    """The whole document; section bodies are already-safe HTML, ids and titles are escaped here."""
+    nav = " ".join(f'<a href="#{html.escape(id_)}">{html.escape(name)}</a>' for id_, name, _ in sections)
+    body = "\n".join(f'<section id="{html.escape(id_)}" class="{"extra" if id_.startswith("extra-") else "core"}">'
+                     f"<h2>{html.escape(name)}</h2>\n{content}\n</section>" for id_, name, content in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
+            f"<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
+
+
+def _format(value: Any) -> str:
+    """A cell's text: floats to 3 decimals, missing values as an en dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """An HTML table of plain values, every cell escaped; numbers right-aligned."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'<td class="num">{_format(value)}</td>'
+    return f"<td>{html.escape(_format(value))}</td>"
+
+
+def _img(png: bytes, alt: str, css_class: str) -> str:
+    return (f'<img class="{css_class}" alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
+
+
+def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(key, value if isinstance(value, str) else json.dumps(value)) for key, value in config.items()]
+
+
+def _summary(store: Path, run: dict[str, Any]) -> str:
+    """Run facts, counts (images by status, instances by explainer and outcome, errors) and timings."""
+    run_id = run["run_id"]
+    facts = _table(["run", "status", "model", "explainers", "created", "finished", "seconds"],
+                   [(run_id, run["status"], run["model"], run["explainers"], str(run["created_at"]),
+                     str(run["finished_at"] or "–"), run["seconds"])])
+    images = query(store, "SELECT status, count(*) AS n FROM images WHERE run_id = ? GROUP BY status ORDER BY status",
+                   [run_id]).to_pylist()
+    n_errors = query(store, "SELECT count(*) AS n FROM errors WHERE run_id = ?", [run_id]).column("n")[0].as_py()
+    by_status = _table(["images", *(row["status"] for row in images), "errors rows"],
+                       [("count", *(row["n"] for row in images), n_errors)])
+    instances = query(store, "SELECT explainer, outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY ALL",
+                      [run_id]).to_pylist()
+    outcomes = sorted({row["outcome"] for row in instances})
+    counts = {(row["explainer"], row["outcome"]): row["n"] for row in instances}
+    by_outcome = _table(["explainer", *outcomes, "all"],
+                        [(e, *(counts.get((e, o), 0) for o in outcomes), sum(counts.get((e, o), 0) for o in outcomes))
+                         for e in sorted({row["explainer"] for row in instances})])
+    timing = query(store, """
+        SELECT median(forward_ms) AS f50, quantile_cont(forward_ms, 0.95) AS f95,
+               median(explain_ms) AS e50, quantile_cont(explain_ms, 0.95) AS e95
+        FROM images WHERE run_id = ? AND forward_ms IS NOT NULL""", [run_id]).to_pylist()[0]
+    timings = _table(["per image (ms)", "median", "p95"],
+                     [("forward", timing["f50"], timing["f95"]), ("explain", timing["e50"], timing["e95"])])
+    return (f"{facts}<div class=\"grid\"><div><h3>Images</h3>{by_status}</div>"
+            f"<div><h3>Instances by outcome</h3>{by_outcome}</div><div><h3>Timings</h3>{timings}</div></div>")
+
+
+def _plots(store: Path, run_id: str) -> str:
+    """One figure per score (per class, per outcome, per explainer); a note for a score that is all null."""
+    rows = query(store, f"SELECT explainer, label_name, outcome, {', '.join(PLOTTED_SCORES)} FROM instances "
+                        "WHERE run_id = ?", [run_id])
+    if rows.num_rows == 0:
+        return '<p class="note">This run has no explained instances.</p>'
+    figures, missing = [], []
+    for score in PLOTTED_SCORES:
+        png = score_distribution(rows.select(["explainer", "label_name", "outcome", score]), score)
+        if png is None:
+            missing.append(score)
+        else:
+            figures.append(_img(png, f"{score} by class and outcome", "plot"))
+    note = (f'<p class="note">Not plotted, no values in this run: {html.escape(", ".join(missing))} '
+            "(faithfulness AUCs exist only within the run's --faithfulness budget).</p>" if missing else "")
+    legend = '<p class="note">Boxes: quartiles and median, whiskers to 1.5 IQR; dots: every instance.</p>'
+    return f'{legend}<div class="plots">{"".join(figures)}</div>{note}'
+
+
+def _chosen_ids(store: Path, run_id: str, explainer: str, top: int) -> list[tuple[_Rule, int, list[str]]]:
+    """(rule, slots, instance ids) per rule, ranked by the run's first explainer: misses and false positives
+    get a third of `top` each, correct detections every slot the others leave."""
+    chosen = []
+    left = top
+    for rule, quota in ((_MISSES, top // 3), (_FALSE_POSITIVES, top // 3), (_CORRECT, top)):
+        slots = min(quota, left)
+        ids = query(store, f"SELECT instance_id FROM instances WHERE run_id = ? AND explainer = ? AND {rule.where} "
+                           f"ORDER BY {rule.order}, instance_id LIMIT ?", [run_id, explainer, slots]
+                    ).column("instance_id").to_pylist()
+        chosen.append((rule, slots, ids))
+        left -= len(ids)
+    return chosen
+
+
+def _failures(store: Path, run_id: str, explainers: list[str], image_root: Path, top: int) -> str:
+    """The gallery: how cards were chosen, then one card per instance with every explainer's map."""
+    chosen = _chosen_ids(store, run_id, explainers[0], top)
+    ids = [instance_id for _, _, group in chosen for instance_id in group]
+    rows = query(store, """
+        SELECT i.*, g.file_path, g.width, g.height, g.input_height, g.input_width, g.padded_height, g.padded_width,
+               m.grid_h, m.grid_w, m."map"
+        FROM instances i
+        JOIN images g ON g.run_id = i.run_id AND g.image_id = i.image_id
+        JOIN maps m ON m.run_id = i.run_id AND m.instance_id = i.instance_id AND m.explainer = i.explainer
+        WHERE i.run_id = ? AND list_contains(?, i.instance_id)""", [run_id, ids]).to_pylist()
+    by_instance: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: explainers.index(r["explainer"])):  # panels in the run's explainer order
+        by_instance.setdefault(row["instance_id"], []).append(row)
+    how = "".join(f"<li>up to {slots}: {html.escape(rule.chosen)}</li>" for rule, slots, _ in chosen)
+    intro = (f'<p class="note">{top} cards at most, ranked by the scores of explainer '
+             f"<b>{html.escape(explainers[0])}</b>:</p><ul>{how}</ul>"
+             '<p class="note">Each card shows every explainer\'s map on the original image (brighter = more '
+             "saliency), the explained query's box (solid cyan) and the GT box (dashed green).</p>")
+    parts = [intro]
+    for rule, _, group in chosen:
+        cards = [_card(by_instance[i], image_root) for i in group if i in by_instance]
+        body = "".join(cards) if cards else '<p class="note">None in this run.</p>'
+        parts.append(f"<h3>{html.escape(rule.title)} ({len(cards)})</h3><div class=\"grid\">{body}</div>")
+    return "".join(parts)
+
+
+def _read_image(file_path: str | None, root: Path) -> np.ndarray | None:
+    """The source image as uint8 RGB, or None if it is gone, unreadable, or outside the run's image root."""
+    if not file_path:
+        return None
+    path = Path(file_path).resolve()
+    if not path.is_relative_to(root.resolve()):
+        return None
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError:
+        return None
+
+
+def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
+    """One instance: its maps (one panel per explainer) over the image with both boxes, scores beneath."""
+    first = rows[0]
+    size = (first["height"], first["width"])
+    image = _read_image(first["file_path"], image_root)
+    missing_image = image is None or image.shape[:2] != size
+    if missing_image:
+        image = np.full((*size, 3), 128, np.uint8)
+    geometry = dict(image_size=size, input_size=(first["input_height"], first["input_width"]),
+                    padded_size=(first["padded_height"], first["padded_width"]))
+    panels = [Panel(row["explainer"], map_to_image(row["map"], (row["grid_h"], row["grid_w"]), **geometry))
+              for row in rows]
+    pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
+    gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]
+    is_miss = first["outcome"] == "fn"
+    png = overlay(image, panels, pred, None if None in gt else gt,
+                  pred_label="best-overlapping query's box" if is_miss else "predicted box")
+    scores = _table(["score", *(row["explainer"] for row in rows)],
+                    [(c, *(row[c] for row in rows)) for c in CAPTION_SCORES if any(row[c] is not None for row in rows)])
+    note = '<br><span class="note">image unavailable: maps drawn on grey</span>' if missing_image else ""
+    name = Path(first["file_path"] or "?").name
+    head = (f"<b>{html.escape(first['label_name'])}</b> · {html.escape(first['outcome'])} · "
+            f"score {_format(first['score'])} · IoU {_format(first['iou'])}<br>"
+            f"instance {html.escape(first['instance_id'])} · {html.escape(name)}")
+    return (f'<figure class="failure" data-instance="{html.escape(first["instance_id"])}">'
+            f"{_img(png, 'saliency of ' + first['instance_id'], 'overlay')}"
+            f"<figcaption>{head}{note}{scores}</figcaption></figure>")
+
+
+def _errors(store: Path, run_id: str) -> str:
+    """Every errors row up to MAX_ERROR_ROWS, with the total when there are more."""
+    total = query(store, "SELECT count(*) AS n FROM errors WHERE run_id = ?", [run_id]).column("n")[0].as_py()
+    if total == 0:
+        return '<p class="note">No errors.</p>'
+    rows = query(store, "SELECT image_id, annotation_id, shard, stage, type, message, path FROM errors "
+                        "WHERE run_id = ? ORDER BY shard, image_id, annotation_id LIMIT ?",
+                 [run_id, MAX_ERROR_ROWS]).to_pylist()
+    shown = f"the first {len(rows)} of {total}" if total > len(rows) else f"all {total}"
+    header = ["image_id", "annotation_id", "shard", "stage", "type", "message", "path"]
+    return f'<p class="note">Showing {shown} rows.</p>' + _table(header, [[row[k] for k in header] for row in rows])

@@ -1,0 +1,133 @@
+"""Figures of the HTML report, rendered to PNG bytes with matplotlib's Agg canvas.
+
+Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: pyplot keeps every figure
+in a global registry until it is closed, so a report drawing dozens of them (or two reports in two
+threads) would leak or collide. A bare Figure has no global state and is freed with its last reference.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+# One fixed colour per outcome, so every figure of a report reads the same way.
+OUTCOME_COLOURS = {"tp": "#2e7d32", "fp": "#c62828", "dup": "#ef6c00", "fn": "#1565c0", "det": "#6a1b9a"}
+PRED_COLOUR, GT_COLOUR = "#00e5ff", "#76ff03"
+_DPI = 100
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def score_distribution(rows: pa.Table, score: str) -> bytes | None:
+    """Box plots of one score per class, one box per outcome, one panel per explainer; None if all null.
+
+    rows: columns `explainer`, `label_name`, `outcome` and `score` (one row per instance and explainer).
+    """
+    values = rows.column(score).to_numpy(zero_copy_only=False).astype(float)
+    if np.isnan(values).all():
+        return None
+    explainers, labels, outcomes = (rows.column(name).to_numpy(zero_copy_only=False)
+                                    for name in ("explainer", "label_name", "outcome"))
+    present = ~np.isnan(values)
+    classes = sorted(set(labels[present]))
+    kinds = [k for k in OUTCOME_COLOURS if k in set(outcomes[present])]
+    panels = sorted(set(explainers))
+    width = 0.8 / len(kinds)
+    jitter = np.random.default_rng(0)  # fixed: the same store always renders the same figure
+    # 5.8 in (two figures per row of the page) unless many classes need room; capped for 80-class datasets.
+    figure = Figure(figsize=(min(14.0, max(5.8, 0.3 * len(classes) * len(kinds) + 1.5)), 2.1 * len(panels) + 0.4),
+                    layout="constrained")
+    axes = figure.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, explainer in zip(axes, panels):
+        for k, kind in enumerate(kinds):
+            groups = [values[present & (explainers == explainer) & (labels == c) & (outcomes == kind)] for c in classes]
+            positions = [i - 0.4 + width * (k + 0.5) for i, group in enumerate(groups) if len(group)]
+            groups = [group for group in groups if len(group)]
+            if not groups:
+                continue
+            boxes = ax.boxplot(groups, positions=positions, widths=width * 0.85, patch_artist=True, showfliers=False,
+                               manage_ticks=False)
+            for patch in boxes["boxes"]:
+                patch.set(facecolor=OUTCOME_COLOURS[kind], alpha=0.35)
+            # every value as a dot too: a class with a handful of instances is otherwise just a flat line
+            sizes = [len(group) for group in groups]
+            xs = np.repeat(positions, sizes) + jitter.uniform(-0.25, 0.25, sum(sizes)) * width
+            ax.scatter(xs, np.concatenate(groups), s=7, color=OUTCOME_COLOURS[kind], edgecolors="none", zorder=3)
+        ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0, fontsize=8)
+        ax.set_ylabel(score)
+        ax.set_title(f"{score} by class and outcome ({explainer})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    figure.legend(handles=[Patch(facecolor=OUTCOME_COLOURS[k], alpha=0.6, label=k) for k in kinds],
+                  loc="outside upper center", fontsize=8, ncols=len(kinds), frameon=False)
+    return _png(figure)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One explainer's map of an instance, already laid on the image's pixels (reports.overlay)."""
+
+    explainer: str
+    heat: np.ndarray  # float [H, W]; negative values are not shown
+
+
+Box = Sequence[float]  # xyxy in original-image pixels
+
+
+def _blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """RGB float image with the heat, scaled to [0, 1] by its maximum, laid over it in the inferno colour map.
+
+    Alpha grows with the square root of the heat, so the map shows where it is strong and the object under
+    a weak map stays visible.
+    """
+    positive = np.clip(heat, 0, None)  # signed maps (CDAM) show their positive evidence only
+    peak = float(positive.max())
+    norm = positive / peak if peak > 0 else positive
+    alpha = 0.85 * np.sqrt(norm)[..., None]
+    return (1 - alpha) * (image[..., :3] / 255.0) + alpha * colormaps["inferno"](norm)[..., :3]
+
+
+def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box, gt_box: Box | None,
+            pred_label: str = "predicted box") -> bytes:
+    """The uint8 RGB image with each panel's map over it, side by side, both boxes on each; PNG bytes.
+
+    pred_label names the explained query's box in the legend (for a miss it is the best-overlapping query's).
+    Image and map are drawn with extent (0, W, H, 0): pixel i spans [i, i + 1], the continuous coordinates
+    the boxes are stored in, so nothing is off by half a pixel. Axes are placed by hand (no layout engine):
+    every size is known, and the layout pass would double the cost of the gallery.
+    """
+    height, width = image.shape[:2]
+    scale = 2.4 / max(height, width)  # inches per pixel: 2.4 in per panel, four one-explainer cards per page row
+    panel_w, panel_h, margin, gap, title, legend_band = width * scale, height * scale, 0.05, 0.1, 0.22, 0.3
+    fig_w, fig_h = 2 * margin + len(panels) * panel_w + (len(panels) - 1) * gap, title + panel_h + legend_band
+    figure = Figure(figsize=(fig_w, fig_h))
+    boxes = [(pred_box, PRED_COLOUR, "-")] + ([(gt_box, GT_COLOUR, "--")] if gt_box is not None else [])
+    for i, panel in enumerate(panels):
+        ax = figure.add_axes(((margin + i * (panel_w + gap)) / fig_w, legend_band / fig_h, panel_w / fig_w,
+                              panel_h / fig_h))
+        ax.imshow(_blend(image, panel.heat), extent=(0, width, height, 0))
+        for (x0, y0, x1, y1), colour, style in boxes:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linestyle=style,
+                                   linewidth=1.6))
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_axis_off()
+        ax.set_title(panel.explainer, fontsize=8, pad=3)
+    handles = [Line2D([], [], color=PRED_COLOUR, lw=2, label=pred_label)]
+    if gt_box is not None:
+        handles.append(Line2D([], [], color=GT_COLOUR, lw=2, ls="--", label="GT box"))
+    figure.legend(handles=handles, loc="lower center", ncols=2, fontsize=7, frameon=False, borderaxespad=0.1)
+    return _png(figure)

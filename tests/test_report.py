@@ -1,0 +1,322 @@
+"""The HTML report and the overlay geometry it shares with the FiftyOne push.
+
+The report is built from a real audit (the Prefect flow, the shipped model, two explainers, a faithfulness
+sample) of synthetic images made landscape and portrait, so every batch is resized *and* padded: the
+overlays must undo both. Then the page is checked as text (self-contained, every part present, data
+escaped) and as Chromium renders it (every image decodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.metrics.localization import boxes_to_grid, localization_scores
+from reports.html_report import CSP, PLOTTED_SCORES, write_report
+from reports.overlay import map_to_image
+from storage.catalog import query
+from storage.maps import decode_map, encode_map
+
+CHROMIUM = Path("/usr/bin/chromium")
+SECOND_EXPLAINER = "test-eive-last"
+TOP_FAILURES = 12
+BAD_FILE = "missing<b>&.png"  # an image that does not exist, named so that its error message needs escaping
+
+
+# ---------------------------------------------------------------- geometry of map_to_image
+
+# A 60 x 120 image resized to 40 x 80 and padded to 80 x 96 with a batch-mate; stride 8 -> a 10 x 12 grid of
+# which the image covers the top-left 5 x 10 cells. One cell = 12 x 12 original pixels.
+GEOMETRY = dict(grid=(10, 12), image_size=(60, 120), input_size=(40, 80), padded_size=(80, 96))
+
+
+def _hot(row: int, col: int) -> np.ndarray:
+    grid = np.zeros(GEOMETRY["grid"], np.float32)
+    grid[row, col] = 1.0
+    return grid
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (2, 3), (4, 9)])
+def test_a_hot_cell_lands_on_its_region_of_the_original_image(cell: tuple[int, int]) -> None:
+    row, col = cell
+    cells = map_to_image(_hot(row, col), **GEOMETRY, order=0)
+    assert cells.shape == (60, 120) and cells.dtype == np.float32
+    ys, xs = np.nonzero(cells)
+    # cell (r, c) covers original rows [12 r, 12 r + 12) and columns [12 c, 12 c + 12), nothing else
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (12 * row, 12 * row + 11, 12 * col, 12 * col + 11)
+    assert np.all(cells[ys, xs] == 1.0)
+
+    smooth = map_to_image(_hot(row, col), **GEOMETRY)
+    peak_y, peak_x = np.unravel_index(smooth.argmax(), smooth.shape)
+    assert 12 * row <= peak_y < 12 * row + 12 and 12 * col <= peak_x < 12 * col + 12
+    assert smooth[cells == 0].max() < 1.0, "bilinear spreads at most into the neighbours"
+
+
+def test_an_interior_hot_cell_is_centred_on_its_region() -> None:
+    smooth = map_to_image(_hot(2, 3), **GEOMETRY)
+    ys, xs = np.mgrid[:60, :120] + 0.5  # pixel centres
+    weights = smooth / smooth.sum()
+    # the tent is symmetric about the cell centre, (2.5, 3.5) cells = (30, 42) pixels
+    assert (weights * ys).sum() == pytest.approx(30.0, abs=0.05)
+    assert (weights * xs).sum() == pytest.approx(42.0, abs=0.05)
+
+
+def test_padding_cells_never_reach_the_image() -> None:
+    padding = np.zeros(GEOMETRY["grid"], np.float32)
+    padding[5:, :] = 1.0  # rows below the image
+    padding[:, 10:] = 1.0  # columns right of it
+    for order in (0, 1):
+        assert not map_to_image(padding, **GEOMETRY, order=order).any()
+
+
+def test_stored_bytes_and_arrays_give_the_same_overlay() -> None:
+    grid = np.random.default_rng(0).random(GEOMETRY["grid"]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(map_to_image(encode_map(grid), **GEOMETRY), map_to_image(grid, **GEOMETRY))
+    with pytest.raises(ValueError, match="grid"):
+        map_to_image(grid, **{**GEOMETRY, "grid": (12, 10)})
+    with pytest.raises(ValueError, match="exceed"):
+        map_to_image(grid, **{**GEOMETRY, "input_size": (90, 80)})
+
+
+def _inside(shape: tuple[int, int], box: list[float], pixels_per_unit: int = 1) -> np.ndarray:
+    """Pixels of a rendered map whose centres fall inside an xyxy box given in units of 1 / pixels_per_unit."""
+    ys, xs = (np.mgrid[: shape[0], : shape[1]] + 0.5) / pixels_per_unit
+    x0, y0, x1, y1 = box
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def test_overlay_and_scores_read_a_map_with_the_same_geometry() -> None:
+    """The pipeline's mass in a box (grid units via boxes_to_grid) equals the overlay's mass in that box."""
+    grid = torch.rand(GEOMETRY["grid"]) * (torch.arange(12) < 10) * (torch.arange(10) < 5)[:, None]
+    box = [24.0, 12.0, 84.0, 48.0]  # on cell edges: 2..7 x 1..4 cells, so pixel counting is exact
+    to_grid = boxes_to_grid(torch.tensor([box]), GEOMETRY["image_size"], GEOMETRY["input_size"],
+                            GEOMETRY["padded_size"], GEOMETRY["grid"])
+    expected = localization_scores(grid[None], to_grid, torch.tensor([0]), to_grid)["mass_in_gt"].item()
+    image_map = map_to_image(grid.numpy(), **GEOMETRY, order=0)
+    assert image_map[_inside(image_map.shape, box)].sum() / image_map.sum() == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- a real run and its report
+
+
+def _landscape_and_portrait(synth: Path, out: Path, n: int = 8) -> tuple[Path, Path]:
+    """The first n synthetic val images with a grey band added, right (even) or below (odd), boxes unchanged,
+    plus one entry whose file is missing; returns (annotation json, image root)."""
+    data = json.loads((synth / "annotations" / "val.json").read_text())
+    images = sorted(data["images"], key=lambda im: im["id"])[:n]
+    root = out / "images"
+    root.mkdir(parents=True)
+    for k, entry in enumerate(images):
+        with Image.open(synth / "images" / "val" / entry["file_name"]) as source:
+            w, h = source.size
+            size = (w + w // 2, h) if k % 2 == 0 else (w, h + h // 2)
+            canvas = Image.new("RGB", size, (128, 128, 128))
+            canvas.paste(source.convert("RGB"), (0, 0))
+        canvas.save(root / entry["file_name"])
+        entry["width"], entry["height"] = size
+    ids = {entry["id"] for entry in images}
+    missing = {"id": max(ids) + 1, "file_name": BAD_FILE, "width": 128, "height": 128}
+    ann = out / "val.json"
+    ann.write_text(json.dumps({"images": [*images, missing], "categories": data["categories"],
+                               "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}))
+    return ann, root
+
+
+def _register_second_explainer() -> None:
+    """EIVE with last-layer fusion under another name, so the run has two explainers to show side by side."""
+    from explainers import available, register
+    from explainers.eive import EIVE
+
+    if SECOND_EXPLAINER not in available():
+        class LastLayer(EIVE):
+            def __init__(self) -> None:
+                super().__init__(fusion="last")
+
+        register(SECOND_EXPLAINER)(LastLayer)
+
+
+@pytest.fixture(scope="module")
+def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """(store, run id, report path) of a real audit of landscape and portrait images."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.audit import audit
+    from pipeline.config import AuditConfig
+
+    work = tmp_path_factory.mktemp("report_run")
+    ann, images = _landscape_and_portrait(synth, work)
+    _register_second_explainer()
+    store = work / "store"
+    # report=False: the flow would write its own report; this test writes one with an extra section.
+    with prefect_test_harness():  # its server stops here, not at exit after pytest has closed the log streams
+        summary = audit(AuditConfig(images=images, coco=ann, out=store, explainers=("eive", SECOND_EXPLAINER),
+                                    faithfulness="sample:5", faithfulness_steps=4, device="cpu", report=False))
+    extra = [("Findings <draft>", '<p id="extra-probe">a later module\'s section</p>')]
+    report = write_report(store, summary["run_id"], work / "report.html", TOP_FAILURES, extra_sections=extra)
+    return store, summary["run_id"], report
+
+
+class _Tags(HTMLParser):
+    """Every start tag as (tag, attributes), plus the text, for checks that do not depend on formatting."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def count(self, tag: str, css_class: str) -> int:
+        return sum(t == tag and css_class in a.get("class", "").split() for t, a in self.tags)
+
+
+def _section(page: str, section_id: str) -> str:
+    start = page.index(f'<section id="{section_id}"')
+    return page[start:page.index("</section>", start)]
+
+
+def _expected_plots(store: Path, run_id: str) -> int:
+    counts = query(store, f"SELECT {', '.join(f'count({s}) AS {s}' for s in PLOTTED_SCORES)} FROM instances "
+                          "WHERE run_id = ?", [run_id]).to_pylist()[0]
+    return sum(n > 0 for n in counts.values())
+
+
+def test_the_report_is_self_contained_and_has_every_part(run: tuple[Path, str, Path]) -> None:
+    store, run_id, path = run
+    page = path.read_text()
+    tags = _Tags(page)
+    links = [a[k] for _, a in tags.tags for k in ("src", "href") if k in a]
+    assert links and all(link.startswith(("data:image/png;base64,", "#")) for link in links), "nothing external"
+    assert "http://" not in page and "https://" not in page
+    assert any(t == "meta" and a.get("content") == CSP for t, a in tags.tags)
+
+    assert _expected_plots(store, run_id) == len(PLOTTED_SCORES), "the run fills every plotted score"
+    assert tags.count("img", "plot") == len(PLOTTED_SCORES)
+    plots = _section(page, "plots")
+    assert _Tags(plots).count("img", "plot") == len(PLOTTED_SCORES), "the plots are in their section"
+
+    gallery = _section(page, "failures")
+    cards = _Tags(gallery)
+    shown = [a["data-instance"] for t, a in cards.tags if t == "figure" and "failure" in a.get("class", "")]
+    assert cards.count("img", "overlay") == len(shown) == TOP_FAILURES
+
+    def ranked(where: str, order: str, limit: int) -> list[str]:
+        return query(store, f"SELECT instance_id FROM instances WHERE run_id = ? AND explainer = 'eive' AND {where} "
+                            f"ORDER BY {order}, instance_id LIMIT {limit}", [run_id]).column(0).to_pylist()
+
+    # a third misses (least mass on their box), a third false positives (most confident), the rest correct
+    # detections with the least mass on their object, in that order
+    misses = ranked("outcome = 'fn'", "mass_in_gt", TOP_FAILURES // 3)
+    false_positives = ranked("outcome IN ('fp', 'dup')", "score DESC", TOP_FAILURES // 3)
+    assert len(misses) == len(false_positives) == TOP_FAILURES // 3, "the run has enough of each"
+    correct = ranked("outcome = 'tp'", "mass_in_gt", TOP_FAILURES - 2 * (TOP_FAILURES // 3))
+    assert shown == misses + false_positives + correct
+    assert gallery.count(f"<th>{SECOND_EXPLAINER}</th>") == len(shown), "every card shows both explainers"
+    assert "least mass_in_gt" in gallery, "the page says how cards were chosen"
+
+    errors = _section(page, "errors")
+    assert "missing&lt;b&gt;&amp;.png" in errors and BAD_FILE not in page, "error text is escaped"
+    assert "Showing all 1 rows" in errors
+    assert "sample:5" in _section(page, "config")
+    summary = _section(page, "summary")
+    assert "forward" in summary and "p95" in summary and SECOND_EXPLAINER in summary
+
+    extra = _section(page, "extra-findings-draft")
+    assert "Findings &lt;draft&gt;" in extra and '<p id="extra-probe">' in extra
+
+
+def test_overlays_agree_with_the_stored_scores_on_padded_batches(run: tuple[Path, str, Path]) -> None:
+    """For every instance, the overlay's mass inside its GT box matches the audit's own mass_in_gt."""
+    store, run_id, _ = run
+    rows = query(store, """
+        SELECT i.mass_in_gt, i.gt_x0, i.gt_y0, i.gt_x1, i.gt_y1, m.grid_h, m.grid_w, m."map",
+               g.height, g.width, g.input_height, g.input_width, g.padded_height, g.padded_width
+        FROM instances i
+        JOIN maps m ON m.run_id = i.run_id AND m.instance_id = i.instance_id AND m.explainer = i.explainer
+        JOIN images g ON g.run_id = i.run_id AND g.image_id = i.image_id
+        WHERE i.run_id = ? AND i.mass_in_gt IS NOT NULL""", [run_id]).to_pylist()
+    assert len(rows) > 20
+    assert {(r["input_height"], r["input_width"], r["padded_height"], r["padded_width"]) for r in rows} == {
+        (85, 128, 128, 128), (128, 85, 128, 128)}, "every image resized and padded"
+    errors = []
+    for r in rows:
+        # Rendered 4x finer than the image (image_size only sets the scale), so counting pixel centres in the
+        # box approximates exact cell fractions to within a quarter-pixel rim. The audit normalises by the
+        # grid's sum (a border cell half in the padding counts whole), so integrate rather than renormalise.
+        grid, size = (r["grid_h"], r["grid_w"]), (4 * r["height"], 4 * r["width"])
+        image_map = map_to_image(r["map"], grid, size, (r["input_height"], r["input_width"]),
+                                 (r["padded_height"], r["padded_width"]), order=0)
+        cells_per_pixel = (grid[0] * r["input_height"] / (r["padded_height"] * size[0])
+                           * grid[1] * r["input_width"] / (r["padded_width"] * size[1]))
+        in_box = image_map[_inside(size, [r["gt_x0"], r["gt_y0"], r["gt_x1"], r["gt_y1"]], 4)].sum() * cells_per_pixel
+        errors.append(abs(in_box / decode_map(r["map"], *grid).sum() - r["mass_in_gt"]))
+    # a half-cell slip (6 px) or a map stretched over the padding would be off by far more
+    assert max(errors) < 0.012, sorted(errors)[-5:]
+
+
+def test_an_unknown_run_is_refused(run: tuple[Path, str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no run"):
+        write_report(run[0], "nope", tmp_path / "r.html")
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+# ---------------------------------------------------------------- as a browser renders it
+
+_PROBE = ("<script>addEventListener('load', () => { const all = [...document.images]; "
+          "document.body.dataset.images = all.length; "
+          "document.body.dataset.decoded = all.filter(i => i.complete && i.naturalWidth > 0).length; });</script>")
+
+
+def _chromium(*args: str, profile: Path, timeout: float = 60) -> str:
+    """Run headless Chromium and return its stdout; its whole process group is killed however it ends."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    proc = subprocess.Popen([str(CHROMIUM), *flags, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0 or out, f"chromium exited {proc.returncode}"
+    return out
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless check needs Debian's chromium at /usr/bin/chromium "
+                                                  "(apt-get install chromium; the Makefile installs it for CI)")
+def test_chromium_renders_every_image(run: tuple[Path, str, Path], tmp_path: Path) -> None:
+    _, _, path = run
+    page = path.read_text()
+    # The report runs no script; this copy lets one count decoded images, and nothing else.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace(CSP, CSP + "; script-src 'unsafe-inline'").replace("</body>", _PROBE + "</body>"))
+    dom = _Tags(_chromium("--dump-dom", probe.as_uri(), profile=tmp_path / "profile"))
+    body = next(a for t, a in dom.tags if t == "body")
+    n_images = sum(t == "img" for t, _ in _Tags(page).tags)
+    assert body.get("data-images") == str(n_images) and body.get("data-decoded") == str(n_images)
+    assert dom.count("img", "plot") == len(PLOTTED_SCORES) and dom.count("figure", "failure") == TOP_FAILURES
+
+    shot = tmp_path / "report.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri(), profile=tmp_path / "profile")
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2400)
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 10, "the screenshot shows content, not a blank page"
