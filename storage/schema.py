@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: images gained input_* and padded_* sizes
+SCHEMA_VERSION = 3  # 2: images gained input_* and padded_* sizes; 3: findings
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
@@ -97,6 +97,14 @@ INSTANCES = _schema(
     _optional("deletion_auc", pa.float32()),
     _optional("insertion_auc", pa.float32()),
     _optional("faithfulness_steps", pa.int32()),
+    # Filled by the findings step at the end of the run (pipeline.findings); null until then.
+    _optional("off_object_share", pa.float32()),
+    _optional("spurious_score", pa.float32()),
+    _optional("flag_off_object", pa.bool_()),
+    _optional("flag_background_fp", pa.bool_()),
+    _optional("flag_miss_elsewhere", pa.bool_()),
+    _optional("cue_id", pa.string()),
+    _optional("verification_drop", pa.float32()),
 )
 
 # One row per (instance, explainer): the saliency map at attention-grid resolution (storage.maps encodes it).
@@ -121,10 +129,31 @@ ERRORS = _schema(
     _optional("path", pa.string()),
 )
 
+# One row per candidate cue: a cluster of flagged instances of one class whose off-object peaks look alike.
+FINDINGS = _schema(
+    _required("cue_id", pa.string()),  # "<explainer>:<class>:<rank>", rank 0 the largest cluster
+    _required("shard", pa.string()),
+    _required("explainer", pa.string()),
+    _required("label_name", pa.string()),
+    _required("support", pa.int32()),
+    _required("flagged_in_class", pa.int32()),
+    _required("mean_spurious_score", pa.float32()),
+    _required("offset_x", pa.float32()),  # peak position from the box centre, in box widths
+    _required("offset_y", pa.float32()),  # ... and box heights
+    _required("colour_mean", pa.list_(pa.float32())),
+    _required("colour_std", pa.list_(pa.float32())),
+    _required("exemplar_ids", pa.list_(pa.string())),
+    _required("exemplar_crops", pa.list_(pa.binary())),  # PNG bytes around each exemplar's peak
+    _required("verified", pa.int32()),
+    _optional("verification_drop", pa.float32()),  # mean relative score drop with the peak region blurred
+    _required("confirmed", pa.bool_()),
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,
     "images": IMAGES,
     "instances": INSTANCES,
     "maps": MAPS,
     "errors": ERRORS,
+    "findings": FINDINGS,
 }

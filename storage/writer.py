@@ -108,6 +108,8 @@ def _kind(type_: pa.DataType) -> str:
         return "binary"
     if pa.types.is_timestamp(type_):
         return "timestamp"
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return f"list<{_kind(type_.value_type)}>"
     return str(type_)
 
 

@@ -53,13 +53,24 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
              label_name="dog", score=0.875, pred_x0=1.0, pred_y0=2.0, pred_x1=30.0, pred_y1=40.0,
              gt_annotation_id=900, gt_x0=1.5, gt_y0=2.5, gt_x1=29.0, gt_y1=39.0, iou=0.75, mass_in_pred=0.5,
              mass_in_gt=0.625, mass_on_other_gt=0.125, peak_in_gt=True, compactness=0.25, deletion_auc=0.125,
-             insertion_auc=0.5, faithfulness_steps=16),
+             insertion_auc=0.5, faithfulness_steps=16, off_object_share=0.375, spurious_score=0.5,
+             flag_off_object=False, flag_background_fp=False, flag_miss_elsewhere=False, cue_id="eive:dog:0",
+             verification_drop=0.5),
         dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", outcome="fp", query=9,
              label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0, mass_in_pred=0.25),
     ],
     "maps": [
         dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", grid_h=2, grid_w=2, map=MAP),
         dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", grid_h=1, grid_w=1, map=encode_map(np.ones((1, 1)))),
+    ],
+    "findings": [
+        dict(cue_id="eive:cat:1", shard="run", explainer="eive", label_name="cat", support=7, flagged_in_class=9,
+             mean_spurious_score=0.625, offset_x=0.75, offset_y=-0.25, colour_mean=[0.5, 0.25, 0.125],
+             colour_std=[0.0625, 0.125, 0.25], exemplar_ids=["1-q7"], exemplar_crops=[b"\x89PNG"], verified=3,
+             verification_drop=0.5, confirmed=True),
+        dict(cue_id="eive:dog:0", shard="run", explainer="eive", label_name="dog", support=5, flagged_in_class=5,
+             mean_spurious_score=0.5, offset_x=0.0, offset_y=0.0, colour_mean=[], colour_std=[], exemplar_ids=[],
+             exemplar_crops=[], verified=0, confirmed=False),
     ],
     "errors": [
         dict(image_id=3, annotation_id=77, shard="s0", stage="decode", type="unreadable_image", message="bad jpeg",
@@ -163,7 +174,7 @@ def test_bad_run_ids_and_shards_raise(tmp_path: Path, name: str) -> None:
 
 def test_unknown_table_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown table"):
-        write_table(tmp_path, "findings", "r", "s0", [])
+        write_table(tmp_path, "verdicts", "r", "s0", [])
 
 
 @pytest.fixture
