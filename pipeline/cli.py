@@ -307,9 +307,14 @@ def review_app(
     port: int = typer.Option(5151, min=1, max=65535),
     address: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens the App to the network"),
 ) -> None:
-    """Serve the FiftyOne App on a dataset until interrupted (Ctrl-C)."""
+    """Serve the FiftyOne App on a dataset until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+
     from reports.fiftyone_push import launch_app
 
+    # SIGTERM (a service manager, `kill`) stops the App as Ctrl-C does; otherwise Python dies without cleanup
+    # and leaves FiftyOne's server and database processes running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launch_app(dataset, port=port, address=address, wait=True)
     except ValueError as exc:  # FiftyOne raises ValueError for a dataset that does not exist

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -55,9 +57,10 @@ def _subset(synth: Path, out: Path, n: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`run --config configs/audit.yaml --score-threshold 0.3` on 8 synthetic images, where the file says 0.5
-    and holds paths relative to itself; the run's summary, paths, and its artifacts read back."""
+    and holds paths relative to itself; the run's summary, paths, and its artifacts read back. The Prefect
+    test API stays up for the module's tests."""
     folder = tmp_path_factory.mktemp("review")
     coco = _subset(synth, folder / "val8.json", N_IMAGES)
     yaml_file = folder / "configs" / "audit.yaml"
@@ -66,14 +69,25 @@ def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     yaml_file.write_text(f"images: {images}\ncoco: ../{coco.name}\nout: ../store\nexplainers: [eive]\n"
                          "score_threshold: 0.5\nshard_size: 1000\ndevice: cpu\n")
     with prefect_test_harness(server_startup_timeout=120):
-        code, stdout, stderr = _invoke("run", "--config", str(yaml_file), "--score-threshold", "0.3")
-        assert code == 0, stderr[-4000:]
-        summary = json.loads(stdout.strip().splitlines()[-1])
-        keys = [artifact_key("audit", summary["run_id"], part) for part in ("summary", "worst")]
-        with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    return {"summary": summary, "yaml": yaml_file, "store": folder / "store", "artifacts": {a.key: a for a in artifacts},
-            "synth": synth}
+        summary = _run_ok("--config", str(yaml_file), "--score-threshold", "0.3")
+        artifacts = _artifacts(summary["run_id"])
+        yield {"summary": summary, "yaml": yaml_file, "store": folder / "store", "synth": synth,
+               "artifacts": {a.key: a for a in artifacts}}
+
+
+def _run_ok(*args: str) -> dict:
+    """`eive-audit run ARGS` in this process; its summary."""
+    code, stdout, stderr = _invoke("run", *args)
+    assert code == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _artifacts(run_id: str) -> list:
+    """Every version of the run's artifacts, newest first."""
+    keys = [artifact_key("audit", run_id, part) for part in ("summary", "worst")]
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+                                     sort=ArtifactSort.CREATED_DESC)
 
 
 def test_run_takes_the_yaml_file_and_a_flag_given_on_the_command_line_wins(audited: dict) -> None:
@@ -107,6 +121,22 @@ def test_the_flow_leaves_a_summary_and_a_worst_detections_artifact(audited: dict
     assert len(table) == min(WORST_LIMIT, len(tps)) > 0
     masses = [row["mass_in_gt"] for row in table]
     assert masses == sorted(masses) and masses[0] == round(min(tps.to_pylist()), 3), "least mass on the object first"
+
+
+def test_run_with_a_fiftyone_dataset_pushes_at_the_end_of_the_flow(audited: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow's wiring, with FiftyOne's push recorded instead of run (the real push: the `push` test below)."""
+    pushed = []
+    fake = types.ModuleType("reports.fiftyone_push")
+    fake.push_run = lambda store, run_id, dataset: pushed.append((Path(store), run_id, dataset)) or {}
+    monkeypatch.setitem(sys.modules, "reports.fiftyone_push", fake)
+    summary = _run_ok("--config", str(audited["yaml"]), "--score-threshold", "0.3", "--fiftyone-dataset", "nightly",
+                      "--no-report")
+    run_id = audited["summary"]["run_id"]
+    assert summary["run_id"] == run_id and summary["shards_skipped"] == 1, "review settings leave the run id alone"
+    assert pushed == [(audited["store"].resolve(), run_id, "nightly")]
+    assert (summary["fiftyone_dataset"], summary["report"]) == ("nightly", None)
+    newest = _artifacts(run_id)[:2]
+    assert "| FiftyOne dataset | `nightly` |" in next(a.data for a in newest if a.key.endswith("-summary"))
 
 
 def test_report_writes_the_latest_finished_run_when_no_run_is_named(audited: dict, tmp_path: Path) -> None:
