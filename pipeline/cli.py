@@ -143,8 +143,10 @@ def run(
     fiftyone_dataset: Optional[str] = typer.Option(None, help="push the finished run to this FiftyOne dataset"),
     report: bool = typer.Option(True, "--report/--no-report", help="write STORE/reports/<run_id>.html at the end"),
 ) -> None:
-    """Audit a dataset: detect, explain and score every instance; prints the run id and a summary. Settings come
-    from flags, a YAML file of AuditConfig fields (--config), or both: a flag given on the command line wins."""
+    """Audit a dataset: detect, explain and score every instance; prints the run id and a summary.
+
+    Settings come from flags, a YAML file of AuditConfig fields (--config), or both: a flag given on the
+    command line wins over the file."""
     typer.echo(json.dumps(_audit(_load_config(config, _given_settings(ctx)))))
 
 
@@ -232,8 +234,9 @@ def demo(
     seed: int = typer.Option(1234, help="a seed the shipped model never saw"),
     fiftyone_dataset: Optional[str] = typer.Option(None, help="also push the run to this FiftyOne dataset"),
 ) -> None:
-    """Audit a synthetic planted-cue val set with the shipped model; show the correct detections that
-    look least at their object, and where the HTML report is."""
+    """Audit a synthetic planted-cue val set with the shipped model and show what to review.
+
+    Prints the correct detections that look least at their object, and where the HTML report is."""
     from pipeline.sources.synthetic import generate
     from storage.catalog import query
 
@@ -327,8 +330,10 @@ def schedule(
     cron: str = typer.Option(..., help='cron string: minute hour day-of-month month day-of-week, e.g. "0 2 * * *"'),
     name: Optional[str] = typer.Option(None, help="deployment name; default: the config file's name without .yaml"),
 ) -> None:
-    """Serve the audit as a Prefect deployment on a cron schedule, against the server at PREFECT_API_URL,
-    until interrupted; runs can also be started at once from the UI or `prefect deployment run`."""
+    """Serve the audit as a Prefect deployment on a cron schedule (needs a Prefect server).
+
+    Registers `audit/NAME` on the server at PREFECT_API_URL and runs its audits until interrupted; a run can
+    also be started at once from the UI or with `prefect deployment run audit/NAME`."""
     from flows.schedule import NoServerError, serve_audit
 
     try:
