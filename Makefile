@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 unexport PREFECT_API_URL
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,16 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/eive-audit demo
 
-test: $(VENV)/.installed-test
+# The report test opens the HTML report in Debian's headless Chromium; install it where we may (root with apt).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed (needs root and apt): the report's browser test will be skipped"; }
+
+test: $(VENV)/.installed-test chromium
 	$(BIN)/python -m pytest -n 2 -m "not slow and not gpu"
 
-test-all: $(VENV)/.installed-test
+test-all: $(VENV)/.installed-test chromium
 	$(BIN)/python -m pytest -n 2 -m "not gpu"
 
 clean:

@@ -18,9 +18,10 @@ from typing import Any
 from prefect import flow, task
 
 from explainers import get_explainer
-from pipeline.audit import audit_batch, faithfulness_of_rows
+from pipeline.audit import audit_batch, faithfulness_of_rows, model_labels
 from pipeline.batching import ImageBatch, iter_batches
 from pipeline.config import AuditConfig
+from pipeline.findings import FindingsConfig, Findings, find_spurious
 from pipeline.evaluation import label_to_category
 from pipeline.metrics.faithfulness import FaithfulnessConfig
 from pipeline.models.detr import DetrAdapter
@@ -161,6 +162,50 @@ def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, s
     return len(rows)
 
 
+def findings_config(config: AuditConfig) -> FindingsConfig:
+    return FindingsConfig(off_object=config.spurious_off_object, background=config.spurious_background,
+                          min_support=config.cue_min_support, verify_budget=config.verify_budget,
+                          batch_size=config.batch_size)
+
+
+@task(name="findings")
+def findings_task(config: AuditConfig) -> dict[str, int]:
+    """Flag spurious attention over the whole run, cluster candidate cues and verify them; the findings
+    columns go into every shard's instances file and the cues into the `findings` table, then a marker.
+    Findings are a pure function of the run's rows, so a rerun after a kill rewrites the same values."""
+    if shard_done(config.out, config.run_id, "findings"):
+        return {"skipped": 1}
+    adapter, _, label_map = _model_and_source(config)
+    rows = query(config.out, "SELECT * FROM instances WHERE run_id = ? ORDER BY instance_id, explainer",
+                 [config.run_id]).to_pylist()
+    maps = {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"])
+            for m in query(config.out, "SELECT instance_id, explainer, grid_h, grid_w, map FROM maps WHERE run_id = ?",
+                           [config.run_id]).to_pylist()}
+    images = {row["image_id"]: row for row in query(config.out, "SELECT * FROM images WHERE run_id = ? AND status = 'ok'",
+                                                    [config.run_id]).to_pylist()}
+    labels = dict(zip(((r["instance_id"], r["explainer"]) for r in rows), model_labels(adapter, rows, label_map)))
+    found = find_spurious(adapter, rows, maps, images, labels, findings_config(config))
+    _write_findings(config, found)
+    mark_shard_done(config.out, config.run_id, "findings")
+    return {"cues": len(found.cues), "flagged": sum(f.flagged for f in found.instances.values())}
+
+
+def _write_findings(config: AuditConfig, found: Findings) -> None:
+    shards = query(config.out, "SELECT DISTINCT shard FROM instances WHERE run_id = ? ORDER BY shard",
+                   [config.run_id]).column("shard").to_pylist()
+    for shard in shards:
+        rows = read_table(config.out, "instances", config.run_id, shard).to_pylist()
+        for row in rows:
+            f = found.instances[(row["instance_id"], row["explainer"])]
+            row |= {"off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
+                    "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
+                    "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id,
+                    "verification_drop": f.verification_drop,
+                    "peak_x": f.peak_xy[0] if f.peak_xy else None, "peak_y": f.peak_xy[1] if f.peak_xy else None}
+        write_table(config.out, "instances", config.run_id, shard, rows)
+    write_table(config.out, "findings", config.run_id, "run", [cue | {"shard": "run"} for cue in found.cues])
+
+
 def _write_run_row(config: AuditConfig, status: str, started: datetime, seconds: float, counts: dict[str, int]) -> None:
     write_table(config.out, "runs", config.run_id, "run", [{
         "config_hash": config.config_hash, "config_json": config.model_dump_json(), "created_at": started,
@@ -171,18 +216,23 @@ def _write_run_row(config: AuditConfig, status: str, started: datetime, seconds:
 
 
 def run_summary(store: Path, run_id: str) -> dict[str, Any]:
-    """Counts of the run read back through DuckDB: images, errors, instances by outcome."""
+    """Counts of the run read back through DuckDB: images, errors, instances by outcome, flagged instances
+    and candidate cues."""
     outcomes = query(store, "SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome "
                             "ORDER BY outcome", [run_id])
 
     def count(table: str) -> int:
         return query(store, f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id]).column("n")[0].as_py()
 
-    faithful = query(store, "SELECT count(*) AS n FROM instances WHERE run_id = ? AND insertion_auc IS NOT NULL",
+    def count_where(condition: str) -> int:
+        return query(store, f"SELECT count(*) AS n FROM instances WHERE run_id = ? AND {condition}",
                      [run_id]).column("n")[0].as_py()
+
     return {"run_id": run_id, "images": count("images"), "errors": count("errors"),
             "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
-            "with_faithfulness": faithful}
+            "with_faithfulness": count_where("insertion_auc IS NOT NULL"),
+            "flagged": count_where("(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"),
+            "candidate_cues": count("findings")}
 
 
 def report_path(store: Path, run_id: str) -> Path:
@@ -232,6 +282,9 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     if config.faithfulness != "none":
         for shard, chosen in faithfulness_selection(config).items():
             faithfulness_shard(config, shard, chosen)
+    if config.findings:
+        findings_task(config)
+        refresh_catalog(config.out)
     summary = run_summary(config.out, config.run_id)
     counts = {"images": summary["images"], "instances": sum(summary["instances"].values()), "errors": summary["errors"]}
     _write_run_row(config, "finished", started_at, time.perf_counter() - started, counts)  # the runs view globs it

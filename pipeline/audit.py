@@ -179,21 +179,27 @@ def _instance_row(inst: Instance, record: ImageRecord, explainer: str, scores: d
     }
 
 
+def model_labels(adapter: DetrAdapter, rows: list[dict[str, Any]], label_map: dict[int, int]) -> list[int]:
+    """The model's label index of stored instance rows: through the dataset category where the row has one
+    (`label_map`: model label -> category), else by class name (an image folder has no categories)."""
+    cat_to_label = {c: l for l, c in label_map.items()}
+    label_of_name = {name: l for l, name in adapter.label_names.items()}
+    return [cat_to_label[row["label"]] if row["label"] is not None else label_of_name[row["label_name"]] for row in rows]
+
+
 def faithfulness_of_rows(adapter: DetrAdapter, item: ImageBatch, rows: list[dict[str, Any]], maps: list[np.ndarray],
                          label_map: dict[int, int], config: FaithfulnessConfig) -> FaithfulnessResult:
     """Deletion / insertion AUC of stored instances (rows of the instances table, with their maps) whose
     images are in `item`: the instance box is the prediction's, or the GT box for a miss, as when explained."""
     batch = adapter.preprocess(item.images)
     position = {record.image_id: i for i, record in enumerate(item.records)}
-    cat_to_label = {c: l for l, c in label_map.items()}
-    label_of_name = {name: l for l, name in adapter.label_names.items()}
-    boxes, labels = [], []
+    labels = model_labels(adapter, rows, label_map)
+    boxes = []
     for row in rows:
         record = item.records[position[row["image_id"]]]
         prefix = "gt" if row["outcome"] == FN else "pred"
         box = torch.tensor([row[f"{prefix}_{c}"] for c in ("x0", "y0", "x1", "y1")], dtype=torch.float32)
         boxes.append(box / torch.tensor([record.width, record.height] * 2, dtype=torch.float32))
-        labels.append(cat_to_label[row["label"]] if row["label"] is not None else label_of_name[row["label_name"]])
     device = adapter.device
     targets = Targets(
         batch_index=torch.tensor([position[row["image_id"]] for row in rows], device=device),

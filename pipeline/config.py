@@ -51,6 +51,13 @@ class AuditConfig(BaseModel):
     faithfulness_batch_size: int = Field(64, ge=1)
     flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
                                    description="`flagged` budget: correct detections with less mass on their GT")
+    findings: bool = Field(True, description="flag spurious attention, cluster candidate cues, verify them")
+    spurious_off_object: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="flag a tp / dup / fn with at least this map share off its object")
+    spurious_background: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="flag an fp with at least this map share off every GT box")
+    cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
+    verify_budget: int = Field(200, ge=0, description="flagged instances re-scored with their peak region blurred")
     device: str = "auto"
     fiftyone_dataset: str | None = Field(None, min_length=1,
                                          description="push the finished run to this FiftyOne dataset; None: no push")
@@ -82,6 +89,9 @@ class AuditConfig(BaseModel):
         content = self.model_dump(mode="json", exclude=set(_NOT_HASHED))
         content["images"] = str(self.images.resolve())
         content["coco"] = str(self.coco.resolve()) if self.coco else None
+        if self.coco is not None and self.coco.is_file():  # annotations edited in place start a new run
+            stat = self.coco.stat()
+            content["coco_file"] = (stat.st_size, stat.st_mtime_ns)
         content |= self._model_fingerprint()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

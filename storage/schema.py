@@ -105,6 +105,8 @@ INSTANCES = _schema(
     _optional("flag_miss_elsewhere", pa.bool_()),
     _optional("cue_id", pa.string()),
     _optional("verification_drop", pa.float32()),
+    _optional("peak_x", pa.float32()),  # centre of the off-object saliency peak's cell, original pixels
+    _optional("peak_y", pa.float32()),
 )
 
 # One row per (instance, explainer): the saliency map at attention-grid resolution (storage.maps encodes it).

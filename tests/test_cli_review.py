@@ -251,12 +251,22 @@ def test_a_bad_yaml_file_is_named_with_its_problem(tmp_path: Path, text: str, me
         AuditConfig.from_yaml(tmp_path / "c.yaml")
 
 
-def test_review_settings_leave_the_run_id_of_existing_configs_unchanged() -> None:
+def test_review_settings_leave_the_run_id_unchanged_and_findings_settings_change_it() -> None:
     config = AuditConfig(images=Path("/nonexistent/images"), coco=Path("/nonexistent/ann.json"),
                          out=Path("/nonexistent/store"), model="/nonexistent/model", score_threshold=0.25,
                          faithfulness="sample:7")
-    assert config.run_id == "9a0efd2e29c7", "computed by the config code before fiftyone_dataset and report existed"
     assert config.model_copy(update={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
+    for change in ({"spurious_off_object": 0.4}, {"verify_budget": 3}, {"findings": False}):
+        assert config.model_copy(update=change).run_id != config.run_id, change
+
+
+def test_annotations_edited_in_place_start_a_new_run(tmp_path: Path) -> None:
+    ann = tmp_path / "ann.json"
+    ann.write_text("{}")
+    config = AuditConfig(images=tmp_path, coco=ann, out=tmp_path / "store")
+    before = config.run_id
+    ann.write_text('{"images": []}')
+    assert config.run_id != before
 
 
 def test_run_flags_show_the_defaults_that_audit_config_applies() -> None:

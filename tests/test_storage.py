@@ -55,7 +55,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
              mass_in_gt=0.625, mass_on_other_gt=0.125, peak_in_gt=True, compactness=0.25, deletion_auc=0.125,
              insertion_auc=0.5, faithfulness_steps=16, off_object_share=0.375, spurious_score=0.5,
              flag_off_object=False, flag_background_fp=False, flag_miss_elsewhere=False, cue_id="eive:dog:0",
-             verification_drop=0.5),
+             verification_drop=0.5, peak_x=12.0, peak_y=20.0),
         dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", outcome="fp", query=9,
              label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0, mass_in_pred=0.25),
     ],

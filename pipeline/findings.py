@@ -1,0 +1,363 @@
+"""Findings: which predictions lean on something other than their object, and the shared cue behind them.
+
+Run at the end of every audit, from the run's stored rows and maps (nothing here reads dataset-specific
+annotations beyond the GT boxes of the instances table):
+
+1. Per instance, the share of its map that lies off its object (`off_object_share`): off the matched GT
+   box for a correct detection, duplicate or miss; off every GT box of the image for a false positive
+   (its map sits on background); off its own box where there is no GT. Flags mark correct detections
+   looking off-object, false positives driven by background and misses whose best query looked elsewhere.
+2. Per class, each flagged instance's off-object saliency peak is described (the detector's own projected
+   backbone feature at the peak, the peak's position relative to the box, the colour of the image there)
+   and the descriptions are clustered (scikit-learn HDBSCAN). A cluster that many instances share is a
+   candidate cue.
+3. Verification, budgeted: the peak region is blurred and the detection re-scored; the relative drop of
+   its score is stored, and a large drop confirms reliance on that region.
+
+`spurious_score` ranks instances for review: the off-object share, raised by the verified drop where one
+was measured (see `spurious_scores`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.cluster import HDBSCAN
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+from torchvision.ops import box_convert
+
+from pipeline.metrics.faithfulness import FaithfulnessConfig, baseline_images, instance_scores
+from pipeline.metrics.localization import box_coverage, boxes_to_grid
+from pipeline.models.detr import DetrAdapter
+from pipeline.models.preprocess import load_image
+
+OBJECT_OUTCOMES = ("tp", "dup", "fn")
+
+
+@dataclass(frozen=True)
+class FindingsConfig:
+    """Thresholds and budgets of the findings step (defaults chosen on the planted-cue benchmark)."""
+
+    off_object: float = 0.5  # flag a tp / dup / fn whose map has at least this share off its object
+    background: float = 0.5  # flag an fp whose map has at least this share off every GT box
+    min_support: int = 5  # instances a cluster needs to be reported as a candidate cue
+    verify_budget: int = 200  # instances re-scored with their peak region blurred (flagged first)
+    confirm_drop: float = 0.5  # relative score drop that confirms reliance on the region
+    feature_dims: int = 8  # PCA components of the backbone feature kept for clustering
+    exemplars: int = 6
+    batch_size: int = 16
+
+
+@dataclass
+class InstanceFinding:
+    """Per (instance, explainer): what findings add to its row."""
+
+    off_object_share: float
+    flag_off_object: bool
+    flag_background_fp: bool
+    flag_miss_elsewhere: bool
+    peak: tuple[int, int] | None = None  # grid cell (row, col) of the off-object peak
+    peak_xy: tuple[float, float] | None = None  # the peak cell's centre in original pixels
+    cue_id: str | None = None
+    verification_drop: float | None = None
+    spurious_score: float = 0.0
+
+    @property
+    def flagged(self) -> bool:
+        return self.flag_off_object or self.flag_background_fp or self.flag_miss_elsewhere
+
+
+@dataclass
+class Findings:
+    """The result: per-instance updates keyed by (instance_id, explainer), and one row per candidate cue."""
+
+    instances: dict[tuple[str, str], InstanceFinding] = field(default_factory=dict)
+    cues: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How an image's grid maps onto its original pixels (the stored input and padded sizes)."""
+
+    original: tuple[int, int]
+    input: tuple[int, int]
+    padded: tuple[int, int]
+    grid: tuple[int, int]
+
+    def to_grid(self, boxes: torch.Tensor) -> torch.Tensor:
+        return boxes_to_grid(boxes, self.original, self.input, self.padded, self.grid)
+
+    def cell_in_original(self, row: int, col: int, radius: int = 0) -> tuple[int, int, int, int]:
+        """Pixel rectangle (x0, y0, x1, y1) of the original image under a cell and `radius` cells around it."""
+        (oh, ow), (ih, iw), (ph, pw), (gh, gw) = self.original, self.input, self.padded, self.grid
+        sx, sy = (pw / gw) * (ow / iw), (ph / gh) * (oh / ih)
+        x0, x1 = max(0, int((col - radius) * sx)), min(ow, int(np.ceil((col + 1 + radius) * sx)))
+        y0, y1 = max(0, int((row - radius) * sy)), min(oh, int(np.ceil((row + 1 + radius) * sy)))
+        return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def _box(row: dict[str, Any], prefix: str) -> list[float] | None:
+    values = [row[f"{prefix}_{c}"] for c in ("x0", "y0", "x1", "y1")]
+    return None if values[0] is None else values
+
+
+def _object_region(row: dict[str, Any], gt_boxes: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
+    """Cells [h, w] (coverage in [0, 1]) that count as the instance's object."""
+    if row["outcome"] in OBJECT_OUTCOMES and _box(row, "gt") is not None:
+        boxes = torch.tensor([_box(row, "gt")])
+    elif row["outcome"] == "fp" and len(gt_boxes):
+        boxes = gt_boxes  # a false positive has no object: anything on a real object is not background
+    else:
+        boxes = torch.tensor([_box(row, "pred")])
+    return box_coverage(geometry.to_grid(boxes.float()), geometry.grid).amax(0)
+
+
+def describe_instance(row: dict[str, Any], saliency: np.ndarray, gt_boxes: torch.Tensor, geometry: _Geometry,
+                      config: FindingsConfig) -> InstanceFinding:
+    """Off-object share, flags and peak cell of one instance's map."""
+    m = torch.from_numpy(np.asarray(saliency, dtype=np.float32))
+    off = m * (1 - _object_region(row, gt_boxes, geometry))
+    total = float(m.sum())
+    share = float(off.sum()) / total if total > 0 else 0.0
+    outcome = row["outcome"]
+    finding = InstanceFinding(
+        off_object_share=share,
+        flag_off_object=outcome in ("tp", "dup") and share >= config.off_object,
+        flag_background_fp=outcome == "fp" and share >= config.background,
+        flag_miss_elsewhere=outcome == "fn" and share >= config.off_object,
+    )
+    if float(off.max()) > 0:
+        r, c = (int(v) for v in np.unravel_index(int(off.argmax()), off.shape))
+        x0, y0, x1, y1 = geometry.cell_in_original(r, c)
+        finding.peak, finding.peak_xy = (r, c), ((x0 + x1) / 2, (y0 + y1) / 2)
+    return finding
+
+
+def _region_in_original(cells: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
+    """A boolean cell mask [h, w] of the stored grid as a pixel mask [H, W] of the original image."""
+    (oh, ow), (ih, iw), (ph, pw), (gh, gw) = geometry.original, geometry.input, geometry.padded, geometry.grid
+    valid_h, valid_w = gh * ih / ph, gw * iw / pw  # grid extent of the image itself (the rest is padding)
+    ys = ((torch.arange(oh) + 0.5) / oh * valid_h).long().clamp(max=gh - 1)
+    xs = ((torch.arange(ow) + 0.5) / ow * valid_w).long().clamp(max=gw - 1)
+    return cells[ys][:, xs]
+
+
+def _peak_region(finding: InstanceFinding, object_cells: torch.Tensor) -> torch.Tensor:
+    """The candidate region of an instance: its off-object peak cell and the 8 around it, minus its object."""
+    h, w = object_cells.shape
+    region = torch.zeros(h, w, dtype=torch.bool)
+    if finding.peak is not None:
+        r, c = finding.peak
+        region[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = True
+    return region & (object_cells < 0.5)
+
+
+def _descriptor(image: torch.Tensor, features: torch.Tensor, valid: tuple[float, float], case: "_Case") -> np.ndarray:
+    """The off-object peak of one instance as a vector: the projected backbone feature at the peak (unit
+    norm; `features` [D, h, w] from a batch in which the image fills the `valid` fraction of the padded
+    input), the peak's position relative to the instance box (in box widths / heights from its centre),
+    and the colour mean and std of the image under the peak cell (in [0, 1])."""
+    r, c = case.finding.peak  # type: ignore[misc]
+    x0, y0, x1, y1 = case.geometry.cell_in_original(r, c)
+    fh, fw = features.shape[-2:]
+    oh, ow = case.geometry.original
+    fy = min(int((y0 + y1) / 2 / oh * valid[0] * fh), fh - 1)
+    fx = min(int((x0 + x1) / 2 / ow * valid[1] * fw), fw - 1)
+    feature = features[:, fy, fx].float()
+    feature = (feature / feature.norm().clamp(min=1e-6)).cpu().numpy()
+    bx0, by0, bx1, by1 = case.box
+    position = [((x0 + x1) / 2 - (bx0 + bx1) / 2) / max(bx1 - bx0, 1.0),
+                ((y0 + y1) / 2 - (by0 + by1) / 2) / max(by1 - by0, 1.0)]
+    patch = image[:, y0:y1, x0:x1].float().flatten(1) / 255
+    colour = torch.cat([patch.mean(1), patch.std(1, correction=0)]).numpy()
+    return np.concatenate([feature, position, colour]).astype(np.float32)
+
+
+def _crop(image: torch.Tensor, case: "_Case", scale: int = 4) -> bytes:
+    """PNG bytes of the image around an instance's peak (3 x 3 cells), enlarged for viewing."""
+    r, c = case.finding.peak  # type: ignore[misc]
+    x0, y0, x1, y1 = case.geometry.cell_in_original(r, c, radius=1)
+    patch = Image.fromarray(image[:, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy())
+    patch = patch.resize((patch.width * scale, patch.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    patch.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cluster_peaks(descriptors: np.ndarray, config: FindingsConfig) -> np.ndarray:
+    """Cluster labels (-1 for noise) of peak descriptors [n, D + 8]: the feature part is reduced by PCA,
+    then every column standardised, so feature, position and colour weigh alike; HDBSCAN needs no cluster
+    count and leaves one-off peaks unclustered."""
+    if len(descriptors) < config.min_support:
+        return np.full(len(descriptors), -1)
+    features, rest = descriptors[:, :-8], descriptors[:, -8:]
+    dims = min(config.feature_dims, features.shape[1], len(descriptors) - 1)
+    reduced = PCA(n_components=dims, random_state=0).fit_transform(features) if dims > 0 else features[:, :0]
+    x = StandardScaler().fit_transform(np.concatenate([reduced, rest], axis=1))
+    return HDBSCAN(min_cluster_size=config.min_support, min_samples=config.min_support, copy=True).fit_predict(x)
+
+
+def spurious_scores(findings: Iterable[InstanceFinding]) -> None:
+    """Fill `spurious_score`: the off-object share, or where verification measured a drop, the larger of
+    the two (a region whose blurring costs the detection its score is reliance, whatever the map's share)."""
+    for f in findings:
+        drop = max(f.verification_drop, 0.0) if f.verification_drop is not None else 0.0
+        f.spurious_score = max(f.off_object_share, drop)
+
+
+@dataclass
+class _Case:
+    """One (instance, explainer) under study: its row, finding, geometry, object cells and model label."""
+
+    row: dict[str, Any]
+    finding: InstanceFinding
+    geometry: _Geometry
+    object_cells: torch.Tensor
+    label: int
+    descriptor: np.ndarray | None = None
+    crop: bytes | None = None
+
+    @property
+    def box(self) -> list[float]:
+        """The box the instance is about: its GT box for tp / dup / fn, else its predicted box."""
+        gt = _box(self.row, "gt")
+        return gt if self.row["outcome"] in OBJECT_OUTCOMES and gt is not None else _box(self.row, "pred")  # type: ignore[return-value]
+
+    @property
+    def explained_box(self) -> list[float]:
+        """The box its detection score is measured on: the GT box for a miss, else the prediction."""
+        return _box(self.row, "gt" if self.row["outcome"] == "fn" else "pred")  # type: ignore[return-value]
+
+
+def _geometry(image_row: dict[str, Any], grid: tuple[int, int]) -> _Geometry:
+    return _Geometry((image_row["height"], image_row["width"]), (image_row["input_height"], image_row["input_width"]),
+                     (image_row["padded_height"], image_row["padded_width"]), grid)
+
+
+def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[tuple[str, str], np.ndarray],
+                  images: dict[int, dict[str, Any]], model_labels: dict[tuple[str, str], int],
+                  config: FindingsConfig) -> Findings:
+    """Findings of one run: rows of its instances table, their maps by (instance_id, explainer), its images
+    rows by image id (file_path and the stored sizes) and the model label index of each instance."""
+    gt_boxes: dict[int, set[tuple[float, ...]]] = {}
+    for row in rows:
+        if _box(row, "gt") is not None:
+            gt_boxes.setdefault(row["image_id"], set()).add(tuple(_box(row, "gt")))  # type: ignore[arg-type]
+    cases: dict[tuple[str, str], _Case] = {}
+    for row in rows:
+        key = (row["instance_id"], row["explainer"])
+        saliency = maps[key]
+        geometry = _geometry(images[row["image_id"]], saliency.shape)
+        boxes = torch.tensor(sorted(gt_boxes.get(row["image_id"], ())), dtype=torch.float32).reshape(-1, 4)
+        cases[key] = _Case(row, describe_instance(row, saliency, boxes, geometry, config), geometry,
+                           _object_region(row, boxes, geometry), model_labels[key])
+    flagged = [key for key, case in cases.items() if case.finding.flagged and case.finding.peak is not None]
+    chosen = set(sorted(flagged, key=lambda k: -cases[k].finding.off_object_share)[:config.verify_budget])
+    _visit_images(adapter, [cases[k] for k in flagged], {id(cases[k]) for k in chosen}, images, config)
+    findings = Findings(instances={key: case.finding for key, case in cases.items()})
+    findings.cues = _cluster([cases[k] for k in flagged], config)
+    spurious_scores(findings.instances.values())
+    for cue in findings.cues:
+        members = [case.finding for case in cue.pop("_members")]
+        drops = [m.verification_drop for m in members if m.verification_drop is not None]
+        cue["mean_spurious_score"] = float(np.mean([m.spurious_score for m in members]))
+        cue["verified"] = len(drops)
+        cue["verification_drop"] = float(np.mean(drops)) if drops else None
+        cue["confirmed"] = bool(drops) and float(np.mean(drops)) >= config.confirm_drop
+    return findings
+
+
+def _visit_images(adapter: DetrAdapter, cases: list[_Case], chosen: set[int], images: dict[int, dict[str, Any]],
+                  config: FindingsConfig) -> None:
+    """One pass over the images of the flagged cases, `batch_size` images per forward: describe each peak
+    (feature, position, colour, crop), and re-score the chosen cases with their peak region blurred.
+
+    The batch here need not pad like the audit's did, so regions travel between the two geometries through
+    the original pixels."""
+    per_image: dict[int, list[_Case]] = {}
+    for case in cases:
+        per_image.setdefault(case.row["image_id"], []).append(case)
+    ids = sorted(per_image)
+    blur = FaithfulnessConfig(baseline="blur")
+    for start in range(0, len(ids), config.batch_size):
+        chunk = ids[start:start + config.batch_size]
+        pictures = [load_image(images[i]["file_path"]) for i in chunk]
+        with torch.inference_mode():
+            batch = adapter.preprocess(pictures)
+            features = adapter.record(batch, gradients=False).features
+        padded = batch.pixel_values.shape[-2:]
+        to_verify: list[tuple[int, _Case]] = []
+        for b, (image_id, picture) in enumerate(zip(chunk, pictures)):
+            ih, iw = (int(v) for v in batch.input_sizes[b])
+            for case in per_image[image_id]:
+                case.descriptor = _descriptor(picture, features[b], (ih / padded[0], iw / padded[1]), case)
+                case.crop = _crop(picture, case)
+                if id(case) in chosen:
+                    to_verify.append((b, case))
+        if to_verify:
+            drops = _verify(adapter, batch, blur, to_verify, config.batch_size)
+            for (_, case), drop in zip(to_verify, drops):
+                case.finding.verification_drop = drop
+
+
+def _verify(adapter: DetrAdapter, batch: Any, blur: FaithfulnessConfig, jobs: list[tuple[int, _Case]],
+            chunk: int) -> list[float]:
+    """Relative score drop of each (batch image, case) when the case's peak region is blurred."""
+    pixels, mask = batch.pixel_values, batch.pixel_mask
+    baseline = baseline_images(pixels, mask, blur)
+    index = torch.tensor([b for b, _ in jobs], device=pixels.device)
+    regions, boxes = [], []
+    for b, case in jobs:
+        ih, iw = (int(v) for v in batch.input_sizes[b])
+        region = _region_in_original(_peak_region(case.finding, case.object_cells), case.geometry)
+        region = F.interpolate(region[None, None].float(), size=(ih, iw), mode="nearest")[0, 0]
+        regions.append(F.pad(region, (0, pixels.shape[-1] - iw, 0, pixels.shape[-2] - ih)).bool())
+        oh, ow = case.geometry.original
+        boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
+    box = box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(pixels.device)
+    labels = torch.tensor([case.label for _, case in jobs], device=pixels.device)
+    region = torch.stack(regions).to(pixels.device)[:, None]
+    with torch.inference_mode():
+        probs, out_boxes = adapter.predict(pixels, mask)
+        intact = instance_scores(probs[index], out_boxes[index], labels, box)
+        blurred = torch.empty_like(intact)
+        for part in torch.arange(len(jobs), device=pixels.device).split(chunk):
+            perturbed = torch.where(region[part], baseline[index[part]], pixels[index[part]])
+            probs, out_boxes = adapter.predict(perturbed, mask[index[part]])
+            blurred[part] = instance_scores(probs, out_boxes, labels[part], box[part])
+    return (1 - blurred / intact.clamp(min=1e-6)).tolist()
+
+
+def _cluster(cases: list[_Case], config: FindingsConfig) -> list[dict[str, Any]]:
+    """Cluster the flagged peaks per (explainer, class); each cluster is a candidate cue (largest first)."""
+    groups: dict[tuple[str, str], list[_Case]] = {}
+    for case in cases:
+        groups.setdefault((case.row["explainer"], case.row["label_name"]), []).append(case)
+    cues = []
+    for (explainer, label), members_of_class in sorted(groups.items()):
+        labels = cluster_peaks(np.stack([c.descriptor for c in members_of_class]), config)
+        clusters = sorted({int(l) for l in labels if l >= 0}, key=lambda l: (-int((labels == l).sum()), l))
+        for rank, cluster in enumerate(clusters):
+            members = [c for c, l in zip(members_of_class, labels) if l == cluster]
+            cue_id = f"{explainer}:{label}:{rank}"
+            for case in members:
+                case.finding.cue_id = cue_id
+            vectors = np.stack([c.descriptor for c in members])
+            centre = vectors.mean(0)
+            exemplars = [members[i] for i in np.argsort(((vectors - centre) ** 2).sum(1), kind="stable")[:config.exemplars]]
+            cues.append({
+                "cue_id": cue_id, "explainer": explainer, "label_name": label, "support": len(members),
+                "flagged_in_class": len(members_of_class), "offset_x": float(centre[-8]),
+                "offset_y": float(centre[-7]), "colour_mean": [float(v) for v in centre[-6:-3]],
+                "colour_std": [float(v) for v in centre[-3:]],
+                "exemplar_ids": [c.row["instance_id"] for c in exemplars],
+                "exemplar_crops": [c.crop for c in exemplars], "_members": members,
+            })
+    return cues

@@ -1,0 +1,146 @@
+"""Findings: off-object shares and flags, peak clustering, region geometry, and the findings step of a
+real audit (columns filled, cues written, and nothing read from the synthetic cue annotations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.findings import FindingsConfig, _Geometry, _region_in_original, cluster_peaks, describe_instance
+from pipeline.metrics.localization import boxes_to_grid, localization_scores
+
+GEOMETRY = _Geometry(original=(64, 64), input=(64, 64), padded=(64, 64), grid=(8, 8))  # 8 px cells
+CONFIG = FindingsConfig()
+
+
+def _row(outcome: str, pred: list[float], gt: list[float] | None) -> dict:
+    gt = gt or [None] * 4
+    return {"outcome": outcome, **{f"pred_{c}": v for c, v in zip(("x0", "y0", "x1", "y1"), pred)},
+            **{f"gt_{c}": v for c, v in zip(("x0", "y0", "x1", "y1"), gt)}}
+
+
+def _map(cells: list[tuple[int, int]]) -> np.ndarray:
+    m = np.zeros((8, 8), dtype=np.float32)
+    for r, c in cells:
+        m[r, c] = 1.0
+    return m
+
+
+def test_a_map_on_its_object_is_not_flagged_and_one_beside_it_is() -> None:
+    row = _row("tp", [16, 16, 32, 32], [16, 16, 32, 32])  # cells 2..3 x 2..3
+    on = describe_instance(row, _map([(2, 2), (3, 3)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
+    beside = describe_instance(row, _map([(2, 2), (6, 6), (6, 7)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
+    assert on.off_object_share == 0.0 and not on.flagged
+    assert beside.off_object_share == pytest.approx(2 / 3) and beside.flag_off_object
+    assert beside.peak in {(6, 6), (6, 7)} and beside.peak_xy[1] == pytest.approx(52.0)
+
+
+def test_a_false_positive_is_background_driven_only_off_every_gt_object() -> None:
+    gts = torch.tensor([[0.0, 0.0, 16.0, 16.0]])  # a real object in cells 0..1
+    row = _row("fp", [40, 40, 56, 56], None)
+    on_object = describe_instance(row, _map([(0, 0), (1, 1)]), gts, GEOMETRY, CONFIG)
+    on_background = describe_instance(row, _map([(5, 5), (6, 6)]), gts, GEOMETRY, CONFIG)
+    assert not on_object.flag_background_fp and on_object.off_object_share == 0.0
+    assert on_background.flag_background_fp and on_background.off_object_share == 1.0
+
+
+def test_a_miss_whose_query_looked_elsewhere_is_flagged() -> None:
+    row = _row("fn", [0, 0, 8, 8], [16, 16, 32, 32])
+    finding = describe_instance(row, _map([(7, 7)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
+    assert finding.flag_miss_elsewhere and not finding.flag_off_object
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1, width=32), min_size=64, max_size=64),
+       st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(4, 14), st.integers(4, 14)))
+def test_off_object_share_of_a_tp_is_one_minus_its_mass_in_gt(values: list[float], box: tuple[int, ...]) -> None:
+    saliency = np.array(values, dtype=np.float32).reshape(8, 8)
+    x, y, w, h = box
+    gt = [float(x), float(y), float(x + w), float(y + h)]
+    finding = describe_instance(_row("tp", gt, gt), saliency, torch.zeros(0, 4), GEOMETRY, CONFIG)
+    assert 0.0 <= finding.off_object_share <= 1.0
+    if saliency.sum() > 0:
+        grid_box = boxes_to_grid(torch.tensor([gt]), GEOMETRY.original, GEOMETRY.input, GEOMETRY.padded, GEOMETRY.grid)
+        scores = localization_scores(torch.from_numpy(saliency)[None], grid_box, torch.tensor([0]), grid_box)
+        assert finding.off_object_share == pytest.approx(1 - float(scores["mass_in_gt"][0]), abs=1e-4)
+
+
+def test_region_in_original_skips_the_padding() -> None:
+    # A 40 x 80 image shown as a 20 x 40 input padded to 40 x 40 on an 8 x 8 grid: the image fills rows 0..3.
+    geometry = _Geometry(original=(40, 80), input=(20, 40), padded=(40, 40), grid=(8, 8))
+    cells = torch.zeros(8, 8, dtype=torch.bool)
+    cells[1, 2] = True  # input pixels y 5..10, x 10..15 -> original y 10..20, x 20..30
+    mask = _region_in_original(cells, geometry)
+    ys, xs = np.nonzero(mask.numpy())
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 19, 20, 29)
+
+
+def test_peaks_that_look_alike_cluster_and_a_scatter_does_not() -> None:
+    rng = np.random.default_rng(0)
+    feature = rng.normal(size=(1, 16))
+
+    def blob(centre: np.ndarray, n: int) -> np.ndarray:
+        return centre + 0.01 * rng.normal(size=(n, centre.shape[1]))
+
+    a = np.concatenate([feature, [[0.8, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]], axis=1)
+    b = np.concatenate([-feature, [[-0.8, 0.0, 0.1, 0.2, 0.3, 0.0, 0.0, 0.0]]], axis=1)
+    labels = cluster_peaks(np.concatenate([blob(a, 8), blob(b, 8)]).astype(np.float32), CONFIG)
+    assert len(set(labels[:8])) == 1 and len(set(labels[8:])) == 1 and labels[0] != labels[8] and -1 not in labels
+    assert (cluster_peaks(rng.normal(size=(4, 24)).astype(np.float32), CONFIG) == -1).all()  # under min_support
+
+
+@pytest.fixture(scope="module")
+def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """The synth val split audited twice: as generated, and from a copy of its json without the cue and
+    synthetic keys (what the benchmark scores with and what findings must never read)."""
+    from flows.audit import audit
+    from pipeline.config import AuditConfig
+
+    raw = json.loads((synth / "annotations" / "val.json").read_text())
+    stripped = tmp_path_factory.mktemp("nocue") / "val.json"
+    stripped.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("cues", "synthetic")}))
+    runs = {}
+    for name, ann in (("with_cues", synth / "annotations" / "val.json"), ("without_cues", stripped)):
+        out = tmp_path_factory.mktemp(name)
+        summary = audit(AuditConfig(images=synth / "images" / "val", coco=ann, out=out, report=False,
+                                    spurious_off_object=0.3, cue_min_support=3))
+        runs[name] = (out, summary["run_id"])
+    return runs
+
+
+def _findings_of(store: Path, run_id: str) -> tuple[list[dict], list[dict]]:
+    from storage.catalog import query
+
+    columns = ("instance_id, explainer, off_object_share, spurious_score, flag_off_object, flag_background_fp, "
+               "flag_miss_elsewhere, cue_id, verification_drop, peak_x, peak_y")
+    instances = query(store, f"SELECT {columns} FROM instances WHERE run_id = ? ORDER BY instance_id, explainer",
+                      [run_id]).to_pylist()
+    cues = query(store, "SELECT * EXCLUDE (run_id) FROM findings WHERE run_id = ? ORDER BY cue_id", [run_id]).to_pylist()
+    return instances, cues
+
+
+def test_the_audit_fills_findings_for_every_instance(audited: dict[str, tuple[Path, str]]) -> None:
+    instances, cues = _findings_of(*audited["with_cues"])
+    assert instances and all(row["spurious_score"] is not None and 0 <= row["off_object_share"] <= 1 for row in instances)
+    flagged = [r for r in instances if r["flag_off_object"] or r["flag_background_fp"] or r["flag_miss_elsewhere"]]
+    assert flagged, "a 0.3 threshold flags some instances of the shipped model on planted-cue data"
+    assert all(r["off_object_share"] >= 0.3 for r in flagged)
+    assert all(r["spurious_score"] >= r["off_object_share"] for r in instances)
+    assert any(r["verification_drop"] is not None for r in flagged)
+    members = {r["cue_id"] for r in instances if r["cue_id"]}
+    assert members == {c["cue_id"] for c in cues}
+    for cue in cues:
+        assert cue["support"] >= 3 and len(cue["exemplar_ids"]) == len(cue["exemplar_crops"]) > 0
+        assert all(crop.startswith(b"\x89PNG") for crop in cue["exemplar_crops"])
+
+
+def test_findings_never_read_the_cue_annotations(audited: dict[str, tuple[Path, str]]) -> None:
+    with_cues, without_cues = _findings_of(*audited["with_cues"]), _findings_of(*audited["without_cues"])
+    assert audited["with_cues"][1] != audited["without_cues"][1], "two different annotation files: two runs"
+    assert with_cues == without_cues
