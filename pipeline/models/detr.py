@@ -89,6 +89,25 @@ class DetectorOutput:
 
 
 @dataclass
+class ForwardRecord:
+    """One forward with the tensors that gradient and rollout explainers work on, as the graph holds them
+    (not copies), so gradients can be taken with respect to them when autograd recorded the forward.
+
+    output: what `forward` returns; encoder_attentions: per encoder layer [B, M, N, N];
+    decoder_attentions: per decoder layer, self-attention [B, M, Q, Q]; cross_attentions: per decoder
+    layer [B, M, Q, N]; features [B, D, h, w]: the projected backbone map the encoder reads (C5 after the
+    1x1 input projection); memory [B, N, D]: the encoder's output, what the decoder cross-attends to.
+    """
+
+    output: DetectorOutput
+    encoder_attentions: tuple[torch.Tensor, ...]
+    decoder_attentions: tuple[torch.Tensor, ...]
+    cross_attentions: tuple[torch.Tensor, ...]
+    features: torch.Tensor
+    memory: torch.Tensor
+
+
+@dataclass
 class Detections:
     """Kept detections of one image, on the CPU: boxes xyxy in original pixels [K, 4], scores [K],
     labels (model label index) [K], and the query index each came from [K]."""
@@ -156,17 +175,35 @@ class DetrAdapter:
 
     def forward(self, batch: PixelBatch) -> DetectorOutput:
         """Run the detector once, capturing per-layer predictions and cross-attention."""
+        return self._record(batch).output
+
+    def record(self, batch: PixelBatch, gradients: bool = True) -> ForwardRecord:
+        """Run the detector once and keep every attention tensor, the projected features and the encoder
+        memory. With `gradients`, autograd records the forward even when the caller is in inference or
+        no-grad mode: the pixels are cloned (a batch made under inference mode cannot enter a graph) and
+        require grad (so there is a graph even when the weights are frozen). One forward then serves every
+        backward an explainer takes (`torch.autograd.grad(..., retain_graph=True)`, which leaves the weights'
+        `.grad` alone); the graph lives as long as the record."""
+        if not gradients:
+            return self._record(batch)
+        with torch.inference_mode(False), torch.enable_grad():
+            pixels = batch.pixel_values.clone().requires_grad_(True)
+            return self._record(PixelBatch(pixels, batch.pixel_mask.clone(), batch.input_sizes, batch.original_sizes))
+
+    def _record(self, batch: PixelBatch) -> ForwardRecord:
         base = self.model.model
         decoder = base.decoder
-        watched: dict[str, nn.Module] = {"projection": base.input_projection, "decoder": decoder}
+        watched: dict[str, nn.Module] = {"projection": base.input_projection, "encoder": base.encoder,
+                                         "decoder": decoder}
         if self.family.model_type != "dab-detr":
             watched |= {f"layer{i}": layer for i, layer in enumerate(decoder.layers)}
         with capture_outputs(watched) as captured, self._autocast():
             out = self.model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask, output_attentions=True)
             layer_logits, layer_boxes = self._layer_predictions(captured, out)
-        h, w = captured["projection"].shape[-2:]  # type: ignore[union-attr]
+        features = captured["projection"]
+        h, w = features.shape[-2:]  # type: ignore[union-attr]
         token_mask = nn.functional.interpolate(batch.pixel_mask[None].float(), size=(h, w))[0].bool()
-        return DetectorOutput(
+        output = DetectorOutput(
             logits=out.logits,
             boxes=out.pred_boxes,
             layer_logits=layer_logits,
@@ -175,6 +212,9 @@ class DetrAdapter:
             grid=(int(h), int(w)),
             token_mask=token_mask,
         )
+        memory = captured["encoder"][0]  # type: ignore[index]
+        return ForwardRecord(output, tuple(out.encoder_attentions), tuple(out.decoder_attentions),
+                             tuple(out.cross_attentions), features, memory)  # type: ignore[arg-type]
 
     def _layer_predictions(self, captured: dict[str, object], out: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decoder layer's logits and boxes, computed with the model's own heads.

@@ -1,0 +1,200 @@
+"""EIVE against the detection explainer baselines, and EIVE's layer-fusion ablation (METHODS.md 1c, 2, 4).
+
+Quality, on the shipped model over a fresh synthetic val set (seed 1234): every explainer explains every
+kept detection and missed GT box through `pipeline.audit.audit_batch`, exactly as an audit does. Over the
+correct detections (tp): EPG = mean `mass_in_gt` (energy-based pointing game), pointing = mean `peak_in_gt`,
+and mean deletion / insertion AUC (`pipeline.metrics.faithfulness`, blur baseline, --steps steps; lower
+deletion and higher insertion are better).
+
+Cost: `time_ratio` = seconds of explain() per explained instance / seconds per image of a bare batched
+forward (`adapter.predict`, no attention capture), both timed on the same batches in turn, so machine drift
+hits all alike. On the shipped model over the val set above, and (`time_ratio_detr_r50`) on random-init
+DETR-R50 at 800 px over coco_tiny val images (median of --repeats, interleaved). D-RISE's cost grows
+linearly with its number of masks, which is in `setup`.
+
+Fusion ablation: EIVE with each fusion, query tracking off (`<fusion>`) and on (`<fusion>+track`), on the
+same instances and metrics. Prints one JSON object.
+
+    python benchmarks/baselines.py --quick --threads 1     # a few minutes on a CPU
+    python benchmarks/baselines.py --images 24 --steps 10 --drise-masks 500 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from explainers import get_explainer
+from explainers.base import Explainer
+from explainers.eive import FUSIONS
+from pipeline.audit import audit_batch, faithfulness_of_rows
+from pipeline.batching import ImageBatch, iter_batches
+from pipeline.evaluation import label_to_category
+from pipeline.metrics.faithfulness import FaithfulnessConfig
+from pipeline.models.detr import DetrAdapter, resolve_device
+from pipeline.models.families import write_random_model
+from pipeline.models.preprocess import PixelBatch, load_image
+from pipeline.models.targets import Targets
+from pipeline.sources import CocoSource
+from pipeline.sources.synthetic import generate
+
+BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
+COCO_TINY_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny" / "val2017"
+SYNTH_SEED = 1234
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Measured:
+    """An explainer under a benchmark name (EIVE variants share the class name `eive`) that times its calls."""
+
+    name: str
+    inner: Explainer
+    seconds: float = 0.0
+    instances: int = 0
+    tp: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("epg", "pointing", "deletion_auc",
+                                                                                  "insertion_auc")})
+
+    def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: Any, targets: Targets) -> torch.Tensor:
+        start = time.perf_counter()
+        maps = self.inner.explain(model, batch, outputs, targets)
+        _sync(model.device)
+        self.seconds += time.perf_counter() - start
+        self.instances += len(targets)
+        return maps
+
+    def summary(self, seconds_per_forward: float) -> dict[str, float | int]:
+        means = {k: round(statistics.fmean(v), 4) if v else None for k, v in self.tp.items()}
+        return {"time_ratio": round(self.seconds / max(self.instances, 1) / seconds_per_forward, 3), **means,
+                "tp": len(self.tp["epg"])}
+
+
+def _explainers(drise: dict[str, int]) -> list[Measured]:
+    baselines = [Measured(n, get_explainer(n, **(drise if n == "drise" else {}))) for n in ("eive", *BASELINES)]
+    fusions = [Measured(f"{fusion}{'+track' if track else ''}", get_explainer("eive", fusion=fusion, track=track))
+               for fusion in FUSIONS for track in (False, True)]
+    return baselines + fusions
+
+
+def shipped_quality(args: argparse.Namespace, device: torch.device) -> tuple[list[Measured], dict[str, Any]]:
+    """Every explainer over a fresh synthetic val set: timings, localisation and faithfulness over tp."""
+    adapter = DetrAdapter.load("default", device)
+    measured = _explainers({"n_masks": args.drise_masks, "batch_size": args.forward_batch})
+    faithfulness = FaithfulnessConfig(steps=args.steps, batch_size=args.forward_batch)
+    bare, n_images = 0.0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        annotations = generate(Path(tmp), n_train=0, n_val=args.images, seed=SYNTH_SEED)["val"]
+        source = CocoSource(annotations, Path(tmp) / "images" / "val")
+        label_map, _ = label_to_category(adapter.label_names, source.categories)
+        stream = (item for image_id in source.image_ids for item in source.read(image_id))
+        batches = [item for item in iter_batches(stream, args.batch_size) if isinstance(item, ImageBatch)]
+        audit_batch(adapter, measured, batches[0], label_map, args.score_threshold, args.max_detections)  # warm-up
+        for m in measured:
+            m.seconds, m.instances = 0.0, 0
+        for item in batches:
+            pixels = adapter.preprocess(item.images)
+            bare += _seconds(lambda: adapter.predict(pixels.pixel_values, pixels.pixel_mask), device)
+            n_images += len(item.images)
+            rows = audit_batch(adapter, measured, item, label_map, args.score_threshold, args.max_detections)
+            for m in measured:
+                chosen = [(row, entry["map"]) for row, entry in zip(rows.instances, rows.maps)
+                          if row["explainer"] == m.name and row["outcome"] == "tp"]
+                if not chosen:
+                    continue
+                result = faithfulness_of_rows(adapter, item, [r for r, _ in chosen], [mp for _, mp in chosen],
+                                              label_map, faithfulness)
+                # An all-zero map (e.g. no positive gradient evidence) has no scores: it counts as finding nothing.
+                m.tp["epg"] += [r["mass_in_gt"] or 0.0 for r, _ in chosen]
+                m.tp["pointing"] += [float(r["peak_in_gt"] or 0.0) for r, _ in chosen]
+                m.tp["deletion_auc"] += result.deletion_auc.tolist()
+                m.tp["insertion_auc"] += result.insertion_auc.tolist()
+    return measured, {"images": n_images, "bare_forward_s_per_image": round(bare / n_images, 5)}
+
+
+def detr_r50_cost(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+    """Cost ratio of every explainer on random-init DETR-R50 over coco_tiny val images at 800 px."""
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = DetrAdapter.load(write_random_model("detr-r50", [f"LABEL_{i}" for i in range(80)], Path(tmp)), device)
+    images = [load_image(p) for p in sorted(COCO_TINY_VAL.glob("*.jpg"))[:args.detr_images]]
+    batch = adapter.preprocess(images)
+    with torch.inference_mode():
+        outputs = adapter.forward(batch)  # also installs transformers' lazy hooks: a warm-up
+        detections = adapter.postprocess(outputs, batch, score_threshold=0.0, max_detections=args.detr_instances)
+    index = torch.cat([torch.full_like(d.queries, i) for i, d in enumerate(detections)]).to(device)
+    queries = torch.cat([d.queries for d in detections]).to(device)
+    targets = Targets(index, queries, torch.cat([d.labels for d in detections]).to(device),
+                      outputs.boxes[index, queries].float().clone())
+    fns: dict[str, Callable[[], object]] = {"bare": lambda: adapter.predict(batch.pixel_values, batch.pixel_mask)}
+    for name in ("eive", *BASELINES):
+        explainer = get_explainer(name, **({"n_masks": args.detr_drise_masks, "batch_size": args.forward_batch}
+                                            if name == "drise" else {}))
+        fns[name] = lambda e=explainer: e.explain(adapter, batch, outputs, targets)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, device))
+    per_image = statistics.median(times.pop("bare")) / len(images)
+    ratios = {name: round(statistics.median(t) / len(targets) / per_image, 3) for name, t in times.items()}
+    return ratios, {"images": len(images), "instances": len(targets), "input": list(batch.pixel_values.shape[-2:]),
+                    "bare_forward_s_per_image": round(per_image, 4), "drise_masks": args.detr_drise_masks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small CPU run: overrides the sizes below")
+    parser.add_argument("--images", type=int, default=24, help="synthetic val images for the quality figures")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10, help="deletion / insertion steps")
+    parser.add_argument("--drise-masks", type=int, default=1000)
+    parser.add_argument("--forward-batch", type=int, default=64, help="perturbed images per forward (D-RISE, AUCs)")
+    parser.add_argument("--detr-images", type=int, default=2)
+    parser.add_argument("--detr-instances", type=int, default=5, help="explained queries per DETR-R50 image")
+    parser.add_argument("--detr-drise-masks", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the DETR-R50 timings")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.steps, args.drise_masks = 8, 5, 64
+        args.detr_images, args.detr_instances, args.detr_drise_masks, args.repeats = 1, 2, 2, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    measured, shipped_setup = shipped_quality(args, device)
+    detr_ratios, detr_setup = detr_r50_cost(args, device)
+    per_forward = shipped_setup["bare_forward_s_per_image"]
+    summaries = {m.name: m.summary(per_forward) for m in measured}
+    explainers = {name: {**summaries[name], "time_ratio_detr_r50": detr_ratios[name]} for name in ("eive", *BASELINES)}
+    ablation = {m.name: {k: v for k, v in summaries[m.name].items() if k != "time_ratio"}
+                for m in measured if m.name not in explainers}
+    setup = {"device": str(device), "threads": torch.get_num_threads(), "synthetic_seed": SYNTH_SEED,
+             "steps": args.steps, "score_threshold": args.score_threshold, "drise_masks": args.drise_masks,
+             "shipped": shipped_setup, "detr_r50": detr_setup, "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps({"explainers": explainers, "fusion_ablation": ablation, "setup": setup}))
+
+
+if __name__ == "__main__":
+    main()
