@@ -1,0 +1,402 @@
+"""Push an audit run from the store to two persistent FiftyOne datasets, with saved review views.
+
+Everything is read through `storage.catalog.query` (read-only DuckDB); nothing here writes a table.
+
+* Image dataset `<dataset>`: one sample per (image, run) for the images the run audited (status ok), with
+  `ground_truth` (every box of the run's COCO json, also of classes the model lacks; without the json, the
+  GT boxes the instance rows carry), `predictions` (the kept detections: tp / fp / dup / det), `missed`
+  (the fn rows, drawn at their GT box), `heatmap_<explainer>` (the max of the image's instance maps),
+  `run_id` and `image_id`. Runs sharing the dataset are separate samples on the same file, so each keeps
+  its own predictions, GT and evaluation (eval key `eval_<run_id>`), and a run audited against a corrected
+  json never rewrites another run's labels; filter on `run_id` (each push saves views that do).
+* Instance dataset `<dataset>-instances`: one sample per (instance, explainer, run) on the same image file,
+  with that map as `heatmap`, the explained query's box as `prediction`, its GT box as `ground_truth`, and
+  `instance_id`, `explainer`, `outcome`, `label_name`, `run_id` and the scores as sample fields.
+
+Scores come from the `instances` table generically: every numeric or boolean column except the box
+corners (they become the boxes) and `label` (the category id, which names the boxes). Columns that
+describe the detection itself (`_DETECTION_COLUMNS`) are the same for every explainer; every other one
+(the map scores, the findings' `spurious_score` and `flag_*`, any later column) belongs to an explainer.
+On a detection the run's first explainer's scores are unprefixed and another's are
+`<explainer>_<column>`; FiftyOne reserves `instance_id` on labels, so detections carry `audit_instance_id`.
+In field names every character other than a letter, digit or `_` becomes `_` (`eive-last` -> `eive_last`).
+
+Re-pushing updates in place: samples are merged on `push_key` (`<run>/<filepath>` or
+`<run>/<explainer>/<instance_id>`) with each field replaced whole, so no sample or detection is
+duplicated and other runs' samples are untouched. Heatmaps are 8-bit PNGs under
+`<store>/heatmaps/run_id=<run>/{images,instances}/<explainer>/`, each map scaled by its own maximum.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fiftyone as fo
+import fiftyone.utils.coco as fouc
+import numpy as np
+import pyarrow as pa
+from fiftyone import ViewField as F
+from fiftyone.core.collections import SampleCollection
+from fiftyone.core.view import DatasetView
+from PIL import Image
+
+from reports.overlay import map_to_image
+from storage.catalog import query
+from storage.maps import decode_map
+
+KEY_FIELD = "push_key"
+LABEL_FIELDS = ("predictions", "missed")  # the image dataset's fields that hold instances
+OFF_OBJECT = 0.3  # a correct detection with less of its map on its GT box looks off its object
+
+# Numeric columns that describe the detection rather than its map: the same for every explainer.
+_DETECTION_COLUMNS = frozenset({"image_id", "query", "score", "iou", "gt_annotation_id"})
+_CORNERS = ("x0", "y0", "x1", "y1")
+_BOX_COLUMNS = frozenset(f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in _CORNERS)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Run:
+    run_id: str
+    explainers: list[str]  # in the order of `runs.explainers`: the first one's scores go unprefixed
+    coco: Path | None
+
+
+@dataclass(frozen=True)
+class _View:
+    """A review view: the instances it shows (one expression for instance samples and detections alike)
+    and the score it is sorted by, lowest first."""
+
+    suffix: str
+    description: str
+    condition: Any
+    sort_field: str | None = None
+
+
+def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = True, *,
+             off_object: float = OFF_OBJECT) -> dict[str, Any]:
+    """Write or update the run's samples in `dataset` and `<dataset>-instances`, evaluate its predictions,
+    save its review views (see `review_views`; names `<run_id>-<suffix>`), one view per explainer on the
+    instances (`<run_id>-explainer-<name>`) and one per candidate cue the findings named
+    (`<run_id>-cue-<cue_id>`). `overwrite_views=False` keeps a view that already has the name (a reviewer
+    may have edited it). Returns the sample counts, the eval key and the view names."""
+    started = time.perf_counter()
+    store = Path(store)
+    run = _load_run(store, run_id)
+    images = query(store, "SELECT * FROM images WHERE run_id = ? AND status = 'ok' ORDER BY image_id", [run_id])
+    instances = query(store, "SELECT * FROM instances WHERE run_id = ? ORDER BY image_id, instance_id, explainer",
+                      [run_id])
+    image_samples, instance_samples = _samples(store, run, images.to_pylist(), instances)
+    image_ds, instance_ds = _dataset(dataset), _dataset(f"{dataset}-instances")
+    for ds, samples in ((image_ds, image_samples), (instance_ds, instance_samples)):
+        ds.merge_samples(samples, key_field=KEY_FIELD, merge_lists=False, overwrite=True, progress=False)
+        ds.add_dynamic_sample_fields()  # declares the detections' attributes, so the App can filter on them
+    eval_key = _evaluate(image_ds, run) if run.coco is not None else None
+    views = _save_views(image_ds, instance_ds, run, review_views(off_object), overwrite_views)
+    for cue_id, ids in _cues(instances).items():
+        save_cue_view(dataset, f"{run_id}-cue-{cue_id}", ids, run_id=run_id, overwrite=overwrite_views)
+        views.append(f"{run_id}-cue-{cue_id}")
+    return {"run_id": run_id, "dataset": image_ds.name, "instance_dataset": instance_ds.name,
+            "images": len(image_samples), "instances": len(instance_samples), "eval_key": eval_key,
+            "views": views, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def review_views(off_object: float = OFF_OBJECT) -> list[_View]:
+    """The views every push saves on both datasets.
+
+    `fp-background` takes the findings' flag rather than a score of its own: an fp has no GT box, so its
+    `mass_on_other_gt` is 1 as soon as its map touches any GT box and cannot tell background from another
+    object, while the findings' `off_object_share` is the share of the map off every GT box (the view is
+    empty for a run audited without findings). On the image dataset, the first explainer's scores decide.
+    """
+    return [
+        _View("tp-off-object", f"correct detections with mass_in_gt < {off_object} (lowest first): right, "
+                               "maybe for the wrong reason", (F("outcome") == "tp") & _below("mass_in_gt", off_object),
+              "mass_in_gt"),
+        _View("fp-background", "false positives driven by background: the findings' flag_background_fp (most of "
+                               "the map off every GT box, off_object_share)",
+              (F("outcome") == "fp") & (F("flag_background_fp") == True)),  # noqa: E712 (a MongoDB test)
+        _View("missed", "missed GT objects (fn), explained through the query that overlaps them most",
+              F("outcome") == "fn"),
+        _View("lowest-insertion-auc", "instances with an insertion AUC, lowest first: maps the model does not "
+                                      "need", F("insertion_auc") != None, "insertion_auc"),  # noqa: E711
+    ]
+
+
+def save_cue_view(dataset: str, name: str, instance_ids: Iterable[str], run_id: str | None = None,
+                  overwrite: bool = True) -> dict[str, int]:
+    """Save view `name` showing these instances on the image dataset (only their detections) and on
+    `<dataset>-instances` (their samples, every explainer). Instance ids repeat across runs of the same
+    images: pass `run_id` to keep one run. `overwrite=False` keeps a view that already has the name.
+    Returns how many images and instance samples the view shows."""
+    ids = sorted(set(instance_ids))
+    image_ds, instance_ds = fo.load_dataset(dataset), fo.load_dataset(f"{dataset}-instances")
+    on_images = _image_view(image_ds, run_id, F("audit_instance_id").is_in(ids))
+    on_instances = _of_run(instance_ds, run_id).match(F("instance_id").is_in(ids))
+    description = f"{len(ids)} instance(s) sharing a candidate cue"
+    _save(image_ds, name, on_images, description, overwrite)
+    _save(instance_ds, name, on_instances, description, overwrite)
+    return {"images": len(on_images), "instances": len(on_instances)}
+
+
+def sorted_by(samples: SampleCollection, field: str) -> DatasetView:
+    """Instance samples by `field` ascending, nulls last, ties by instance id, explainer and run: the order
+    of SQL `ORDER BY <field>, instance_id, explainer, run_id` over the `instances` view (DuckDB puts nulls
+    last; MongoDB would put them first without the leading null test)."""
+    return samples.sort_by([(F(field) == None, 1), (field, 1),  # noqa: E711 (a MongoDB null test)
+                            ("instance_id", 1), ("explainer", 1), ("run_id", 1)])
+
+
+def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True) -> fo.Session:
+    """Serve the FiftyOne App on `address:port` (loopback unless asked otherwise) without opening a browser.
+
+    With `wait`, block until interrupted (Ctrl-C), then close the session; without, return at once with the
+    App serving until the session is closed or this process ends. Returns the session."""
+    session = fo.launch_app(fo.load_dataset(dataset), port=port, address=address, remote=True, auto=False)
+    if wait:
+        try:
+            session.wait(-1)
+        except KeyboardInterrupt:
+            session.close()
+    return session
+
+
+def _score_columns(schema: pa.Schema) -> list[str]:
+    """The `instances` columns pushed as scores: numeric and boolean ones, less box corners and `label`."""
+    return [f.name for f in schema
+            if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))
+            and f.name not in _BOX_COLUMNS and f.name != "label"]
+
+
+def field_name(text: str) -> str:
+    """`text` as part of a FiftyOne field name: every character but letters, digits and `_` becomes `_`."""
+    return re.sub(r"\W", "_", text, flags=re.ASCII)
+
+
+def _load_run(store: Path, run_id: str) -> _Run:
+    rows = query(store, "SELECT explainers, config_json FROM runs WHERE run_id = ?", [run_id]).to_pylist()
+    if not rows:
+        raise KeyError(f"no run {run_id!r} in the store at {store}")
+    coco = json.loads(rows[0]["config_json"]).get("coco")
+    return _Run(_safe(run_id), [_safe(name) for name in rows[0]["explainers"].split(",")], Path(coco) if coco else None)
+
+
+def _safe(name: str) -> str:
+    """`name`, refused if it could leave the heatmap folder when used as a path part."""
+    if not _SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise ValueError(f"{name!r} cannot name a file: use letters, digits, '_', '-', '.', not starting with '.'")
+    return name
+
+
+def _samples(store: Path, run: _Run, images: Rows, instances: pa.Table) -> tuple[list[fo.Sample], list[fo.Sample]]:
+    """The image samples and the instance samples of the run, writing their heatmap PNGs."""
+    maps = query(store, 'SELECT instance_id, explainer, grid_h, grid_w, "map" FROM maps WHERE run_id = ?', [run.run_id])
+    grids = {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in maps.to_pylist()}
+    sizes = {image["image_id"]: (image["width"], image["height"]) for image in images}
+    ground_truth, categories = _ground_truth(run.coco, instances, sizes)
+    by_image: dict[int, Rows] = {}
+    for row in instances.to_pylist():
+        by_image.setdefault(row["image_id"], []).append(row)
+    columns = _score_columns(instances.schema)
+    image_samples, instance_samples = [], []
+    for image in images:
+        image_id = image["image_id"]
+        gt = None if ground_truth is None else ground_truth.get(image_id, [])
+        sample, mine = _image_samples(store, run, image, by_image.get(image_id, []), grids, columns, gt, categories)
+        image_samples.append(sample)
+        instance_samples.extend(mine)
+    return image_samples, instance_samples
+
+
+def _ground_truth(coco: Path | None, instances: pa.Table, sizes: dict[int, tuple[int, int]]
+                  ) -> tuple[dict[int, list[fo.Detection]] | None, dict[int, str]]:
+    """(image id -> GT detections, category id -> name): from the COCO json when it is still there (it holds
+    every box), else the distinct GT boxes of the tp / fn rows (partial); None for an image-folder run."""
+    if coco is None:
+        return None, {}
+    if coco.is_file():
+        _, classes, _, images, annotations = fouc.load_coco_detection_annotations(str(coco))
+        return {image_id: [obj.to_detection((image["width"], image["height"]), classes, include_id=True)
+                           for obj in (annotations or {}).get(image_id, [])]
+                for image_id, image in images.items()}, classes
+    boxes: dict[int, dict[int, fo.Detection]] = {}
+    for row in instances.to_pylist():
+        if row["gt_annotation_id"] is not None and row["image_id"] in sizes:
+            boxes.setdefault(row["image_id"], {}).setdefault(row["gt_annotation_id"], fo.Detection(
+                label=row["label_name"], bounding_box=_relative_box(row, "gt", sizes[row["image_id"]]),
+                coco_id=row["gt_annotation_id"]))
+    return {image_id: list(found.values()) for image_id, found in boxes.items()}, {}
+
+
+def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, grids: dict[tuple[str, str], np.ndarray],
+                   columns: list[str], gt: list[fo.Detection] | None, categories: dict[int, str]
+                   ) -> tuple[fo.Sample, list[fo.Sample]]:
+    """One image's sample and its instance samples."""
+    size = (image["width"], image["height"])
+    geometry = {"image_size": (image["height"], image["width"]), "input_size": (image["input_height"], image["input_width"]),
+                "padded_size": (image["padded_height"], image["padded_width"])}
+    common = {"filepath": image["file_path"], "metadata": fo.ImageMetadata(width=size[0], height=size[1]),
+              "run_id": run.run_id}
+    folder = store / "heatmaps" / f"run_id={run.run_id}"
+    by_instance: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_instance.setdefault(row["instance_id"], {})[row["explainer"]] = row
+    labels: dict[str, list[fo.Detection]] = {field: [] for field in LABEL_FIELDS}
+    instance_samples = []
+    for instance_id, per_explainer in by_instance.items():
+        facts = next(iter(per_explainer.values()))
+        label = _label(facts, categories)
+        missed = facts["outcome"] == "fn"
+        labels["missed" if missed else "predictions"].append(fo.Detection(
+            label=label, bounding_box=_relative_box(facts, "gt" if missed else "pred", size), confidence=facts["score"],
+            audit_instance_id=instance_id, outcome=facts["outcome"], run_id=run.run_id,
+            **_merged_scores(per_explainer, run.explainers, columns)))
+        for explainer, row in per_explainer.items():
+            gt_box = _relative_box(row, "gt", size)
+            key = (instance_id, explainer)
+            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], geometry)
+                       if key in grids else None)
+            instance_samples.append(fo.Sample(
+                **common, **{column: row[column] for column in columns}, heatmap=heatmap,
+                instance_id=instance_id, explainer=explainer, outcome=row["outcome"], label_name=row["label_name"],
+                prediction=fo.Detections(detections=[fo.Detection(
+                    label=label, bounding_box=_relative_box(row, "pred", size), confidence=row["score"])]),
+                ground_truth=fo.Detections(detections=[fo.Detection(label=label, bounding_box=gt_box)] if gt_box else []),
+                **{KEY_FIELD: f"{run.run_id}/{explainer}/{instance_id}"}))
+    heatmaps = {}
+    for explainer in run.explainers:
+        mine = [_unit(grids[key]) for key in ((iid, explainer) for iid in by_instance) if key in grids]
+        if mine:
+            heatmaps[f"heatmap_{field_name(explainer)}"] = _heatmap(
+                folder / "images" / explainer / f"{image['image_id']}.png", np.max(mine, axis=0), geometry)
+    truth = {} if gt is None else {"ground_truth": fo.Detections(detections=gt)}
+    sample = fo.Sample(**common, **truth, **heatmaps, image_id=image["image_id"],
+                       **{field: fo.Detections(detections=found) for field, found in labels.items()},
+                       **{KEY_FIELD: f"{run.run_id}/{image['file_path']}"})
+    return sample, instance_samples
+
+
+def _merged_scores(per_explainer: dict[str, dict[str, Any]], explainers: list[str], columns: list[str]) -> dict[str, Any]:
+    """A detection's attributes: its own columns once, the first explainer's scores unprefixed, the others'
+    as `<explainer>_<column>`."""
+    facts = next(iter(per_explainer.values()))
+    attributes = {column: facts[column] for column in columns if column in _DETECTION_COLUMNS}
+    for rank, explainer in enumerate(explainers):
+        if explainer in per_explainer:
+            prefix = f"{field_name(explainer)}_" if rank else ""
+            attributes |= {prefix + column: per_explainer[explainer][column]
+                           for column in columns if column not in _DETECTION_COLUMNS}
+    return attributes
+
+
+def _label(row: dict[str, Any], categories: dict[int, str]) -> str:
+    """The dataset's category name, so predictions and COCO GT agree whatever the model calls its classes."""
+    return categories.get(row["label"], row["label_name"]) if row["label"] is not None else row["label_name"]
+
+
+def _relative_box(row: dict[str, Any], prefix: str, size: tuple[int, int]) -> list[float] | None:
+    """`<prefix>_x0..y1` (absolute xyxy) as FiftyOne's relative [x, y, w, h]; None where the row has no such box."""
+    x0, y0, x1, y1 = (row[f"{prefix}_{corner}"] for corner in _CORNERS)
+    if x0 is None:
+        return None
+    width, height = size
+    return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
+def _unit(grid: np.ndarray) -> np.ndarray:
+    """A map scaled to [0, 1] by its maximum (maps are raw and differ in scale); negative evidence is not shown."""
+    positive = np.clip(grid, 0, None)
+    peak = positive.max()
+    return positive / peak if peak > 0 else positive
+
+
+def _heatmap(path: Path, grid: np.ndarray, geometry: dict[str, tuple[int, int]]) -> fo.Heatmap:
+    """Write the grid map laid over the original image (`reports.overlay`) as an 8-bit PNG; its `fo.Heatmap`."""
+    values = map_to_image(_unit(grid), grid.shape, **geometry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(path)
+    return fo.Heatmap(map_path=str(path), range=[0, 255])
+
+
+def _cues(instances: pa.Table) -> dict[str, list[str]]:
+    """Candidate cue id -> the ids of the instances the findings put in it (none without a `cue_id` column)."""
+    if "cue_id" not in instances.column_names:
+        return {}
+    cues: dict[str, list[str]] = {}
+    for row in instances.select(["cue_id", "instance_id"]).to_pylist():
+        if row["cue_id"] is not None:
+            cues.setdefault(row["cue_id"], []).append(row["instance_id"])
+    return cues
+
+
+def _dataset(name: str) -> fo.Dataset:
+    """The persistent dataset `name`, created empty the first time."""
+    return fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+
+
+def _evaluate(image_ds: fo.Dataset, run: _Run) -> str:
+    """FiftyOne's COCO-style evaluation of the run's predictions against its GT; returns the eval key."""
+    eval_key = f"eval_{field_name(run.run_id)}"
+    if eval_key in image_ds.list_evaluations():
+        image_ds.delete_evaluation(eval_key)  # a re-push evaluates afresh
+    _of_run(image_ds, run.run_id).evaluate_detections("predictions", gt_field="ground_truth", eval_key=eval_key,
+                                                      progress=False)
+    return eval_key
+
+
+def _of_run(ds: fo.Dataset, run_id: str | None) -> DatasetView:
+    return ds.match(F("run_id") == run_id) if run_id is not None else ds.view()
+
+
+def _below(field: str, threshold: float) -> Any:
+    """`field < threshold` for present values only (MongoDB orders null below every number)."""
+    return (F(field) != None) & (F(field) < threshold)  # noqa: E711
+
+
+def _image_view(ds: fo.Dataset, run_id: str | None, condition: Any) -> DatasetView:
+    """The run's images that have an instance (prediction or miss) meeting `condition`, showing only those."""
+    view = _of_run(ds, run_id)
+    for field in LABEL_FIELDS:
+        view = view.filter_labels(field, condition, only_matches=False)
+    counts = [F(f"{field}.detections").length() for field in LABEL_FIELDS]
+    return view.match(sum(counts[1:], counts[0]) > 0)
+
+
+def _lowest_over_labels(field: str) -> Any:
+    """The smallest `field` over an image's remaining instances: what an image view is sorted by."""
+    values = [F(f"{label_field}.detections.{field}") for label_field in LABEL_FIELDS]
+    return values[0].extend(*values[1:]).min()
+
+
+def _save_views(image_ds: fo.Dataset, instance_ds: fo.Dataset, run: _Run, views: list[_View], overwrite: bool) -> list[str]:
+    """Save the run's review views on both datasets and one view per explainer on the instances."""
+    names = []
+    for view in views:
+        name = f"{run.run_id}-{view.suffix}"
+        on_images = _image_view(image_ds, run.run_id, view.condition)
+        on_instances = _of_run(instance_ds, run.run_id).match(view.condition)
+        if view.sort_field is not None:
+            on_images = on_images.sort_by([(_lowest_over_labels(view.sort_field), 1), ("filepath", 1)])
+            on_instances = sorted_by(on_instances, view.sort_field)
+        _save(image_ds, name, on_images, view.description, overwrite)
+        _save(instance_ds, name, on_instances, view.description, overwrite)
+        names.append(name)
+    for explainer in run.explainers:
+        name = f"{run.run_id}-explainer-{explainer}"
+        _save(instance_ds, name, _of_run(instance_ds, run.run_id).match(F("explainer") == explainer),
+              f"the maps of explainer {explainer}", overwrite)
+        names.append(name)
+    return names
+
+
+def _save(ds: fo.Dataset, name: str, view: DatasetView, description: str, overwrite: bool) -> None:
+    if overwrite or not ds.has_saved_view(name):
+        ds.save_view(name, view, description=description, overwrite=True)
