@@ -86,10 +86,11 @@ print(json.dumps({
                         .first().predictions.detections[0].to_dict().items() if not k.startswith("_")},
     "known_samples": [plain(s) for s in instances_of(run).match(F("instance_id") == args["known"])],
     "schema": sorted(images.get_field_schema(flat=True)),
-    "heatmaps": [list(row) for row in zip(*images_of(run).values(["filepath", "heatmap_eive.map_path", "heatmap_eive_last.map_path"]))]
+    "heatmaps": [list(row) for row in zip(*images_of(run).values(
+                    ["filepath", "heatmap_eive.map_path", "heatmap_eive_last.map_path"]))]
                 + [list(row) for row in zip(*instances_of(run).values(["filepath", "heatmap.map_path"]))],
     "views": {n: [len(ds.load_saved_view(n)) if ds.has_saved_view(n) else None for ds in (images, instances)] for n in views},
-    "view_order": {n: [[s.instance_id, s.explainer] for s in instances.load_saved_view(n).select_fields(["instance_id", "explainer"])]
+    "view_order": {n: [list(pair) for pair in zip(*instances.load_saved_view(n).values(["instance_id", "explainer"]))]
                    for n in views if instances.has_saved_view(n)},
     "sorted": {f: sorted_by(instances_of(run).match(F("explainer") == "eive"), f).values("instance_id")
                for f in ("mass_in_gt", "insertion_auc")},
