@@ -89,6 +89,7 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
     explainers = run["explainers"].split(",")
     sections = [
         ("summary", "Run", _summary(store, run)),
+        ("findings", "Findings: candidate cues", _findings(store, run_id)),
         ("failures", "Failure gallery", _failures(store, run_id, explainers, Path(config["images"]), top_failures)),
         ("plots", "Score distributions", _plots(store, run_id)),
         ("config", "Configuration", _table(["key", "value"], _config_rows(config))),
@@ -183,6 +184,36 @@ def _summary(store: Path, run: dict[str, Any]) -> str:
                      [("forward", timing["f50"], timing["f95"]), ("explain", timing["e50"], timing["e95"])])
     return (f"{facts}<div class=\"grid\"><div><h3>Images</h3>{by_status}</div>"
             f"<div><h3>Instances by outcome</h3>{by_outcome}</div><div><h3>Timings</h3>{timings}</div></div>")
+
+
+def _findings(store: Path, run_id: str) -> str:
+    """One row per candidate cue (a cluster of flagged instances of one class whose off-object peaks look
+    alike), largest first, with its verification and exemplar crops; then the most spurious instances."""
+    cues = query(store, "SELECT * FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC, cue_id",
+                 [run_id]).to_pylist()
+    flagged = query(store, "SELECT instance_id, explainer, outcome, label_name, score, off_object_share, "
+                           "verification_drop, spurious_score, cue_id FROM instances WHERE run_id = ? AND "
+                           "spurious_score IS NOT NULL ORDER BY spurious_score DESC, instance_id LIMIT 15",
+                    [run_id]).to_pylist()
+    if not flagged:
+        return "<p>No findings for this run (the findings step was off).</p>"
+    intro = ("<p>An instance is flagged when most of its map lies off its object (a correct detection looking "
+             "elsewhere, a false positive on background, a miss whose query looked elsewhere). Each flagged "
+             "instance's off-object peak is described by the detector's feature there, its position relative "
+             "to the box and its colour; peaks of one class that cluster are a candidate cue. Verification "
+             "blurs each peak region and re-scores the detection: a mean drop of half or more confirms the "
+             "cue.</p>")
+    cue_rows = [(c["cue_id"], c["label_name"], f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
+                 f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], c["confirmed"])
+                for c in cues]
+    table = _table(["cue", "class", "support (of flagged)", "mean spurious score", "peak offset (box w, h)",
+                    "verification drop", "confirmed"], cue_rows) if cues else "<p>No candidate cue: no cluster of flagged peaks.</p>"
+    crops = "".join(f'<figure class="cue"><figcaption>{html.escape(c["cue_id"])}</figcaption>'
+                    + "".join(_img(crop, f"exemplar {i}", "crop") for crop, i in zip(c["exemplar_crops"], c["exemplar_ids"]))
+                    + "</figure>" for c in cues)
+    top = _table(["instance", "explainer", "outcome", "class", "score", "off-object share", "verification drop",
+                  "spurious score", "cue"], [tuple(r.values()) for r in flagged])
+    return f"{intro}{table}{crops}<h3>Most spurious instances</h3>{top}"
 
 
 def _plots(store: Path, run_id: str) -> str:

@@ -144,3 +144,18 @@ def test_findings_never_read_the_cue_annotations(audited: dict[str, tuple[Path, 
     with_cues, without_cues = _findings_of(*audited["with_cues"]), _findings_of(*audited["without_cues"])
     assert audited["with_cues"][1] != audited["without_cues"][1], "two different annotation files: two runs"
     assert with_cues == without_cues
+
+
+def test_the_report_lists_the_candidate_cues_with_their_crops(audited: dict[str, tuple[Path, str]], tmp_path: Path) -> None:
+    from reports.html_report import write_report
+
+    store, run_id = audited["with_cues"]
+    _, cues = _findings_of(store, run_id)
+    page = write_report(store, run_id, tmp_path / "r.html").read_text()
+    section = page[page.index('<section id="findings"'):]
+    section = section[:section.index("</section>")]
+    assert "Most spurious instances" in section
+    assert section.count('<figure class="cue">') == len(cues)
+    assert section.count('class="crop"') == sum(len(c["exemplar_crops"]) for c in cues)
+    for cue in cues:
+        assert cue["cue_id"] in section
