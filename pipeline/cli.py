@@ -143,7 +143,7 @@ def run(
     spurious_off_object: float = typer.Option(0.5, help="flag tp / dup / fn with this map share off their object"),
     spurious_background: float = typer.Option(0.5, help="flag fp with this map share off every GT object"),
     cue_min_support: int = typer.Option(5, help="flagged instances a cluster needs to be a candidate cue"),
-    verify_budget: int = typer.Option(200, help="flagged instances re-scored with their peak region blurred"),
+    verify_budget: int = typer.Option(1000, help="instances re-scored with their surroundings blurred (flagged first)"),
     device: str = typer.Option("auto"),
     fiftyone_dataset: Optional[str] = typer.Option(None, help="push the finished run to this FiftyOne dataset"),
     report: bool = typer.Option(True, "--report/--no-report", help="write STORE/reports/<run_id>.html at the end"),

@@ -57,7 +57,8 @@ class AuditConfig(BaseModel):
     spurious_background: float = Field(0.5, ge=0.0, le=1.0,
                                        description="flag an fp with at least this map share off every GT box")
     cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
-    verify_budget: int = Field(200, ge=0, description="flagged instances re-scored with their peak region blurred")
+    verify_budget: int = Field(1000, ge=0,
+                               description="instances re-scored with their surroundings blurred (flagged first)")
     device: str = "auto"
     fiftyone_dataset: str | None = Field(None, min_length=1,
                                          description="push the finished run to this FiftyOne dataset; None: no push")

@@ -14,8 +14,8 @@ annotations beyond the GT boxes of the instances table):
 3. Verification, budgeted: the peak region is blurred and the detection re-scored; the relative drop of
    its score is stored, and a large drop confirms reliance on that region.
 
-`spurious_score` ranks instances for review: the off-object share, raised by the verified drop where one
-was measured (see `spurious_scores`).
+`spurious_score` ranks instances for review: the verified drop, weighted by the off-object share (see
+`spurious_scores`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from torchvision.ops import box_convert
+from torchvision.transforms.functional import gaussian_blur
 
-from pipeline.metrics.faithfulness import FaithfulnessConfig, baseline_images, instance_scores
+from pipeline.metrics.faithfulness import instance_scores
 from pipeline.metrics.localization import box_coverage, boxes_to_grid
 from pipeline.models.detr import DetrAdapter
 from pipeline.models.preprocess import load_image
@@ -48,7 +49,9 @@ class FindingsConfig:
     off_object: float = 0.5  # flag a tp / dup / fn whose map has at least this share off its object
     background: float = 0.5  # flag an fp whose map has at least this share off every GT box
     min_support: int = 5  # instances a cluster needs to be reported as a candidate cue
-    verify_budget: int = 200  # instances re-scored with their peak region blurred (flagged first)
+    verify_budget: int = 1000  # instances re-scored with their candidate region blurred (most off-object first)
+    context_cells: int = 2  # width of the ring around the box that verification blurs, in grid cells
+    blur_sigma: float = 10.0  # of the blur that fills the verified region, in input pixels
     confirm_drop: float = 0.5  # relative score drop that confirms reliance on the region
     feature_dims: int = 8  # PCA components of the backbone feature kept for clustering
     exemplars: int = 6
@@ -149,14 +152,19 @@ def _region_in_original(cells: torch.Tensor, geometry: _Geometry) -> torch.Tenso
     return cells[ys][:, xs]
 
 
-def _peak_region(finding: InstanceFinding, object_cells: torch.Tensor) -> torch.Tensor:
-    """The candidate region of an instance: its off-object peak cell and the 8 around it, minus its object."""
-    h, w = object_cells.shape
-    region = torch.zeros(h, w, dtype=torch.bool)
-    if finding.peak is not None:
-        r, c = finding.peak
+def _candidate_region(case: "_Case", context_cells: int) -> torch.Tensor:
+    """Cells [h, w] to blur when verifying an instance: its off-object peak cell and the 8 around it, and
+    the ring of `context_cells` cells around its box; never its object. The ring is there because a cue
+    right beside an object can reach the object's own tokens through the backbone's receptive field, so
+    the map need not leave the object for the detection to depend on its surroundings."""
+    own = box_coverage(case.geometry.to_grid(torch.tensor([case.box], dtype=torch.float32)), case.geometry.grid)[0]
+    kernel = 2 * context_cells + 1
+    ring = F.max_pool2d((own > 0).float()[None, None], kernel, stride=1, padding=context_cells)[0, 0].bool()
+    region = ring & (own < 0.5)
+    if case.finding.peak is not None:
+        r, c = case.finding.peak
         region[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = True
-    return region & (object_cells < 0.5)
+    return region & (case.object_cells < 0.5)
 
 
 def _descriptor(image: torch.Tensor, features: torch.Tensor, valid: tuple[float, float], case: "_Case") -> np.ndarray:
@@ -205,11 +213,12 @@ def cluster_peaks(descriptors: np.ndarray, config: FindingsConfig) -> np.ndarray
 
 
 def spurious_scores(findings: Iterable[InstanceFinding]) -> None:
-    """Fill `spurious_score`: the off-object share, or where verification measured a drop, the larger of
-    the two (a region whose blurring costs the detection its score is reliance, whatever the map's share)."""
+    """Fill `spurious_score` in [0, 1]: the verified score drop weighted by the square root of the off-object
+    share (reliance on the surroundings, counted more when the map also leaves the object). Where the budget
+    left an instance unverified, its off-object share stands in for the drop."""
     for f in findings:
-        drop = max(f.verification_drop, 0.0) if f.verification_drop is not None else 0.0
-        f.spurious_score = max(f.off_object_share, drop)
+        drop = f.off_object_share if f.verification_drop is None else min(max(f.verification_drop, 0.0), 1.0)
+        f.spurious_score = drop * f.off_object_share ** 0.5
 
 
 @dataclass
@@ -259,8 +268,9 @@ def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[t
         cases[key] = _Case(row, describe_instance(row, saliency, boxes, geometry, config), geometry,
                            _object_region(row, boxes, geometry), model_labels[key])
     flagged = [key for key, case in cases.items() if case.finding.flagged and case.finding.peak is not None]
-    chosen = set(sorted(flagged, key=lambda k: -cases[k].finding.off_object_share)[:config.verify_budget])
-    _visit_images(adapter, [cases[k] for k in flagged], {id(cases[k]) for k in chosen}, images, config)
+    order = sorted(cases, key=lambda k: (not cases[k].finding.flagged, -cases[k].finding.off_object_share, k))
+    _visit_images(adapter, [cases[k] for k in flagged], [cases[k] for k in order[:config.verify_budget]], images,
+                  config)
     findings = Findings(instances={key: case.finding for key, case in cases.items()})
     findings.cues = _cluster([cases[k] for k in flagged], config)
     spurious_scores(findings.instances.values())
@@ -274,65 +284,76 @@ def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[t
     return findings
 
 
-def _visit_images(adapter: DetrAdapter, cases: list[_Case], chosen: set[int], images: dict[int, dict[str, Any]],
+def _visit_images(adapter: DetrAdapter, flagged: list[_Case], verified: list[_Case], images: dict[int, dict[str, Any]],
                   config: FindingsConfig) -> None:
-    """One pass over the images of the flagged cases, `batch_size` images per forward: describe each peak
-    (feature, position, colour, crop), and re-score the chosen cases with their peak region blurred.
+    """One pass over the images concerned, `batch_size` images per forward: describe each flagged case's
+    peak (feature, position, colour, crop), and re-score each case to verify with its candidate region
+    blurred.
 
     The batch here need not pad like the audit's did, so regions travel between the two geometries through
     the original pixels."""
-    per_image: dict[int, list[_Case]] = {}
-    for case in cases:
-        per_image.setdefault(case.row["image_id"], []).append(case)
-    ids = sorted(per_image)
-    blur = FaithfulnessConfig(baseline="blur")
+    describe: dict[int, list[_Case]] = {}
+    verify: dict[int, list[_Case]] = {}
+    for case in flagged:
+        describe.setdefault(case.row["image_id"], []).append(case)
+    for case in verified:
+        verify.setdefault(case.row["image_id"], []).append(case)
+    ids = sorted(set(describe) | set(verify))
     for start in range(0, len(ids), config.batch_size):
         chunk = ids[start:start + config.batch_size]
         pictures = [load_image(images[i]["file_path"]) for i in chunk]
         with torch.inference_mode():
             batch = adapter.preprocess(pictures)
-            features = adapter.record(batch, gradients=False).features
+            features = adapter.record(batch, gradients=False).features if any(i in describe for i in chunk) else None
         padded = batch.pixel_values.shape[-2:]
-        to_verify: list[tuple[int, _Case]] = []
         for b, (image_id, picture) in enumerate(zip(chunk, pictures)):
             ih, iw = (int(v) for v in batch.input_sizes[b])
-            for case in per_image[image_id]:
+            for case in describe.get(image_id, []):
                 case.descriptor = _descriptor(picture, features[b], (ih / padded[0], iw / padded[1]), case)
                 case.crop = _crop(picture, case)
-                if id(case) in chosen:
-                    to_verify.append((b, case))
-        if to_verify:
-            drops = _verify(adapter, batch, blur, to_verify, config.batch_size)
-            for (_, case), drop in zip(to_verify, drops):
+        jobs = [(b, case) for b, image_id in enumerate(chunk) for case in verify.get(image_id, [])]
+        if jobs:
+            drops = _verify(adapter, batch, jobs, config)
+            for (_, case), drop in zip(jobs, drops):
                 case.finding.verification_drop = drop
 
 
-def _verify(adapter: DetrAdapter, batch: Any, blur: FaithfulnessConfig, jobs: list[tuple[int, _Case]],
-            chunk: int) -> list[float]:
-    """Relative score drop of each (batch image, case) when the case's peak region is blurred."""
+def _verify(adapter: DetrAdapter, batch: Any, jobs: list[tuple[int, _Case]], config: FindingsConfig) -> list[float]:
+    """Relative score drop of each (batch image, case) when the case's candidate region is filled with its
+    surroundings blurred, the object itself left out of the blur (normalised convolution) so that no
+    object colour bleeds into the region and reshapes the object's outline."""
     pixels, mask = batch.pixel_values, batch.pixel_mask
-    baseline = baseline_images(pixels, mask, blur)
     index = torch.tensor([b for b, _ in jobs], device=pixels.device)
-    regions, boxes = [], []
+    regions, objects, boxes = [], [], []
     for b, case in jobs:
         ih, iw = (int(v) for v in batch.input_sizes[b])
-        region = _region_in_original(_peak_region(case.finding, case.object_cells), case.geometry)
-        region = F.interpolate(region[None, None].float(), size=(ih, iw), mode="nearest")[0, 0]
-        regions.append(F.pad(region, (0, pixels.shape[-1] - iw, 0, pixels.shape[-2] - ih)).bool())
+        pad = (0, pixels.shape[-1] - iw, 0, pixels.shape[-2] - ih)
+        region = _region_in_original(_candidate_region(case, config.context_cells), case.geometry)
+        inside = torch.zeros_like(region)
+        x0, y0, x1, y1 = (int(round(v)) for v in case.box)
+        inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+        for mask_, store in ((region & ~inside, regions), (inside, objects)):  # cells are coarse: spare the object
+            scaled = F.interpolate(mask_[None, None].float(), size=(ih, iw), mode="nearest")[0, 0]
+            store.append(F.pad(scaled, pad).bool())
         oh, ow = case.geometry.original
         boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
     box = box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(pixels.device)
     labels = torch.tensor([case.label for _, case in jobs], device=pixels.device)
     region = torch.stack(regions).to(pixels.device)[:, None]
+    kept = (~torch.stack(objects).to(pixels.device) & mask[index].bool())[:, None].float()
+    sigma = config.blur_sigma
+    kernel = int(2 * round(3 * sigma) + 1)
     with torch.inference_mode():
         probs, out_boxes = adapter.predict(pixels, mask)
         intact = instance_scores(probs[index], out_boxes[index], labels, box)
-        blurred = torch.empty_like(intact)
-        for part in torch.arange(len(jobs), device=pixels.device).split(chunk):
-            perturbed = torch.where(region[part], baseline[index[part]], pixels[index[part]])
-            probs, out_boxes = adapter.predict(perturbed, mask[index[part]])
-            blurred[part] = instance_scores(probs, out_boxes, labels[part], box[part])
-    return (1 - blurred / intact.clamp(min=1e-6)).tolist()
+        perturbed_scores = torch.empty_like(intact)
+        for part in torch.arange(len(jobs), device=pixels.device).split(config.batch_size):
+            source, weight = pixels[index[part]], kept[part]
+            fill = (gaussian_blur(source * weight, [kernel, kernel], [sigma, sigma])
+                    / gaussian_blur(weight, [kernel, kernel], [sigma, sigma]).clamp(min=1e-6))
+            probs, out_boxes = adapter.predict(torch.where(region[part], fill, source), mask[index[part]])
+            perturbed_scores[part] = instance_scores(probs, out_boxes, labels[part], box[part])
+    return (1 - perturbed_scores / intact.clamp(min=1e-6)).tolist()
 
 
 def _cluster(cases: list[_Case], config: FindingsConfig) -> list[dict[str, Any]]:
