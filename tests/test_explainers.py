@@ -227,17 +227,17 @@ def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Pa
     from storage.catalog import query
     from storage.maps import decode_map
 
-    monkeypatch.setitem(_REGISTRY, "drise", functools.partial(DRise, n_masks=16))  # the flow passes no drise params
+    monkeypatch.setitem(_REGISTRY, "drise", functools.partial(DRise, n_masks=8))  # the flow passes no drise params
     coco = json.loads((synth / "annotations" / "val.json").read_text())
-    keep = {image["id"] for image in coco["images"][:8]}
-    subset = tmp_path / "val8.json"
+    keep = {image["id"] for image in coco["images"][:4]}
+    subset = tmp_path / "val4.json"
     subset.write_text(json.dumps({**coco, "images": [i for i in coco["images"] if i["id"] in keep],
                                   "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
     names = ("eive", "chefer", "drise")
     config = AuditConfig(images=synth / "images" / "val", coco=subset, out=tmp_path / "store", explainers=names,
-                         max_detections=3, batch_size=4, shard_size=4, device="cpu")
+                         max_detections=3, batch_size=2, shard_size=2, device="cpu")
     summary = audit(config)
-    assert summary["images"] == 8 and summary["errors"] == 0
+    assert summary["images"] == 4 and summary["errors"] == 0
     per_explainer = query(config.out, "SELECT explainer, count(*) AS n, count(DISTINCT instance_id) AS ids, "
                                       "avg(mass_in_gt) AS epg FROM instances WHERE run_id = ? GROUP BY explainer",
                           [config.run_id]).to_pylist()
