@@ -52,12 +52,12 @@ class AuditConfig(BaseModel):
     flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
                                    description="`flagged` budget: correct detections with less mass on their GT")
     findings: bool = Field(True, description="flag spurious attention, cluster candidate cues, verify them")
-    spurious_off_object: float = Field(0.5, ge=0.0, le=1.0,
+    spurious_off_object: float = Field(0.4, ge=0.0, le=1.0,
                                        description="flag a tp / dup / fn with at least this map share off its object")
     spurious_background: float = Field(0.5, ge=0.0, le=1.0,
                                        description="flag an fp with at least this map share off every GT box")
     cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
-    verify_budget: int = Field(1000, ge=0,
+    verify_budget: int = Field(5000, ge=0,
                                description="instances re-scored with their surroundings blurred (flagged first)")
     device: str = "auto"
     fiftyone_dataset: str | None = Field(None, min_length=1,

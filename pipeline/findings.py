@@ -46,10 +46,10 @@ OBJECT_OUTCOMES = ("tp", "dup", "fn")
 class FindingsConfig:
     """Thresholds and budgets of the findings step (defaults chosen on the planted-cue benchmark)."""
 
-    off_object: float = 0.5  # flag a tp / dup / fn whose map has at least this share off its object
+    off_object: float = 0.4  # flag a tp / dup / fn whose map has at least this share off its object
     background: float = 0.5  # flag an fp whose map has at least this share off every GT box
     min_support: int = 5  # instances a cluster needs to be reported as a candidate cue
-    verify_budget: int = 1000  # instances re-scored with their candidate region blurred (most off-object first)
+    verify_budget: int = 5000  # instances re-scored with their candidate region blurred (most off-object first)
     context_cells: int = 2  # width of the ring around the box that verification blurs, in grid cells
     blur_sigma: float = 10.0  # of the blur that fills the verified region, in input pixels
     confirm_drop: float = 0.5  # relative score drop that confirms reliance on the region
