@@ -34,7 +34,7 @@ import torch
 
 from explainers import get_explainer
 from explainers.base import Explainer
-from explainers.eive import FUSIONS
+from explainers.eive import DEFAULT_FUSION, FUSIONS
 from pipeline.audit import audit_batch, faithfulness_of_rows
 from pipeline.batching import ImageBatch, iter_batches
 from pipeline.evaluation import label_to_category
@@ -52,7 +52,7 @@ SYNTH_SEED = 1234
 # EIVE fusion ablation: name -> (fusion, query tracking)
 VARIANTS = {f"{fusion}{'+track' if track else ''}": (fusion, track) for fusion in FUSIONS for track in (False, True)}
 # Ablation entries whose maps equal a baseline's up to scale (so every score is equal): not computed twice.
-SAME_MAPS = {"clhcf+track": "eive", "last": "raw-attention"}
+SAME_MAPS = {f"{DEFAULT_FUSION}+track": "eive", "last": "raw-attention"}
 
 
 def _sync(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from pipeline.models.boxes import paired_box_iou
 from pipeline.models.preprocess import PixelBatch
 
 FUSIONS = ("last", "mean", "max", "product", "clhcf")
+DEFAULT_FUSION = "product"  # the fusion ablation's winner on EPG and insertion (README, "EIVE")
 
 
 def _minmax(x: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,7 +35,8 @@ def _minmax(x: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
 class EIVE:
     """Decoder cross-attention of each instance's query, fused over layers.
 
-    fusion: `clhcf` (default), `last`, `mean`, `max` or `product` (geometric mean).
+    fusion: `product` (default: the geometric mean over layers, which won EPG and insertion in the fusion
+    ablation of benchmarks/baselines.py), `clhcf`, `last`, `mean` or `max`.
     track: follow each instance's representative query per layer (argmax of IoU with the instance box
     times the layer's probability of its class) instead of the final query at every layer.
     temperature, alpha, rho, eps: the CLHCF constants of METHODS.md 1c.
@@ -43,7 +45,7 @@ class EIVE:
     needs_gradients: ClassVar[bool] = False
     name: ClassVar[str]
 
-    def __init__(self, fusion: str = "clhcf", track: bool = True, temperature: float = 0.1, alpha: float = 0.5,
+    def __init__(self, fusion: str = DEFAULT_FUSION, track: bool = True, temperature: float = 0.1, alpha: float = 0.5,
                  rho: float = 0.2, eps: float = 1e-6) -> None:
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")

@@ -1,3 +1,3 @@
-"""Prefect flows: training now; audit and schedule with their issues. Flows orchestrate; tasks pass paths
+"""Prefect flows: audit (with its findings step), train, schedule. Flows orchestrate; tasks pass paths
 and small configs, never tensors. May import `pipeline`, `explainers`, `storage` and `reports`.
 """

@@ -70,6 +70,12 @@ def _exception_row(record: ImageRecord, stage: str, exc: Exception) -> dict[str,
             "message": f"{exc}"[:2000], "path": str(record.path)}
 
 
+def explainer_settings(config: AuditConfig, name: str) -> dict[str, Any]:
+    """The config's parameters of one explainer (the others take their defaults)."""
+    return {"eive": {"fusion": config.fusion},
+            "drise": {"n_masks": config.drise_masks, "batch_size": config.faithfulness_batch_size}}.get(name, {})
+
+
 @task(name="audit-shard")
 def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[str, int]:
     """Audit one shard's images and write its tables; a finished shard is skipped."""
@@ -77,7 +83,7 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     if shard_done(config.out, run_id, shard):
         return {"skipped": 1}
     adapter, source, label_map = _model_and_source(config)
-    explainers = [get_explainer(name, **({"fusion": config.fusion} if name == "eive" else {})) for name in config.explainers]
+    explainers = [get_explainer(name, **explainer_settings(config, name)) for name in config.explainers]
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     stream = (item for image_id in image_ids for item in source.read(image_id))
     for item in iter_batches(stream, config.batch_size):

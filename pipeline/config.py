@@ -37,7 +37,7 @@ class AuditConfig(BaseModel):
     out: Path = Field(description="store root: Parquet tables and catalog.duckdb")
     model: str = "default"
     explainers: tuple[str, ...] = ("eive",)
-    fusion: str = "clhcf"
+    fusion: str = "product"  # explainers.eive.DEFAULT_FUSION, the fusion ablation's winner
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -59,6 +59,7 @@ class AuditConfig(BaseModel):
     cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
     verify_budget: int = Field(5000, ge=0,
                                description="instances re-scored with their surroundings blurred (flagged first)")
+    drise_masks: int = Field(1000, ge=1, description="random masks per image of the drise explainer (paper: 5000)")
     device: str = "auto"
     fiftyone_dataset: str | None = Field(None, min_length=1,
                                          description="push the finished run to this FiftyOne dataset; None: no push")

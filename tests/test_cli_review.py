@@ -256,7 +256,7 @@ def test_review_settings_leave_the_run_id_unchanged_and_findings_settings_change
                          out=Path("/nonexistent/store"), model="/nonexistent/model", score_threshold=0.25,
                          faithfulness="sample:7")
     assert config.model_copy(update={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
-    for change in ({"spurious_off_object": 0.4}, {"verify_budget": 3}, {"findings": False}):
+    for change in ({"spurious_off_object": 0.45}, {"verify_budget": 3}, {"findings": False}, {"drise_masks": 7}):
         assert config.model_copy(update=change).run_id != config.run_id, change
 
 

@@ -65,7 +65,7 @@ def test_vectorised_equals_per_instance_reference(forward: tuple, fusion: str) -
 def test_clhcf_peak_lies_between_alpha_and_one(forward: tuple) -> None:
     # S = alpha * minmax(G) + (1 - alpha) * minmax(U * V): each term reaches 1 somewhere, so max S is in [alpha, 1].
     adapter, batch, outputs, targets = forward
-    peaks = get_explainer("eive", alpha=0.3).explain(adapter, batch, outputs, targets).flatten(1).amax(-1)
+    peaks = get_explainer("eive", fusion="clhcf", alpha=0.3).explain(adapter, batch, outputs, targets).flatten(1).amax(-1)
     assert (peaks >= 0.7 - 1e-6).all() and (peaks <= 1 + 1e-6).all()
 
 

@@ -4,7 +4,6 @@ state left as found (also when explain raises), and an audit end to end with sev
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from explainers import available, get_explainer
-from explainers.base import _REGISTRY
 from explainers.drise import DRise, detection_similarity, smooth_masks
 from explainers.rollout import relevance
 from pipeline.metrics.localization import box_coverage, boxes_to_grid
@@ -220,14 +218,12 @@ def test_hooks_and_model_state_are_left_as_found_also_on_error(small_forward: tu
     assert all(p.grad is None for p in adapter.model.parameters()), "gradients are taken, never accumulated"
 
 
-def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Path) -> None:
     from flows.audit import audit
     from pipeline.config import AuditConfig
     from storage.catalog import query
     from storage.maps import decode_map
 
-    monkeypatch.setitem(_REGISTRY, "drise", functools.partial(DRise, n_masks=8))  # the flow passes no drise params
     coco = json.loads((synth / "annotations" / "val.json").read_text())
     keep = {image["id"] for image in coco["images"][:4]}
     subset = tmp_path / "val4.json"
@@ -235,7 +231,7 @@ def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Pa
                                   "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
     names = ("eive", "chefer", "drise")
     config = AuditConfig(images=synth / "images" / "val", coco=subset, out=tmp_path / "store", explainers=names,
-                         max_detections=3, batch_size=2, shard_size=2, device="cpu")
+                         max_detections=3, batch_size=2, shard_size=2, device="cpu", drise_masks=8)
     summary = audit(config)
     assert summary["images"] == 4 and summary["errors"] == 0
     per_explainer = query(config.out, "SELECT explainer, count(*) AS n, count(DISTINCT instance_id) AS ids, "
