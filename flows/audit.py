@@ -191,24 +191,24 @@ def findings_task(config: AuditConfig) -> dict[str, int]:
                                                     [config.run_id]).to_pylist()}
     labels = dict(zip(((r["instance_id"], r["explainer"]) for r in rows), model_labels(adapter, rows, label_map)))
     found = find_spurious(adapter, rows, maps, images, labels, findings_config(config))
-    _write_findings(config, found)
+    _write_findings(config, rows, found)
     mark_shard_done(config.out, config.run_id, "findings")
     return {"cues": len(found.cues), "flagged": sum(f.flagged for f in found.instances.values())}
 
 
-def _write_findings(config: AuditConfig, found: Findings) -> None:
-    shards = query(config.out, "SELECT DISTINCT shard FROM instances WHERE run_id = ? ORDER BY shard",
-                   [config.run_id]).column("shard").to_pylist()
-    for shard in shards:
-        rows = read_table(config.out, "instances", config.run_id, shard).to_pylist()
-        for row in rows:
-            f = found.instances[(row["instance_id"], row["explainer"])]
-            row |= {"off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
-                    "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
-                    "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id,
-                    "verification_drop": f.verification_drop,
-                    "peak_x": f.peak_xy[0] if f.peak_xy else None, "peak_y": f.peak_xy[1] if f.peak_xy else None}
-        write_table(config.out, "instances", config.run_id, shard, rows)
+def _write_findings(config: AuditConfig, rows: list[dict[str, Any]], found: Findings) -> None:
+    """Rewrite each shard's instances file from the run's rows (as read for the findings) with the findings
+    columns filled, then the run's candidate cues."""
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        f = found.instances[(row["instance_id"], row["explainer"])]
+        shards.setdefault(row["shard"], []).append({key: value for key, value in row.items() if key != "run_id"} | {
+            "off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
+            "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
+            "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id, "verification_drop": f.verification_drop,
+            "peak_x": f.peak_xy[0] if f.peak_xy else None, "peak_y": f.peak_xy[1] if f.peak_xy else None})
+    for shard, shard_rows in sorted(shards.items()):
+        write_table(config.out, "instances", config.run_id, shard, shard_rows)
     write_table(config.out, "findings", config.run_id, "run", [cue | {"shard": "run"} for cue in found.cues])
 
 

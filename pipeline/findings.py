@@ -111,14 +111,18 @@ def _box(row: dict[str, Any], prefix: str) -> list[float] | None:
     return None if values[0] is None else values
 
 
+def _instance_box(row: dict[str, Any]) -> list[float]:
+    """The box an instance is about: its GT box for tp / dup / fn, else its predicted box."""
+    gt = _box(row, "gt")
+    return gt if row["outcome"] in OBJECT_OUTCOMES and gt is not None else _box(row, "pred")  # type: ignore[return-value]
+
+
 def _object_region(row: dict[str, Any], gt_boxes: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
     """Cells [h, w] (coverage in [0, 1]) that count as the instance's object."""
-    if row["outcome"] in OBJECT_OUTCOMES and _box(row, "gt") is not None:
-        boxes = torch.tensor([_box(row, "gt")])
-    elif row["outcome"] == "fp" and len(gt_boxes):
+    if row["outcome"] == "fp" and len(gt_boxes):
         boxes = gt_boxes  # a false positive has no object: anything on a real object is not background
     else:
-        boxes = torch.tensor([_box(row, "pred")])
+        boxes = torch.tensor([_instance_box(row)])
     return box_coverage(geometry.to_grid(boxes.float()), geometry.grid).amax(0)
 
 
@@ -235,9 +239,7 @@ class _Case:
 
     @property
     def box(self) -> list[float]:
-        """The box the instance is about: its GT box for tp / dup / fn, else its predicted box."""
-        gt = _box(self.row, "gt")
-        return gt if self.row["outcome"] in OBJECT_OUTCOMES and gt is not None else _box(self.row, "pred")  # type: ignore[return-value]
+        return _instance_box(self.row)
 
     @property
     def explained_box(self) -> list[float]:
