@@ -1,5 +1,5 @@
-"""What the baseline explainers share: maps laid on the attention grid, and per-target gradients from one
-recorded forward.
+"""What the explainers share: attention rows of chosen queries (dense or splatted), maps laid on the attention
+grid, and per-target gradients from one recorded forward.
 
 Gradient methods take one forward per batch (`DetrAdapter.record`) and one backward per *round* of
 targets, a round holding at most one target per image. In an eval-mode DETR the images of a batch never
@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
+from explainers.splat import merge_levels, splat
 from pipeline.models.detr import DetectorOutput, DetrAdapter, ForwardRecord
 from pipeline.models.preprocess import PixelBatch
 from pipeline.models.targets import Targets
@@ -29,9 +30,18 @@ def on_grid(maps: torch.Tensor, outputs: DetectorOutput, targets: Targets) -> to
     return (maps.float().clamp(min=0) * valid).view(len(targets), *outputs.grid)
 
 
-def head_mean_rows(attention: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """Each target query's row of one layer's attention [B, M, Q, N], averaged over heads: [K, N]."""
-    return attention[targets.batch_index, :, targets.query].float().mean(1)
+def attention_rows(outputs: DetectorOutput, layers: torch.Tensor, batch_index: torch.Tensor,
+                   query: torch.Tensor) -> torch.Tensor:
+    """Head-averaged cross-attention rows [L', K, h * w] on the attention grid: of query[l, k] of image
+    batch_index[k] at decoder layer layers[l]. Dense attention is gathered; a deformable model's sampling is
+    splatted and its levels merged onto the finest grid (METHODS.md 1b). Only the asked rows are computed."""
+    layer, image = layers[:, None], batch_index[None, :]
+    if outputs.sampling is None:
+        return outputs.cross_attentions[layer, image, :, query, :].float().mean(2)  # type: ignore[index]
+    sampling = outputs.sampling
+    tokens = splat(sampling.weights[layer, image, query], sampling.locations[layer, image, query],
+                   sampling.level_shapes)  # [L', K, M, S]
+    return merge_levels(tokens.mean(2), sampling.level_shapes)
 
 
 def rounds(batch_index: torch.Tensor) -> list[torch.Tensor]:

@@ -5,7 +5,9 @@ over the image tokens is where it looked. One forward explains every detection: 
 perturbation. Layers are fused by CLHCF (METHODS.md 1c, reconstructed) or a simpler rule.
 
 Everything stays on the model's device and is vectorised over instances and layers: the rows of the
-kept queries are gathered first, so no [L, B, M, Q, N] tensor ever leaves the device.
+kept queries are gathered first, so no [L, B, M, Q, N] tensor ever leaves the device. For a multi-scale
+deformable model (Deformable DETR, RT-DETR) the rows are the splat of the queries' sampling points merged
+onto the finest level (METHODS.md 1b, `explainers.splat`); the fusion is the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import ClassVar
 import torch
 from torchvision.ops import box_convert
 
+from explainers._common import attention_rows
 from explainers.base import Targets, register
 from pipeline.models.detr import DetectorOutput, DetrAdapter
 from pipeline.models.boxes import paired_box_iou
@@ -58,7 +61,7 @@ class EIVE:
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
         h, w = outputs.grid
         if len(targets) == 0:
-            return outputs.cross_attentions.new_zeros((0, h, w), dtype=torch.float32)
+            return outputs.logits.new_zeros((0, h, w), dtype=torch.float32)
         rows, layer_scores = self._attention_rows(model, outputs, targets)  # [L, K, N], [L, K]
         valid = outputs.token_mask[targets.batch_index].flatten(1)  # [K, N]
         rows = rows * valid
@@ -70,7 +73,7 @@ class EIVE:
                         targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
         """Head-averaged attention row of each instance's representative query per layer, and that
         query's score p_l(r, c) * IoU(box_l(r), box)."""
-        n_layers = outputs.cross_attentions.shape[0]
+        n_layers = outputs.layer_logits.shape[0]
         b = targets.batch_index
         probs = model.class_probs(outputs.layer_logits[:, b])  # [L, K, Q, C]
         label = targets.label[None, :, None, None].expand(*probs.shape[:3], 1)
@@ -83,9 +86,7 @@ class EIVE:
         else:
             query = targets.query.expand(n_layers, -1)
             best = score.gather(-1, query[..., None])[..., 0]
-        layer = torch.arange(n_layers, device=query.device)[:, None]
-        rows = outputs.cross_attentions[layer, b[None, :], :, query, :]  # [L, K, M, N]
-        return rows.float().mean(2), best
+        return attention_rows(outputs, torch.arange(n_layers, device=query.device), b, query), best
 
     def _fuse(self, dist: torch.Tensor, layer_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Fuse per-layer distributions [L, K, N] into one map per instance [K, N]."""

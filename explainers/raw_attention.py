@@ -1,6 +1,6 @@
 """Raw attention (METHODS.md 2): the last decoder layer's cross-attention row of the instance's query,
-averaged over heads. The plainest reading of the forward; EIVE's layer fusion and query tracking are what
-it lacks."""
+averaged over heads (for a deformable model, its splatted sampling). The plainest reading of the forward;
+EIVE's layer fusion and query tracking are what it lacks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from explainers._common import head_mean_rows, on_grid
+from explainers._common import attention_rows, on_grid
 from explainers.base import Targets, register
 from pipeline.models.detr import DetectorOutput, DetrAdapter
 from pipeline.models.preprocess import PixelBatch
@@ -21,4 +21,5 @@ class RawAttention:
 
     @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
-        return on_grid(head_mean_rows(outputs.cross_attentions[-1], targets), outputs, targets)
+        last = torch.tensor([outputs.layer_logits.shape[0] - 1], device=targets.query.device)
+        return on_grid(attention_rows(outputs, last, targets.batch_index, targets.query[None])[0], outputs, targets)

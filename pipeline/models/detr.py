@@ -9,6 +9,8 @@ live only for the duration of one forward.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,21 +73,37 @@ def load_hf_model(name: str | Path) -> PreTrainedModel:
 
 
 @dataclass
+class DeformableSampling:
+    """Multi-scale deformable cross-attention of every decoder layer (METHODS.md 1b), as the model used it.
+
+    weights [L, B, Q, M, Lv, P] post-softmax (over Lv * P per head); locations [L, B, Q, M, Lv, P, 2] as (x, y)
+    in [0, 1] of each padded level map; level_shapes: (h, w) of each level, in the order of the value tokens.
+    """
+
+    weights: torch.Tensor
+    locations: torch.Tensor
+    level_shapes: tuple[tuple[int, int], ...]
+
+
+@dataclass
 class DetectorOutput:
     """One batch's forward, all on the model's device.
 
     logits [B, Q, C'] (C' = C, or C + 1 with DETR's no-object class), boxes [B, Q, 4] normalised cxcywh;
     layer_logits / layer_boxes [L, B, Q, ...] per decoder layer (the last equals logits / boxes);
-    cross_attentions [L, B, M, Q, h*w] post-softmax; grid (h, w) of the attention; token_mask [B, h, w].
+    cross_attentions [L, B, M, Q, h*w] post-softmax for single-scale models, None for deformable ones, which
+    have `sampling` instead; grid (h, w) of the attention (a deformable model's finest level), token_mask
+    [B, h, w].
     """
 
     logits: torch.Tensor
     boxes: torch.Tensor
     layer_logits: torch.Tensor
     layer_boxes: torch.Tensor
-    cross_attentions: torch.Tensor
+    cross_attentions: torch.Tensor | None
     grid: tuple[int, int]
     token_mask: torch.Tensor
+    sampling: DeformableSampling | None = None
 
 
 @dataclass
@@ -132,6 +150,25 @@ def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, object]
             handle.remove()
 
 
+@contextlib.contextmanager
+def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, object]]]:
+    """Record each module's call arguments by parameter name (however the caller passed them, positionally or
+    by keyword) under its key; the hooks are removed on exit, even on error."""
+    captured: dict[str, dict[str, object]] = {}
+    handles = []
+
+    def hook(key: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured[key] = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_pre_hook(functools.partial(hook, key), with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
@@ -153,7 +190,7 @@ class DetrAdapter:
         model = load_hf_model(name)
         path = Path(resolve_model_path(name))
         config = PreprocessConfig.from_dir(path) if path.is_dir() else PreprocessConfig()
-        return cls(model, config, resolve_device(device))
+        return adapter_class(family_of(model.config))(model, config, resolve_device(device))
 
     @property
     def num_layers(self) -> int:
@@ -273,3 +310,12 @@ class DetrAdapter:
         """Preprocess, forward and postprocess a list of uint8 [3, h, w] images."""
         batch = self.preprocess(images)
         return self.postprocess(self.forward(batch), batch, score_threshold, max_detections)
+
+
+def adapter_class(family: Family) -> type[DetrAdapter]:
+    """The adapter of a family: deformable models record sampled points instead of dense attention."""
+    if family.deformable:
+        from pipeline.models.deformable import DeformableAdapter  # that module subclasses this one's adapter
+
+        return DeformableAdapter
+    return DetrAdapter

@@ -17,10 +17,14 @@ from transformers import (
     ConditionalDetrForObjectDetection,
     DabDetrConfig,
     DabDetrForObjectDetection,
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
     DetrConfig,
     DetrForObjectDetection,
     PretrainedConfig,
     PreTrainedModel,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,6 +43,7 @@ class Family:
     shortest_edge: int
     longest_edge: int
     sigmoid_classes: bool  # focal-loss heads (one sigmoid per class) vs softmax with a no-object class
+    deformable: bool = False  # multi-scale deformable cross-attention: sampled points, no dense attention matrix
 
 
 _SMALL_BACKBONE = {
@@ -63,10 +68,26 @@ FAMILIES: dict[str, Family] = {
              "decoder_ffn_dim": 256, "num_queries": 20, "dropout": 0.0, "auxiliary_loss": True},
             128, 128, True,
         ),
+        # The published Deformable DETR (single scale in, 4 levels, 300 queries, no box refinement) and RT-DETR
+        # R50-vd: transformers' default configs are those architectures.
+        Family("deformable-detr", "deformable_detr", DeformableDetrConfig, DeformableDetrForObjectDetection,
+               {}, 800, 1333, True, deformable=True),
+        Family("rt-detr", "rt_detr", RTDetrConfig, RTDetrForObjectDetection, {}, 640, 640, True, deformable=True),
+        Family(
+            # Two levels (stride 8 from the backbone, stride 16 by Deformable DETR's extra 3x3 conv): the
+            # smallest model on which the splat's level merge is exercised, trainable on a CPU in minutes.
+            "deformable-detr-small", "deformable_detr", DeformableDetrConfig, DeformableDetrForObjectDetection,
+            {**_SMALL_BACKBONE, "d_model": 64, "encoder_layers": 1, "decoder_layers": 3,
+             "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+             "decoder_ffn_dim": 128, "num_queries": 20, "num_feature_levels": 2, "encoder_n_points": 2,
+             "decoder_n_points": 2, "dropout": 0.0, "auxiliary_loss": True},
+            128, 128, True, deformable=True,
+        ),
     )
 }
 
-MODEL_TYPES: dict[str, Family] = {f.model_type: f for f in FAMILIES.values() if f.name != "conditional-detr-small"}
+# Small recipes share their model type with a real-size family, which is the one a loaded checkpoint maps to.
+MODEL_TYPES: dict[str, Family] = {f.model_type: f for f in FAMILIES.values() if not f.name.endswith("-small")}
 
 
 def family_of(config: PretrainedConfig) -> Family:
