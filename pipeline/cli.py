@@ -56,7 +56,8 @@ def synth(
 
 @app.command("init-model")
 def init_model(
-    family: str = typer.Option(..., help="detr-r50 | conditional-detr | dab-detr | conditional-detr-small"),
+    family: str = typer.Option(..., help="detr-r50 | conditional-detr | dab-detr | deformable-detr | rt-detr | "
+                                         "conditional-detr-small | deformable-detr-small"),
     num_labels: int = typer.Option(..., min=1),
     out: Path = typer.Option(...),
     seed: int = typer.Option(0),
