@@ -10,12 +10,17 @@ from pipeline.train import TrainConfig, train
 
 @task(name="train-detector-steps")
 def train_task(config: TrainConfig) -> dict[str, float]:
-    """Run the training loop with a progress bar showing the step and the current loss."""
-    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    """Run the training loop with a progress bar showing the step and the current losses (with AAJTS, its
+    concentration and stability terms too)."""
+    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
                TimeRemainingColumn()]
     with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task("train", total=config.steps, loss="-")
-        return train(config, on_step=lambda step, loss: progress.update(bar, completed=step, loss=f"{loss:.3f}"))
+        bar = progress.add_task("train", total=config.steps, losses="")
+
+        def show(step: int, losses: dict[str, float]) -> None:
+            progress.update(bar, completed=step, losses=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+
+        return train(config, on_step=show)
 
 
 @flow(name="train-detector")

@@ -84,14 +84,22 @@ def train(
     checkpoint_every: int = typer.Option(500),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    aajts: bool = typer.Option(False, "--aajts", help="attention-aware joint training (METHODS.md 1d)"),
+    lambda_in: float = typer.Option(0.5, min=0.0, help="AAJTS concentration weight"),
+    lambda_stab: float = typer.Option(0.1, min=0.0, help="AAJTS stability weight"),
 ) -> None:
     """Train (or resume, or fine-tune) a detector; runs as the Prefect flow `train-detector`."""
     from flows.train import train_flow
     from pipeline.train import TrainConfig
 
     config = TrainConfig(coco=coco, images=images, out=out, family=family, init=init, steps=steps,
-                         batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed, device=device)
-    typer.echo(json.dumps(train_flow(config)))
+                         batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed, device=device,
+                         aajts=aajts, lambda_in=lambda_in, lambda_stab=lambda_stab)
+    try:
+        summary = train_flow(config)
+    except ValueError as exc:  # a dataset or model the run cannot use, e.g. AAJTS on a deformable model
+        _fail(str(exc))
+    typer.echo(json.dumps(summary))
 
 
 def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str) -> dict:

@@ -7,6 +7,9 @@ every other command loads.
 Training from scratch needs trainable batch norm: transformers freezes the backbone's BatchNorm (right
 for pretrained backbones, fatal for random ones), so `trainable_batch_norm` swaps in real BatchNorm
 while training; the saved state dict keeps the frozen layout, so checkpoints load with the stock class.
+
+With `aajts` the loss gains the attention terms of `pipeline.aajts` (METHODS.md 1d); without it the step is
+exactly transformers' set loss.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from torch import nn
 from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 
+from pipeline.aajts import joint_loss, require_dense_attention
 from pipeline.evaluation import label_to_category
 from pipeline.models.detr import load_hf_model, resolve_device
 from pipeline.models.families import FAMILIES, build_config, save_preprocessor
-from pipeline.models.preprocess import PreprocessConfig, load_image, preprocess
+from pipeline.models.preprocess import PixelBatch, PreprocessConfig, load_image, preprocess
 from pipeline.sources.coco import CocoSource
 from pipeline.sources.records import ImageRecord
 
@@ -58,6 +62,19 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    aajts: bool = Field(False, description="attention-aware joint training (METHODS.md 1d)")
+    lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")
+    lambda_stab: float = Field(0.1, ge=0.0, description="AAJTS stability weight")
+
+
+# Settings that may change between an interrupted run and its resumption: where and how fast it runs, how
+# often it checkpoints, and how long it goes on (the schedule is a function of the final step count).
+RESUMABLE_CHANGES = frozenset({"out", "device", "threads", "checkpoint_every", "steps"})
+
+
+def run_identity(config: TrainConfig) -> str:
+    """The settings a checkpoint was trained under, as canonical JSON; a resume must match them."""
+    return json.dumps(config.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)), sort_keys=True)
 
 
 def trainable_batch_norm(model: nn.Module) -> int:
@@ -151,8 +168,19 @@ def _save(model: PreTrainedModel, out: Path, preprocess_config: PreprocessConfig
     tmp.rename(out)
 
 
-def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
-    """Run (or resume) training; returns a summary with the final loss and wall time."""
+def _step_loss(model: PreTrainedModel, batch: PixelBatch, labels: list[dict[str, torch.Tensor]],
+               config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise and its logged parts: transformers' set loss, plus the AAJTS terms when on."""
+    if config.aajts:
+        joint = joint_loss(model, batch.pixel_values, batch.pixel_mask, labels, config.lambda_in, config.lambda_stab)
+        return joint.total, joint.logged()
+    loss = model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask, labels=labels).loss
+    return loss, {"loss": float(loss.detach())}
+
+
+def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Run (or resume) training; `on_step(step, losses)` sees each step's logged losses (`loss`, and with
+    AAJTS its parts). Returns a summary with the final losses and wall time."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -170,15 +198,20 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     if config.init is None:
         trainable_batch_norm(model)
         model.requires_grad_(True)  # transformers freezes a ResNet stem meant to be pretrained
+    if config.aajts:
+        require_dense_attention(model)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start_step, elapsed = 0, 0.0
     if resume:
         state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
+        if state.get("identity", run_identity(config)) != run_identity(config):  # older checkpoints have none
+            raise ValueError(f"{checkpoint} was written by a run with other settings; remove it or use another --out "
+                             f"(checkpoint: {state['identity']})")
         optimizer.load_state_dict(state["optimizer"])
         start_step, elapsed = int(state["step"]), float(state["elapsed"])
     dataset = _TrainSet(records, cat_to_label, config.hflip, config.seed)
-    started, loss_value = time.perf_counter() - elapsed, math.nan
+    started, logged = time.perf_counter() - elapsed, {"loss": math.nan}
     for keys in _batches(len(records), min(config.batch_size, len(records)), config.seed, start_step, config.steps):
         step = keys[0][1]
         items = [dataset[k] for k in keys]
@@ -186,21 +219,20 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
         labels = [{k: v.to(device) for k, v in t.items()} for _, t in items]
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config)
-        loss = model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask, labels=labels).loss
+        loss, logged = _step_loss(model, batch, labels, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimizer.step()
-        loss_value = float(loss.detach())
         if on_step is not None:
-            on_step(step + 1, loss_value)
+            on_step(step + 1, logged)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             _save(model, checkpoint, preprocess_config)
-            torch.save({"optimizer": optimizer.state_dict(), "step": step + 1,
+            torch.save({"optimizer": optimizer.state_dict(), "step": step + 1, "identity": run_identity(config),
                         "elapsed": time.perf_counter() - started}, checkpoint / TRAINER_STATE)
     seconds = time.perf_counter() - started
-    summary = {"steps": config.steps, "final_loss": loss_value, "train_seconds": round(seconds, 1),
-               "device": str(device), "images": len(records)}
+    summary = {"steps": config.steps, **{f"final_{k}": v for k, v in logged.items()},
+               "train_seconds": round(seconds, 1), "device": str(device), "images": len(records)}
     final = out / ".final"
     _save(model, final, preprocess_config)
     (final / "training_config.json").write_text(
