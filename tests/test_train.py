@@ -37,14 +37,16 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("aajts", [False, True])
+def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path: Path, aajts: bool) -> None:
     def config(out: Path) -> TrainConfig:
         return TrainConfig(coco=synth / "annotations" / "train.json", images=synth / "images" / "train", out=out,
-                           steps=4, batch_size=4, checkpoint_every=2, warmup_steps=2, device="cpu", threads=1)
+                           steps=4, batch_size=4, checkpoint_every=2, warmup_steps=2, device="cpu", threads=1,
+                           aajts=aajts)
 
     train(config(tmp_path / "straight"))
 
-    def crash_at_3(step: int, _loss: float) -> None:
+    def crash_at_3(step: int, _losses: dict[str, float]) -> None:
         if step == 3:
             raise _Interrupt
 
@@ -72,3 +74,20 @@ def test_fine_tuning_matches_labels_by_name_and_refuses_unknown_categories(synth
         name: name for name in source.categories.values()}
     with pytest.raises(ValueError, match="no label for the dataset categories"):
         fine_tune_label_map(source, {0: "circle", 1: "square", 2: "triangle", 3: "star"})
+
+
+def test_a_checkpoint_resumes_only_under_the_settings_that_wrote_it(synth: Path, tmp_path: Path) -> None:
+    config = TrainConfig(coco=synth / "annotations" / "train.json", images=synth / "images" / "train",
+                         out=tmp_path / "model", steps=3, batch_size=4, checkpoint_every=2, device="cpu", threads=1)
+
+    def crash_at_3(step: int, _losses: dict[str, float]) -> None:
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(config, on_step=crash_at_3)
+    with pytest.raises(ValueError, match="written by a run with other settings"):
+        train(config.model_copy(update={"aajts": True}))
+    seen: list[int] = []
+    train(config.model_copy(update={"steps": 4, "checkpoint_every": 5}), on_step=lambda step, _losses: seen.append(step))
+    assert seen == [3, 4], "a longer schedule, or other checkpoint spacing, may resume the same run"
