@@ -44,6 +44,15 @@ def attention_rows(outputs: DetectorOutput, layers: torch.Tensor, batch_index: t
     return merge_levels(tokens.mean(2), sampling.level_shapes)
 
 
+def require_single_scale(model: DetrAdapter, explainer: str) -> None:
+    """Refuse a multi-scale deformable model by name, up front: it has no dense attention matrix to read or
+    differentiate, and its memory spans several grids."""
+    if model.family.deformable:
+        raise ValueError(f"{explainer} needs dense attention over one grid, which {model.family.name} "
+                         f"({model.family.model_type}, multi-scale deformable attention) does not have; "
+                         "use eive (the splat of its sampling points), raw-attention, odam or drise")
+
+
 def rounds(batch_index: torch.Tensor) -> list[torch.Tensor]:
     """Target indices grouped so that no group holds two targets of the same image; the r-th target of
     each image goes to group r (so there are as many groups as the busiest image has targets)."""
@@ -73,6 +82,7 @@ class GradientExplainer(ABC):
     passes. A method only says what its passes are."""
 
     needs_gradients: ClassVar[bool] = True
+    single_scale_only: ClassVar[bool] = True  # reads attention matrices or the one-grid memory
     name: ClassVar[str]
 
     @abstractmethod
@@ -81,6 +91,8 @@ class GradientExplainer(ABC):
         """(scores [K], tensors to differentiate them by, reduction of a round's gradients) per pass."""
 
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
+        if self.single_scale_only:
+            require_single_scale(model, self.name)
         if model.model.training:
             raise ValueError("gradient explainers need an eval-mode model: "
                              "train-mode BatchNorm mixes the images of a batch")

@@ -2,14 +2,15 @@
 on DETR (METHODS.md 2).
 
 y = the instance's class score (probability) at its query; A = the feature map it came from, here the
-backbone's last map after the 1x1 input projection (the grid the encoder reads, [B, D, h, w]);
+backbone's last map after the 1x1 input projection (the grid the encoder reads, [B, D, h, w]; for a
+multi-scale deformable model, its finest projected level, the grid of its maps);
 H = ReLU(sum_k dy/dA_k * A_k), element-wise: no spatial pooling of the gradient, which is what makes
 the map instance-specific. One backward per round of targets (see `explainers._common`).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 
@@ -20,6 +21,8 @@ from pipeline.models.detr import DetrAdapter, ForwardRecord
 
 @register("odam")
 class ODAM(GradientExplainer):
+    single_scale_only: ClassVar[bool] = False
+
     def _passes(self, model: DetrAdapter, record: ForwardRecord,
                 targets: Targets) -> Iterable[tuple[torch.Tensor, Sequence[torch.Tensor], Reduce]]:
         probs = model.class_probs(record.output.logits[targets.batch_index, targets.query])  # [K, C]

@@ -14,7 +14,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from explainers._common import on_grid
+from explainers._common import on_grid, require_single_scale
 from explainers.base import Targets, register
 from pipeline.models.detr import DetectorOutput, DetrAdapter
 from pipeline.models.preprocess import PixelBatch
@@ -56,6 +56,7 @@ class Rollout:
 
     @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
+        require_single_scale(model, self.name)
         h, w = outputs.grid
         if len(targets) == 0:
             return torch.zeros(0, h, w, device=outputs.logits.device)

@@ -20,23 +20,26 @@ from pipeline.models.detr import (
     ForwardRecord,
     _inverse_sigmoid,
     capture_inputs,
+    capture_outputs,
 )
 from pipeline.models.preprocess import PixelBatch
 
-DENSE_ONLY = "rollout, chefer, odam, legrad-detr, cdam-detr"
-
-
 class DeformableAdapter(DetrAdapter):
     """DetrAdapter for Deformable DETR and RT-DETR: `forward` fills `DetectorOutput.sampling` (and leaves
-    `cross_attentions` None); `grid` and `token_mask` are those of the finest level."""
+    `cross_attentions` None); `grid` and `token_mask` are those of the finest level. `record` holds the
+    finest projected map as `features` and all levels' tokens as `memory`, and no attention matrices."""
 
-    def forward(self, batch: PixelBatch) -> DetectorOutput:
-        """Run the detector once, capturing per-layer predictions and each decoder layer's sampling."""
-        kernels = {f"layer{i}": layer.encoder_attn.attn for i, layer in enumerate(self.model.model.decoder.layers)}
-        with capture_inputs(kernels) as captured, self._autocast():
+    def _record(self, batch: PixelBatch) -> ForwardRecord:
+        """One forward with each decoder layer's sampling, the finest projected backbone map and the tokens of
+        every level the decoder reads; there is no dense attention, so the record's attention tuples are empty."""
+        base = self.model.model
+        kernels = {f"layer{i}": layer.encoder_attn.attn for i, layer in enumerate(base.decoder.layers)}
+        projection = base.input_proj[0] if hasattr(base, "input_proj") else base.encoder_input_proj[0]
+        with capture_inputs({**kernels, "decoder": base.decoder}) as inputs, \
+                capture_outputs({"projection": projection}) as outputs, self._autocast():
             out = self.model(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask)
-            layer_logits, layer_boxes = self._layer_predictions(captured, out)
-        calls = [captured[f"layer{i}"] for i in range(len(kernels))]
+            layer_logits, layer_boxes = self._layer_predictions(inputs, out)
+        calls = [inputs[key] for key in kernels]
         shapes = tuple((int(h), int(w)) for h, w in calls[0]["value_spatial_shapes_list"])  # type: ignore[union-attr]
         sampling = DeformableSampling(
             weights=torch.stack([c["attention_weights"] for c in calls]),  # type: ignore[misc]
@@ -45,16 +48,11 @@ class DeformableAdapter(DetrAdapter):
         )
         grid = max(shapes, key=lambda hw: hw[0] * hw[1])
         token_mask = nn.functional.interpolate(batch.pixel_mask[None].float(), size=grid)[0].bool()
-        return DetectorOutput(logits=out.logits, boxes=out.pred_boxes, layer_logits=layer_logits,
-                              layer_boxes=layer_boxes, cross_attentions=None, grid=grid, token_mask=token_mask,
-                              sampling=sampling)
-
-    def record(self, batch: PixelBatch, gradients: bool = True) -> ForwardRecord:
-        """Refused: the record holds dense attention matrices, which a deformable model does not have."""
-        raise ValueError(
-            f"{self.family.name} ({self.family.model_type}) uses multi-scale deformable attention, which has no "
-            f"dense attention matrix: explainers that read or differentiate one ({DENSE_ONLY}) do not support it; "
-            "use eive (the splat of its sampling points) or drise")
+        output = DetectorOutput(logits=out.logits, boxes=out.pred_boxes, layer_logits=layer_logits,
+                                layer_boxes=layer_boxes, cross_attentions=None, grid=grid, token_mask=token_mask,
+                                sampling=sampling)
+        return ForwardRecord(output, (), (), (), outputs["projection"],  # type: ignore[arg-type]
+                             inputs["decoder"]["encoder_hidden_states"])  # type: ignore[arg-type]
 
     def _layer_predictions(self, captured: dict[str, object], out: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decoder layer's logits and boxes [L, B, Q, ...].
