@@ -17,6 +17,11 @@ same instances and metrics. Prints one JSON object.
 
     python benchmarks/baselines.py --quick --threads 1     # a few minutes on a CPU
     python benchmarks/baselines.py --threads 1             # the defaults: about 15 minutes on 2 busy CPU cores
+    python benchmarks/baselines.py --quick --threads 1 --deformable-only --deformable-model DIR   # deformable rows
+
+Deformable rows (`--deformable-model`, a deformable-detr-small trained by `eive-audit train`): the explainers
+that take a multi-scale deformable model (`DEFORMABLE`), quality and cost on that model, cost on random-init
+Deformable DETR and RT-DETR.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pipeline.sources import CocoSource
 from pipeline.sources.synthetic import generate
 
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
+DEFORMABLE = ("eive", "raw-attention", "odam", "drise")  # the explainers that take a multi-scale deformable model
 COCO_TINY_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny" / "val2017"
 SYNTH_SEED = 1234
 # EIVE fusion ablation: name -> (fusion, query tracking)
@@ -93,17 +99,20 @@ class Measured:
         return {"time_ratio": float(f"{ratio:.4g}"), **means, "tp": len(self.tp["epg"])}
 
 
-def _explainers(drise: dict[str, int]) -> list[Measured]:
-    baselines = [Measured(n, get_explainer(n, **(drise if n == "drise" else {}))) for n in ("eive", *BASELINES)]
+def _explainers(drise: dict[str, int], names: tuple[str, ...], ablation: bool) -> list[Measured]:
+    baselines = [Measured(n, get_explainer(n, **(drise if n == "drise" else {}))) for n in names]
     return baselines + [Measured(name, get_explainer("eive", fusion=fusion, track=track))
-                        for name, (fusion, track) in VARIANTS.items() if name not in SAME_MAPS]
+                        for name, (fusion, track) in VARIANTS.items() if ablation and name not in SAME_MAPS]
 
 
-def shipped_quality(args: argparse.Namespace, device: torch.device) -> tuple[list[Measured], int, float]:
+def shipped_quality(args: argparse.Namespace, device: torch.device, model: str = "default",
+                    names: tuple[str, ...] = ("eive", *BASELINES)) -> tuple[list[Measured], int, float]:
     """Every explainer over a fresh synthetic val set: timings, localisation and faithfulness over tp; also
-    the number of images and the seconds per image of the bare batched forward."""
-    adapter = DetrAdapter.load("default", device)
-    measured = _explainers({"n_masks": args.drise_masks, "batch_size": args.forward_batch})
+    the number of images and the seconds per image of the bare batched forward. The fusion ablation runs on
+    the shipped model only."""
+    adapter = DetrAdapter.load(model, device)
+    measured = _explainers({"n_masks": args.drise_masks, "batch_size": args.forward_batch}, names,
+                           ablation=model == "default")
     faithfulness = FaithfulnessConfig(steps=args.steps, batch_size=args.forward_batch)
     bare, n_images = 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,10 +144,12 @@ def shipped_quality(args: argparse.Namespace, device: torch.device) -> tuple[lis
     return measured, n_images, bare / n_images
 
 
-def detr_r50_cost(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
-    """Cost ratio of every explainer on random-init DETR-R50 over coco_tiny val images at 800 px."""
+def random_init_cost(args: argparse.Namespace, device: torch.device, family: str = "detr-r50",
+                     names: tuple[str, ...] = ("eive", *BASELINES)) -> tuple[dict[str, float], dict[str, Any]]:
+    """Cost ratio of each explainer on a random-init real-size model over coco_tiny val images at its input
+    size (DETR-R50 and Deformable DETR 800 px, RT-DETR 640 px)."""
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = DetrAdapter.load(write_random_model("detr-r50", [f"LABEL_{i}" for i in range(80)], Path(tmp)), device)
+        adapter = DetrAdapter.load(write_random_model(family, [f"LABEL_{i}" for i in range(80)], Path(tmp)), device)
     images = [load_image(p) for p in sorted(COCO_TINY_VAL.glob("*.jpg"))[:args.detr_images]]
     batch = adapter.preprocess(images)
     with torch.inference_mode():
@@ -149,7 +160,7 @@ def detr_r50_cost(args: argparse.Namespace, device: torch.device) -> tuple[dict[
     targets = Targets(index, queries, torch.cat([d.labels for d in detections]).to(device),
                       outputs.boxes[index, queries].float().clone())
     fns: dict[str, Callable[[], object]] = {"bare": lambda: adapter.predict(batch.pixel_values, batch.pixel_mask)}
-    for name in ("eive", *BASELINES):
+    for name in names:
         explainer = get_explainer(name, **({"n_masks": args.detr_drise_masks, "batch_size": args.forward_batch}
                                             if name == "drise" else {}))
         fns[name] = lambda e=explainer: e.explain(adapter, batch, outputs, targets)
@@ -179,7 +190,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the DETR-R50 timings")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--deformable-model", default=None,
+                        help="a trained deformable-detr-small directory: adds the deformable rows (quality on it, "
+                             "cost on random-init Deformable DETR and RT-DETR)")
+    parser.add_argument("--deformable-only", action="store_true", help="only the deformable rows")
     args = parser.parse_args()
+    if args.deformable_only and not args.deformable_model:
+        parser.error("--deformable-only needs --deformable-model")
     if args.quick:
         args.images, args.steps, args.drise_masks = 8, 5, 64
         args.detr_images, args.detr_instances, args.detr_drise_masks, args.repeats = 1, 2, 2, 1
@@ -187,18 +204,42 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     started = time.perf_counter()
+    result: dict[str, Any] = {}
+    if not args.deformable_only:
+        result = single_scale(args, device)
+    if args.deformable_model:
+        result["deformable"] = deformable(args, device)
+    result["setup"] = {**result.get("setup", {}), "device": str(device), "threads": torch.get_num_threads(),
+                       "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(result))
+
+
+def single_scale(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The shipped model's quality and the fusion ablation; costs on it and on random-init DETR-R50."""
     measured, n_images, per_forward = shipped_quality(args, device)
-    detr_ratios, detr_setup = detr_r50_cost(args, device)
+    detr_ratios, detr_setup = random_init_cost(args, device)
     summaries = {m.name: m.summary(per_forward) for m in measured}
     explainers = {name: {**summaries[name], "time_ratio_detr_r50": detr_ratios[name]} for name in ("eive", *BASELINES)}
     quality = {name: {k: v for k, v in summary.items() if k != "time_ratio"} for name, summary in summaries.items()}
     ablation = {name: quality[SAME_MAPS.get(name, name)] for name in VARIANTS}
-    setup = {"device": str(device), "threads": torch.get_num_threads(), "synthetic_seed": SYNTH_SEED,
-             "steps": args.steps, "score_threshold": args.score_threshold, "drise_masks": args.drise_masks,
+    setup = {"synthetic_seed": SYNTH_SEED, "steps": args.steps, "score_threshold": args.score_threshold,
+             "drise_masks": args.drise_masks,
              "shipped": {"images": n_images, "bare_forward_s_per_image": float(f"{per_forward:.4g}")},
-             "detr_r50": detr_setup, "seconds": round(time.perf_counter() - started, 1)}
-    print(json.dumps({"explainers": explainers, "fusion_ablation": ablation, "setup": setup}))
+             "detr_r50": detr_setup}
+    return {"explainers": explainers, "fusion_ablation": ablation, "setup": setup}
 
+
+def deformable(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The explainers that take a deformable model: quality and cost on the trained deformable-detr-small,
+    cost on random-init Deformable DETR (800 px) and RT-DETR R50 (640 px)."""
+    measured, n_images, per_forward = shipped_quality(args, device, args.deformable_model, DEFORMABLE)
+    costs = {family: random_init_cost(args, device, family, DEFORMABLE) for family in ("deformable-detr", "rt-detr")}
+    explainers = {m.name: {**m.summary(per_forward),
+                           **{f"time_ratio_{f.replace('-', '_')}": ratios[m.name] for f, (ratios, _) in costs.items()}}
+                  for m in measured}
+    setup = {"model": str(args.deformable_model), "images": n_images,
+             "bare_forward_s_per_image": float(f"{per_forward:.4g}"), **{f: s for f, (_, s) in costs.items()}}
+    return {"explainers": explainers, "setup": setup}
 
 if __name__ == "__main__":
     main()
