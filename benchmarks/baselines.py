@@ -237,7 +237,8 @@ def deformable(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     explainers = {m.name: {**m.summary(per_forward),
                            **{f"time_ratio_{f.replace('-', '_')}": ratios[m.name] for f, (ratios, _) in costs.items()}}
                   for m in measured}
-    setup = {"model": str(args.deformable_model), "images": n_images,
+    setup = {"model": str(args.deformable_model), "images": n_images, "score_threshold": args.score_threshold,
+             "drise_masks": args.drise_masks,
              "bare_forward_s_per_image": float(f"{per_forward:.4g}"), **{f: s for f, (_, s) in costs.items()}}
     return {"explainers": explainers, "setup": setup}
 
