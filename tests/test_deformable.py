@@ -138,7 +138,8 @@ def _pre_hooks(adapter: DetrAdapter) -> int:
 
 def test_only_decoder_cross_attention_is_captured_and_its_hooks_are_removed_also_on_error(small) -> None:
     before = _pre_hooks(small)
-    images = [torch.randint(0, 255, (3, 96, 160), dtype=torch.uint8), torch.randint(0, 255, (3, 120, 96), dtype=torch.uint8)]
+    images = [torch.randint(0, 255, (3, 96, 160), dtype=torch.uint8),
+              torch.randint(0, 255, (3, 120, 96), dtype=torch.uint8)]
     batch = small.preprocess(images)
     with torch.inference_mode():
         outputs = small.forward(batch)
@@ -206,7 +207,8 @@ def test_odam_on_the_finest_projected_level_and_model_agnostic_drise_explain_a_d
         assert maps.shape == (1, *outputs.grid) and maps.sum() > 0, explainer.name
 
 
-@pytest.mark.parametrize(("family", "levels", "size"), [("deformable-detr", 4, (800, 1067)), ("rt-detr", 3, (480, 640))])
+@pytest.mark.parametrize(("family", "levels", "size"),
+                         [("deformable-detr", 4, (800, 1067)), ("rt-detr", 3, (480, 640))])
 def test_real_size_models_explain_every_kept_detection(family: str, levels: int, size: tuple[int, int]) -> None:
     adapter = _adapter(family)
     batch = adapter.preprocess([torch.randint(0, 255, (3, 480, 640), dtype=torch.uint8)])
@@ -215,7 +217,8 @@ def test_real_size_models_explain_every_kept_detection(family: str, levels: int,
         detections = adapter.postprocess(outputs, batch, score_threshold=0.0, max_detections=6)[0]
         targets = Targets(torch.zeros_like(detections.queries), detections.queries, detections.labels,
                           outputs.boxes[0, detections.queries].float())
-        maps = {name: get_explainer(name).explain(adapter, batch, outputs, targets) for name in ("eive", "raw-attention")}
+        maps = {name: get_explainer(name).explain(adapter, batch, outputs, targets)
+                for name in ("eive", "raw-attention")}
     assert tuple(batch.pixel_values.shape[-2:]) == size and adapter.num_layers == 6
     stride_8 = tuple(math.ceil(side / 8) for side in batch.pixel_values.shape[-2:])
     assert len(outputs.sampling.level_shapes) == levels and outputs.grid == outputs.sampling.level_shapes[0] == stride_8

@@ -64,7 +64,8 @@ class DeformableAdapter(DetrAdapter):
         """
         logits = getattr(out, "intermediate_logits", None)
         if logits is not None:
-            return logits.transpose(0, 1), out.intermediate_reference_points.transpose(0, 1)  # type: ignore[attr-defined]
+            boxes = out.intermediate_reference_points  # type: ignore[attr-defined]
+            return logits.transpose(0, 1), boxes.transpose(0, 1)
         hidden = out.intermediate_hidden_states.transpose(0, 1)  # type: ignore[attr-defined]
         starts = torch.cat([out.init_reference_points[:, None],  # type: ignore[attr-defined]
                             out.intermediate_reference_points[:, :-1]], 1).transpose(0, 1)  # type: ignore[attr-defined]
