@@ -132,18 +132,18 @@ def small() -> DeformableAdapter:
     return _adapter("deformable-detr-small", PreprocessConfig(96, 160))
 
 
-def _pre_hooks(adapter: DetrAdapter) -> int:
-    return sum(len(m._forward_pre_hooks) for m in adapter.model.modules())
+def _hooks(adapter: DetrAdapter) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
 
 
 def test_only_decoder_cross_attention_is_captured_and_its_hooks_are_removed_also_on_error(small) -> None:
-    before = _pre_hooks(small)
+    before = _hooks(small)
     images = [torch.randint(0, 255, (3, 96, 160), dtype=torch.uint8),
               torch.randint(0, 255, (3, 120, 96), dtype=torch.uint8)]
     batch = small.preprocess(images)
     with torch.inference_mode():
         outputs = small.forward(batch)
-    assert _pre_hooks(small) == before
+    assert _hooks(small) == before
     sampling = outputs.sampling
     config = small.model.config
     assert sampling.weights.shape == (config.decoder_layers, 2, config.num_queries, config.decoder_attention_heads,
@@ -164,7 +164,7 @@ def test_only_decoder_cross_attention_is_captured_and_its_hooks_are_removed_also
             small.forward(batch)
     finally:
         failing.remove()
-    assert _pre_hooks(small) == before
+    assert _hooks(small) == before
 
 
 def test_per_layer_predictions_match_deformable_detrs_auxiliary_outputs() -> None:
