@@ -49,8 +49,9 @@ def _mean(values: list[Any]) -> float | None:
 def explanation_metrics(rows: list[dict[str, Any]]) -> dict[str, float | int | None]:
     """EPG, pointing and faithfulness of EIVE over the audit's correct detections."""
     tp = [row for row in rows if row["outcome"] == "tp"]
-    return {"tp": len(tp), "epg": _mean([r["mass_in_gt"] for r in tp]), "pointing": _mean([r["peak_in_gt"] for r in tp]),
-            "insertion_auc": _mean([r["insertion_auc"] for r in tp]), "deletion_auc": _mean([r["deletion_auc"] for r in tp])}
+    return {"tp": len(tp), **{name: _mean([row[column] for row in tp]) for name, column in (
+        ("epg", "mass_in_gt"), ("pointing", "peak_in_gt"), ("insertion_auc", "insertion_auc"),
+        ("deletion_auc", "deletion_auc"))}}
 
 
 def audit_findings(model: Path, rows: list[dict[str, Any]], store: Path, run_id: str, ann: Path,

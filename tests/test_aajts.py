@@ -153,7 +153,8 @@ def test_the_aajts_term_alone_reaches_every_layers_cross_attention_weights() -> 
     joint = joint_loss(model, pixels, mask, _labels(), lambda_in=0.5, lambda_stab=0.1)
     # Keys and their positions in every layer; the queries (whose content is zero entering layer 0, so layer 0's
     # q_content_proj weight has nothing to learn from); the memory through the input projection.
-    names = [f"model.decoder.layers.{i}.encoder_attn.{p}.weight" for i in range(3) for p in ("k_content_proj", "k_pos_proj")]
+    names = [f"model.decoder.layers.{i}.encoder_attn.{p}.weight" for i in range(3)
+             for p in ("k_content_proj", "k_pos_proj")]
     names += ["model.query_position_embeddings.weight", "model.input_projection.weight"]
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(0.5 * joint.concentration + 0.1 * joint.stability, [params[n] for n in names])

@@ -89,5 +89,6 @@ def test_a_checkpoint_resumes_only_under_the_settings_that_wrote_it(synth: Path,
     with pytest.raises(ValueError, match="written by a run with other settings"):
         train(config.model_copy(update={"aajts": True}))
     seen: list[int] = []
-    train(config.model_copy(update={"steps": 4, "checkpoint_every": 5}), on_step=lambda step, _losses: seen.append(step))
+    longer = config.model_copy(update={"steps": 4, "checkpoint_every": 5})
+    train(longer, on_step=lambda step, _losses: seen.append(step))
     assert seen == [3, 4], "a longer schedule, or other checkpoint spacing, may resume the same run"
