@@ -206,6 +206,7 @@ def _write_findings(config: AuditConfig, rows: list[dict[str, Any]], found: Find
             "off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
             "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
             "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id, "verification_drop": f.verification_drop,
+            "localised_drop": f.localised_drop, "specificity": f.specificity,
             "peak_x": f.peak_xy[0] if f.peak_xy else None, "peak_y": f.peak_xy[1] if f.peak_xy else None})
     for shard, shard_rows in sorted(shards.items()):
         write_table(config.out, "instances", config.run_id, shard, shard_rows)

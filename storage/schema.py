@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: images gained input_* and padded_* sizes; 3: findings
+SCHEMA_VERSION = 4  # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
@@ -89,7 +89,7 @@ INSTANCES = _schema(
     _optional("gt_x1", pa.float32()),
     _optional("gt_y1", pa.float32()),
     _optional("iou", pa.float32()),
-    _required("mass_in_pred", pa.float32()),
+    _optional("mass_in_pred", pa.float32()),  # null when the map has no mass at all (nothing to locate)
     _optional("mass_in_gt", pa.float32()),
     _optional("mass_on_other_gt", pa.float32()),
     _optional("peak_in_gt", pa.bool_()),
@@ -104,8 +104,10 @@ INSTANCES = _schema(
     _optional("flag_background_fp", pa.bool_()),
     _optional("flag_miss_elsewhere", pa.bool_()),
     _optional("cue_id", pa.string()),
-    _optional("verification_drop", pa.float32()),
-    _optional("peak_x", pa.float32()),  # centre of the off-object saliency peak's cell, original pixels
+    _optional("verification_drop", pa.float32()),  # relative score drop with the surroundings blurred
+    _optional("localised_drop", pa.float32()),  # the same with only the most damaging small window blurred
+    _optional("specificity", pa.float32()),  # localised drop minus the median window's drop
+    _optional("peak_x", pa.float32()),  # centre of the peak window (localised) or attention peak cell, original px
     _optional("peak_y", pa.float32()),
 )
 
