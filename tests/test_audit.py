@@ -214,3 +214,34 @@ def test_image_folder_audit_has_detections_but_no_false_positives(synth: Path, s
     assert summary["images"] == 40 and summary["instances"] == {"det": 80}
     rows = query(tmp_path, "SELECT count(*) AS n FROM instances WHERE mass_in_gt IS NULL AND mass_in_pred IS NOT NULL")
     assert rows.column("n")[0].as_py() == 80, "no GT: GT scores stay null, the map still scores its own box"
+
+
+def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_run(
+        synth: Path, small_model: Path, tmp_path: Path) -> None:
+    """Perturbation and gradient methods can give an all-zero map (e.g. D-RISE with few masks on a weak
+    model): it locates nothing, so its localisation scores are null, and the run and its other rows go on."""
+    import torch
+
+    from explainers.base import _REGISTRY, register
+    from flows.audit import audit
+    from pipeline.config import AuditConfig
+
+    @register("test-empty")
+    class Empty:
+        needs_gradients = False
+
+        def explain(self, model, batch, outputs, targets) -> torch.Tensor:  # noqa: ANN001
+            return torch.zeros(len(targets), *outputs.grid)
+
+    try:
+        summary = audit(AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json",
+                                    out=tmp_path, model=str(small_model), explainers=("eive", "test-empty"),
+                                    score_threshold=0.0, max_detections=2, device="cpu", report=False,
+                                    findings=False))
+    finally:
+        _REGISTRY.pop("test-empty")
+    rows = query(tmp_path, "SELECT explainer, count(*) AS n, count(mass_in_pred) AS scored FROM instances "
+                           "WHERE run_id = ? GROUP BY explainer ORDER BY explainer", [summary["run_id"]]).to_pylist()
+    assert [(r["explainer"], r["scored"] == r["n"] > 0) for r in rows] == [("eive", True), ("test-empty", False)]
+    assert rows[1]["scored"] == 0 and rows[1]["n"] == rows[0]["n"]
+    assert summary["errors"] == 0
