@@ -199,10 +199,11 @@ def _findings(store: Path, run_id: str) -> str:
         return "<p>No findings for this run (the findings step was off).</p>"
     intro = ("<p>An instance is flagged when most of its map lies off its object (a correct detection looking "
              "elsewhere, a false positive on background, a miss whose query looked elsewhere). Each flagged "
-             "instance's off-object peak is described by the detector's feature there, its position relative "
-             "to the box and its colour; peaks of one class that cluster are a candidate cue. Verification "
-             "blurs each peak region and re-scores the detection: a mean drop of half or more confirms the "
-             "cue.</p>")
+             "instance's surroundings are blurred and the detection re-scored; where that halves its score, a "
+             "small window slides over the surroundings and the window whose blur hurts most becomes its peak. "
+             "Each peak is described by the detector's feature there, its position relative to the box and its "
+             "colour; peaks of one class that cluster are a candidate cue, confirmed when its members' mean "
+             "drop is half or more. The spurious score is the drop times how specific it is to one window.</p>")
     cue_rows = [(c["cue_id"], c["label_name"], f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
                  f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], c["confirmed"])
                 for c in cues]

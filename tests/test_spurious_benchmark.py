@@ -26,7 +26,8 @@ def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path) -> No
     ours = result["rankings"]["ours"]
     baselines = [m["auroc"] for name, m in result["rankings"].items() if name != "ours"]
     # The targets are AUROC >= 0.9, beating every baseline by 0.15, and precision@10 >= 0.8; the quick
-    # run measured 0.973 / +0.20 / 0.6 (README "Finding shortcuts"), so precision@10 is held where it is.
+    # run measured 0.980 / +0.21 / 0.7 (the full run of README "Finding shortcuts": 0.959 / +0.20 / 0.8); on 18
+    # positives one miss in the top 10 is noise, so the quick run's precision@10 is held one below where it is.
     assert ours["auroc"] >= 0.9 and ours["auroc"] >= max(baselines) + 0.15, result["rankings"]
-    assert ours["precision@10"] >= 0.5, result["rankings"]
+    assert ours["precision@10"] >= 0.6, result["rankings"]
     assert "cue_id" in result["top_cue"]
