@@ -171,6 +171,7 @@ def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, s
 def findings_config(config: AuditConfig) -> FindingsConfig:
     return FindingsConfig(off_object=config.spurious_off_object, background=config.spurious_background,
                           min_support=config.cue_min_support, verify_budget=config.verify_budget,
+                          localise_budget=config.localise_budget,
                           batch_size=config.batch_size)
 
 

@@ -153,6 +153,7 @@ def run(
     spurious_background: float = typer.Option(0.5, help="flag fp with this map share off every GT object"),
     cue_min_support: int = typer.Option(5, help="flagged instances a cluster needs to be a candidate cue"),
     verify_budget: int = typer.Option(5000, help="instances re-scored with their surroundings blurred (flagged first)"),
+    localise_budget: int = typer.Option(15000, help="forwards spent localising confirmed reliance (one per window)"),
     drise_masks: int = typer.Option(1000, help="random masks per image of the drise explainer"),
     device: str = typer.Option("auto"),
     fiftyone_dataset: Optional[str] = typer.Option(None, help="push the finished run to this FiftyOne dataset"),

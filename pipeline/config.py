@@ -59,6 +59,8 @@ class AuditConfig(BaseModel):
     cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
     verify_budget: int = Field(5000, ge=0,
                                description="instances re-scored with their surroundings blurred (flagged first)")
+    localise_budget: int = Field(15000, ge=0, description="forwards (one per window) spent localising confirmed "
+                                 "reliance, largest drops first")
     drise_masks: int = Field(1000, ge=1, description="random masks per image of the drise explainer (paper: 5000)")
     device: str = "auto"
     fiftyone_dataset: str | None = Field(None, min_length=1,

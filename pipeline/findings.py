@@ -59,7 +59,7 @@ class FindingsConfig:
     context_cells: int = 2  # width of the ring around the box that verification blurs, in grid cells
     blur_sigma: float = 10.0  # of the blur that fills the verified region, in input pixels
     confirm_drop: float = 0.5  # relative score drop that confirms reliance on the region
-    localise_budget: int = 300  # confirmed instances whose reliance is localised (largest drops first)
+    localise_budget: int = 15000  # forwards (one per window) spent localising confirmed reliance, largest drops first
     window_cells: int = 2  # side of the window the localisation slides over the surroundings, in cells
     feature_dims: int = 8  # PCA components of the backbone feature kept for clustering
     exemplars: int = 6
@@ -290,7 +290,7 @@ def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[t
     confirmed = sorted((k for k in order[:config.verify_budget]
                         if cases[k].finding.verification_drop >= config.confirm_drop),  # type: ignore[operator]
                        key=lambda k: (-cases[k].finding.verification_drop, k))  # type: ignore[operator]
-    _localise(adapter, [cases[k] for k in confirmed[:config.localise_budget]], images, config)
+    _localise(adapter, _within_budget([cases[k] for k in confirmed], config), images, config)
     described = [case for case in cases.values()
                  if case.finding.peak is not None and (case.finding.flagged or case.finding.localised_drop is not None)]
     _describe(adapter, described, images, config)
@@ -349,6 +349,18 @@ def _windows(case: _Case, config: FindingsConfig) -> list[tuple[tuple[int, int],
     return sorted(found.values(), key=lambda item: item[0])
 
 
+def _within_budget(cases: list[_Case], config: FindingsConfig) -> list[_Case]:
+    """The leading cases whose windows (one forward each) fit in the localisation budget: a forward costs
+    seconds for a real-size detector on a CPU, so the budget counts forwards, not instances."""
+    chosen, spent = [], 0
+    for case in cases:
+        spent += len(_windows(case, config))
+        if spent > config.localise_budget:
+            break
+        chosen.append(case)
+    return chosen
+
+
 def _localise(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig) -> None:
     """Blur each window of each case's surroundings on its own: the window that costs the most score becomes
     the case's peak (ties: the first in row-major order), its drop the `localised_drop`, and that drop minus
@@ -394,51 +406,61 @@ def _rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[tuple[int, _Cas
     if not jobs:
         return []
     pixels, mask = batch.pixel_values, batch.pixel_mask
-    index = torch.tensor([b for b, _, _ in jobs], device=pixels.device)
-    regions, objects, boxes = [], [], []
-    for b, case, cells in jobs:
-        ih, iw = (int(v) for v in batch.input_sizes[b])
-        pad = (0, pixels.shape[-1] - iw, 0, pixels.shape[-2] - ih)
-        region = _region_in_original(cells, case.geometry)
-        inside = torch.zeros_like(region)
-        x0, y0, x1, y1 = (int(round(v)) for v in case.box)
-        inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-        for mask_, store in ((region & ~inside, regions), (inside, objects)):  # cells are coarse: spare the object
-            scaled = F.interpolate(mask_[None, None].float(), size=(ih, iw), mode="nearest")[0, 0]
-            store.append(F.pad(scaled, pad).bool())
-        oh, ow = case.geometry.original
-        boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
-    box = box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(pixels.device)
-    labels = torch.tensor([case.label for _, case, _ in jobs], device=pixels.device)
-    region = torch.stack(regions).to(pixels.device)[:, None]
-    fills = _fills(pixels, mask, jobs, objects, config.blur_sigma)
+    fills = _fills(batch, jobs, config.blur_sigma)
+    drops: list[float] = []
     with torch.inference_mode():
         probs, out_boxes = adapter.predict(pixels, mask)
-        intact = instance_scores(probs[index], out_boxes[index], labels, box)
-        perturbed_scores = torch.empty_like(intact)
-        for part in torch.arange(len(jobs), device=pixels.device).split(config.batch_size):
-            source = pixels[index[part]]
-            probs, out_boxes = adapter.predict(torch.where(region[part], fills[part], source), mask[index[part]])
-            perturbed_scores[part] = instance_scores(probs, out_boxes, labels[part], box[part])
-    return (1 - perturbed_scores / intact.clamp(min=1e-6)).tolist()
+        for part in range(0, len(jobs), config.batch_size):  # masks at input size exist one part at a time
+            chunk = jobs[part:part + config.batch_size]
+            index = torch.tensor([b for b, _, _ in chunk], device=pixels.device)
+            region = torch.stack([_pixel_masks(batch, b, case, cells)[0] for b, case, cells in chunk]).to(pixels.device)
+            box, labels = _targets(chunk, pixels.device)
+            intact = instance_scores(probs[index], out_boxes[index], labels, box)
+            fill = torch.stack([fills[id(case)] for _, case, _ in chunk])
+            perturbed = adapter.predict(torch.where(region[:, None], fill, pixels[index]), mask[index])
+            drops += (1 - instance_scores(*perturbed, labels, box) / intact.clamp(min=1e-6)).tolist()
+    return drops
 
 
-def _fills(pixels: torch.Tensor, mask: torch.Tensor, jobs: list[tuple[int, _Case, torch.Tensor]],
-           objects: list[torch.Tensor], sigma: float) -> torch.Tensor:
-    """Per job, the image blurred with its object left out (normalised convolution); computed once per case,
+def _pixel_masks(batch: PixelBatch, b: int, case: _Case, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells to blur, and the case's box, as boolean masks of the padded input [H, W]; the box is left out
+    of the blurred region (cells are coarse: spare the object)."""
+    ih, iw = (int(v) for v in batch.input_sizes[b])
+    pad = (0, batch.pixel_values.shape[-1] - iw, 0, batch.pixel_values.shape[-2] - ih)
+    region = _region_in_original(cells, case.geometry)
+    inside = torch.zeros_like(region)
+    x0, y0, x1, y1 = (int(round(v)) for v in case.box)
+    inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    scale = [F.pad(F.interpolate(m[None, None].float(), size=(ih, iw), mode="nearest")[0, 0], pad).bool()
+             for m in (region & ~inside, inside)]
+    return scale[0], scale[1]
+
+
+def _targets(jobs: list[tuple[int, _Case, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised cxcywh boxes and model labels that each job's detection is scored on."""
+    boxes = []
+    for _, case, _ in jobs:
+        oh, ow = case.geometry.original
+        boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
+    labels = torch.tensor([case.label for _, case, _ in jobs], device=device)
+    return box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(device), labels
+
+
+def _fills(batch: PixelBatch, jobs: list[tuple[int, _Case, torch.Tensor]], sigma: float) -> dict[int, torch.Tensor]:
+    """Per case (by id), its image blurred with its object left out (normalised convolution): computed once,
     since every window of a case shares it (the blur costs more than the small model's forward)."""
-    first: dict[int, int] = {}
-    for j, (_, case, _) in enumerate(jobs):
-        first.setdefault(id(case), j)
-    unique = sorted(first.values())
-    index = torch.tensor([jobs[j][0] for j in unique], device=pixels.device)
-    kept = (~torch.stack([objects[j] for j in unique]).to(pixels.device) & mask[index].bool())[:, None].float()
     kernel = int(2 * round(3 * sigma) + 1)
+    fills: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
-        blurred = (gaussian_blur(pixels[index] * kept, [kernel, kernel], [sigma, sigma])
-                   / gaussian_blur(kept, [kernel, kernel], [sigma, sigma]).clamp(min=1e-6))
-    position = {j: k for k, j in enumerate(unique)}
-    return blurred[torch.tensor([position[first[id(case)]] for _, case, _ in jobs], device=pixels.device)]
+        for b, case, cells in jobs:
+            if id(case) in fills:
+                continue
+            inside = _pixel_masks(batch, b, case, cells)[1].to(batch.pixel_values.device)
+            kept = (~inside & batch.pixel_mask[b].bool())[None, None].float()
+            source = batch.pixel_values[b:b + 1] * kept
+            fills[id(case)] = (gaussian_blur(source, [kernel, kernel], [sigma, sigma])
+                               / gaussian_blur(kept, [kernel, kernel], [sigma, sigma]).clamp(min=1e-6))[0]
+    return fills
 
 
 def _cluster(cases: list[_Case], config: FindingsConfig) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
              verification_drop=0.5, localised_drop=0.5, specificity=0.25, peak_x=12.0,
              peak_y=20.0),
         dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", outcome="fp", query=9,
-             label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0, mass_in_pred=0.25),
+             label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0),
     ],
     "maps": [
         dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", grid_h=2, grid_w=2, map=MAP),
