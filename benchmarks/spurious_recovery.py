@@ -72,6 +72,14 @@ def counterfactual_ratios(adapter: DetrAdapter, rows: list[dict[str, Any]], ann:
 
 
 def mistakenness(rows: list[dict[str, Any]], ann: Path, images: Path) -> dict[str, float]:
+    """`_mistakenness`, with FiftyOne's notices kept off stdout, where the benchmark prints its JSON."""
+    from reports.fiftyone_push import stdout_to_stderr
+
+    with stdout_to_stderr():
+        return _mistakenness(rows, ann, images)
+
+
+def _mistakenness(rows: list[dict[str, Any]], ann: Path, images: Path) -> dict[str, float]:
     """FiftyOne Brain's mistakenness, as an instance ranking. Brain scores GT objects (how likely their label
     is wrong, given the predictions): a tp / dup / fn instance takes its GT object's larger of
     `mistakenness` and `mistakenness_loc`, or 1 when Brain calls that GT spurious; an fp takes 1 when Brain

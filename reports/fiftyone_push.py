@@ -30,9 +30,12 @@ duplicated and other runs' samples are untouched. Heatmaps are 8-bit PNGs under
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,23 @@ class _View:
     sort_field: str | None = None
 
 
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is written to file descriptor 1 inside the block to 2, child processes included: FiftyOne
+    and the database it starts print notices on stdout, where our commands print only their JSON result.
+    Works as a decorator too."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@stdout_to_stderr()
 def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = True, *,
              off_object: float = OFF_OBJECT) -> dict[str, Any]:
     """Write or update the run's samples in `dataset` and `<dataset>-instances`, evaluate its predictions,

@@ -197,7 +197,7 @@ def test_push_puts_the_latest_run_into_a_fiftyone_dataset(audited: dict, mongo_u
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "push", "--store", str(audited["store"]),
                              "--dataset", "review"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    pushed = json.loads(result.stdout.strip().splitlines()[-1])
+    pushed = json.loads(result.stdout)  # stdout is the JSON alone: FiftyOne's notices go to stderr
     n_instances = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?",
                         [audited["summary"]["run_id"]]).column("n")[0].as_py()
     assert pushed["run_id"] == audited["summary"]["run_id"] and pushed["dataset"] == "review"
