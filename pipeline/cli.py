@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, NoReturn, Optional
@@ -229,7 +230,6 @@ def _print_table(result, format: str) -> None:
         typer.echo(json.dumps(rows, default=str))
     elif format == "csv":
         import csv
-        import sys
 
         writer = csv.DictWriter(sys.stdout, fieldnames=result.column_names)
         writer.writeheader()
@@ -240,7 +240,8 @@ def _print_table(result, format: str) -> None:
         table = Table(*result.column_names)
         for row in rows:
             table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-        Console().print(table)
+        piped = not sys.stdout.isatty()  # rich wraps cells at 80 columns off a terminal; a file keeps rows whole
+        Console(width=10_000 if piped else None).print(table)
 
 
 @app.command()
@@ -252,7 +253,8 @@ def demo(
 ) -> None:
     """Audit a synthetic planted-cue val set with the shipped model and show what to review.
 
-    Prints the correct detections that look least at their object, and where the HTML report is."""
+    Prints the correct detections that look least at their object, the candidate cues, and where the HTML
+    report is."""
     from pipeline.sources.synthetic import generate
     from storage.catalog import query
 
@@ -269,6 +271,12 @@ def demo(
                        "WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt LIMIT 10", [summary["run_id"]])
     err.print("[bold]Correct detections with the least saliency on their object[/bold] (read back through DuckDB):")
     _print_table(worst, "table")
+    cues = query(out, "SELECT cue_id, support, round(mean_spurious_score, 3) AS mean_score, "
+                      "round(verification_drop, 3) AS drop_when_blurred, confirmed, exemplar_ids[1:3] AS exemplars "
+                      "FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC", [summary["run_id"]])
+    err.print("[bold]Candidate cues[/bold]: off-object peaks that many detections of a class share; confirmed when "
+              "blurring the cue region costs half the detections' score:")
+    _print_table(cues, "table")
     err.print(f"HTML report: {summary['report']}")
     if fiftyone_dataset:
         err.print(f"FiftyOne dataset: {fiftyone_dataset} (browse it with `eive-audit app --dataset {fiftyone_dataset}`)")

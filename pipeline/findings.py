@@ -225,7 +225,15 @@ def cluster_peaks(descriptors: np.ndarray, config: FindingsConfig) -> np.ndarray
     dims = min(config.feature_dims, features.shape[1], len(descriptors) - 1)
     reduced = PCA(n_components=dims, random_state=0).fit_transform(features) if dims > 0 else features[:, :0]
     x = StandardScaler().fit_transform(np.concatenate([reduced, rest], axis=1))
-    return HDBSCAN(min_cluster_size=config.min_support, min_samples=config.min_support, copy=True).fit_predict(x)
+    labels = HDBSCAN(min_cluster_size=config.min_support, min_samples=config.min_support, copy=True).fit_predict(x)
+    if labels.max() < 0:
+        # By default HDBSCAN never returns the whole tree as one cluster, so a class whose peaks hold a single
+        # dense group among scattered ones (one cue, a small run) would get none. Asking for the single cluster
+        # only when nothing else came back keeps two distinct groups apart; sklearn then labels the group's
+        # densest core, which verification confirms or not like any cluster.
+        labels = HDBSCAN(min_cluster_size=config.min_support, min_samples=config.min_support, copy=True,
+                         allow_single_cluster=True).fit_predict(x)
+    return labels
 
 
 def spurious_scores(findings: Iterable[InstanceFinding]) -> None:

@@ -284,3 +284,21 @@ def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
     assert artifact_key("Audit", "9a0E_f.2", "worst") == "audit-9a0e-f-2-worst"
     with pytest.raises(ValueError):
         artifact_key("__", "..")
+
+
+def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Path) -> None:
+    out = tmp_path / "demo-store"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out), "--n-val", "16"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.splitlines()[0])
+    assert (summary["images"], summary["errors"]) == (16, 0)
+    assert Path(summary["report"]).is_file()
+    stderr = " ".join(done.stderr.split())
+    assert "least saliency on their object" in stderr and "Candidate cues" in stderr
+    cues = query(out, "SELECT cue_id FROM findings WHERE run_id = ?", [summary["run_id"]]).column("cue_id")
+    assert len(cues) == summary["candidate_cues"]
+    assert all(cue in done.stdout for cue in cues.to_pylist()), "every candidate cue is printed"
+    worst = query(out, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt "
+                       "LIMIT 1", [summary["run_id"]]).column("instance_id")[0].as_py()
+    assert worst in done.stdout, "the tp least on its object heads the first table"

@@ -110,6 +110,16 @@ def test_peaks_that_look_alike_cluster_and_a_scatter_does_not() -> None:
     assert (cluster_peaks(rng.normal(size=(4, 24)).astype(np.float32), CONFIG) == -1).all()  # under min_support
 
 
+@pytest.mark.parametrize("n", [10, 20, 40])
+def test_one_tight_group_among_scattered_peaks_is_a_cluster_of_its_own(n: int) -> None:
+    rng = np.random.default_rng(n)
+    group = rng.normal(size=(1, 24)) + 0.01 * rng.normal(size=(n, 24))
+    labels = cluster_peaks(np.concatenate([group, rng.normal(size=(n, 24))]).astype(np.float32), CONFIG)
+    in_group = labels[:n][labels[:n] >= 0]
+    assert len(in_group) >= CONFIG.min_support and len(set(in_group)) == 1, labels
+    assert not set(labels[n:]) & set(in_group), "no scattered peak joins the group's cluster"
+
+
 @pytest.fixture(scope="module")
 def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """The synth val split audited twice: as generated, and from a copy of its json without the cue and

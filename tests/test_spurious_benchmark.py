@@ -30,4 +30,7 @@ def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path) -> No
     # positives one miss in the top 10 is noise, so the quick run's precision@10 is held one below where it is.
     assert ours["auroc"] >= 0.9 and ours["auroc"] >= max(baselines) + 0.15, result["rankings"]
     assert ours["precision@10"] >= 0.6, result["rankings"]
-    assert "cue_id" in result["top_cue"]
+    # The top hexagon cluster's exemplar peaks fall in the planted cue's boxes (the quick run measured 1.0 with
+    # 5 members; the full run 1.0 with 111).
+    assert result["top_cue"]["cue_id"] is not None, result["top_cue"]
+    assert result["top_cue"]["exemplars_on_cue"] >= 0.5, result["top_cue"]
