@@ -126,7 +126,9 @@ def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Pa
                                    90, serve_log)
             assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
             flow_run = client.create_flow_run_from_deployment(deployment.id)
-            final = _wait_for("the triggered run to finish", lambda: _final_state(client, flow_run.id), 180, serve_log)
+            # The run audits 40 images with findings: 40 s alone on 2 cores, but minutes beside the real-size
+            # DETR test of the parallel worker, so the wait is generous.
+            final = _wait_for("the triggered run to finish", lambda: _final_state(client, flow_run.id), 600, serve_log)
             assert final.is_completed(), f"{final}\n{serve_log.read_text()[-4000:]}"
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
