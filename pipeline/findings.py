@@ -421,7 +421,7 @@ def _rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[tuple[int, _Cas
         for part in range(0, len(jobs), config.batch_size):  # masks at input size exist one part at a time
             chunk = jobs[part:part + config.batch_size]
             index = torch.tensor([b for b, _, _ in chunk], device=pixels.device)
-            region = torch.stack([_pixel_masks(batch, b, case, cells)[0] for b, case, cells in chunk]).to(pixels.device)
+            region = torch.stack([_blurred_region(batch, b, case, cells) for b, case, cells in chunk]).to(pixels.device)
             box, labels = _targets(chunk, pixels.device)
             intact = instance_scores(probs[index], out_boxes[index], labels, box)
             fill = torch.stack([fills[id(case)] for _, case, _ in chunk])
@@ -430,18 +430,25 @@ def _rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[tuple[int, _Cas
     return drops
 
 
-def _pixel_masks(batch: PixelBatch, b: int, case: _Case, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cells to blur, and the case's box, as boolean masks of the padded input [H, W]; the box is left out
-    of the blurred region (cells are coarse: spare the object)."""
-    ih, iw = (int(v) for v in batch.input_sizes[b])
-    pad = (0, batch.pixel_values.shape[-1] - iw, 0, batch.pixel_values.shape[-2] - ih)
-    region = _region_in_original(cells, case.geometry)
-    inside = torch.zeros_like(region)
+def _box_mask(case: _Case) -> torch.Tensor:
+    """The case's box as a boolean mask of the original image."""
+    inside = torch.zeros(case.geometry.original, dtype=torch.bool)
     x0, y0, x1, y1 = (int(round(v)) for v in case.box)
     inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-    scale = [F.pad(F.interpolate(m[None, None].float(), size=(ih, iw), mode="nearest")[0, 0], pad).bool()
-             for m in (region & ~inside, inside)]
-    return scale[0], scale[1]
+    return inside
+
+
+def _to_input(mask: torch.Tensor, batch: PixelBatch, b: int) -> torch.Tensor:
+    """A boolean mask of image `b`'s original pixels, resized to its input size and padded like the batch."""
+    ih, iw = (int(v) for v in batch.input_sizes[b])
+    pad = (0, batch.pixel_values.shape[-1] - iw, 0, batch.pixel_values.shape[-2] - ih)
+    return F.pad(F.interpolate(mask[None, None].float(), size=(ih, iw), mode="nearest")[0, 0], pad).bool()
+
+
+def _blurred_region(batch: PixelBatch, b: int, case: _Case, cells: torch.Tensor) -> torch.Tensor:
+    """The cells to blur as an input mask, the case's box left out (cells are coarse: spare the object)."""
+    region = _region_in_original(cells, case.geometry)
+    return _to_input(region & ~_box_mask(case), batch, b)
 
 
 def _targets(jobs: list[tuple[int, _Case, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +470,7 @@ def _fills(batch: PixelBatch, jobs: list[tuple[int, _Case, torch.Tensor]], sigma
         for b, case, cells in jobs:
             if id(case) in fills:
                 continue
-            inside = _pixel_masks(batch, b, case, cells)[1].to(batch.pixel_values.device)
+            inside = _to_input(_box_mask(case), batch, b).to(batch.pixel_values.device)
             kept = (~inside & batch.pixel_mask[b].bool())[None, None].float()
             source = batch.pixel_values[b:b + 1] * kept
             fills[id(case)] = (gaussian_blur(source, [kernel, kernel], [sigma, sigma])
