@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from cue_reliance import measure as cue_reliance
-from pipeline.evaluation import coco_metrics
-from pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter
-from pipeline.sources import CocoSource
-from pipeline.sources.synthetic import generate
-from pipeline.train import TrainConfig, train
+from eive_audit.pipeline.evaluation import coco_metrics
+from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter
+from eive_audit.pipeline.sources import CocoSource
+from eive_audit.pipeline.sources.synthetic import generate
+from eive_audit.pipeline.train import TrainConfig, train
 from spurious_recovery import counterfactual_ratios, ranking_metrics, top_cue_on_cue
 
 ARMS = {"without": False, "with": True}
@@ -58,7 +58,7 @@ def audit_findings(model: Path, rows: list[dict[str, Any]], store: Path, run_id:
                    images: Path) -> dict[str, Any]:
     """Does the audit still find the cue: spurious_score ranking against the counterfactual ground truth
     (AUROC only when both classes occur), flagged instances, candidate and confirmed cues."""
-    from storage.catalog import query
+    from eive_audit.storage.catalog import query
 
     ratios = counterfactual_ratios(DetrAdapter.load(model), rows, ann, images)
     positive = np.array([ratios[row["instance_id"]] <= 0.5 for row in rows])
@@ -75,9 +75,9 @@ def audit_findings(model: Path, rows: list[dict[str, Any]], store: Path, run_id:
 
 def evaluate(model: Path, ann: Path, images: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of one trained model on the val split."""
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
-    from storage.catalog import query
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.storage.catalog import query
 
     accuracy = coco_metrics(DetrAdapter.load(model), CocoSource(ann, images))
     summary = audit(AuditConfig(images=images, coco=ann, out=work, model=str(model), faithfulness="all",

@@ -37,19 +37,19 @@ from typing import Any, Callable
 
 import torch
 
-from explainers import get_explainer
-from explainers.base import Explainer
-from explainers.eive import DEFAULT_FUSION, FUSIONS
-from pipeline.audit import audit_batch, faithfulness_of_rows
-from pipeline.batching import ImageBatch, iter_batches
-from pipeline.evaluation import label_to_category
-from pipeline.metrics.faithfulness import FaithfulnessConfig
-from pipeline.models.detr import DetrAdapter, resolve_device
-from pipeline.models.families import write_random_model
-from pipeline.models.preprocess import PixelBatch, load_image
-from pipeline.models.targets import Targets
-from pipeline.sources import CocoSource
-from pipeline.sources.synthetic import generate
+from eive_audit.explainers import get_explainer
+from eive_audit.explainers.base import Explainer
+from eive_audit.explainers.eive import DEFAULT_FUSION, FUSIONS
+from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows
+from eive_audit.pipeline.batching import ImageBatch, iter_batches
+from eive_audit.pipeline.evaluation import label_to_category
+from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
+from eive_audit.pipeline.models.detr import DetrAdapter, resolve_device
+from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
+from eive_audit.pipeline.models.targets import Targets
+from eive_audit.pipeline.sources import CocoSource
+from eive_audit.pipeline.sources.synthetic import generate
 
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
 DEFORMABLE = ("eive", "raw-attention", "odam", "drise")  # the explainers that take a multi-scale deformable model

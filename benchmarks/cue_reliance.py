@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.evaluation import class_recall
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.preprocess import load_image
-from pipeline.sources import CocoSource, ImageRecord
-from pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
+from eive_audit.pipeline.evaluation import class_recall
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.preprocess import load_image
+from eive_audit.pipeline.sources import CocoSource, ImageRecord
+from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
 
 
 def measure(model: str, n_val: int, seed: int, batch_size: int = 32) -> dict[str, float | int]:

@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from explainers import get_explainer
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.families import write_random_model
-from pipeline.models.targets import Targets
+from eive_audit.explainers import get_explainer
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.targets import Targets
 
 
 def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explainers import get_explainer
-from pipeline.metrics.faithfulness import FaithfulnessConfig, deletion_insertion
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.families import write_random_model
-from pipeline.models.targets import Targets
-from pipeline.sources.synthetic import SynthParams, make_scene, render
+from eive_audit.explainers import get_explainer
+from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig, deletion_insertion
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.targets import Targets
+from eive_audit.pipeline.sources.synthetic import SynthParams, make_scene, render
 
 
 def _seconds(fn) -> tuple[float, object]:

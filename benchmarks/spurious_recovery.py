@@ -30,10 +30,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torchvision.ops import box_convert
 
-from pipeline.metrics.faithfulness import instance_scores
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.preprocess import load_image
-from pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
+from eive_audit.pipeline.metrics.faithfulness import instance_scores
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.preprocess import load_image
+from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
 
 KS = (10, 25, 100)
 
@@ -73,7 +73,7 @@ def counterfactual_ratios(adapter: DetrAdapter, rows: list[dict[str, Any]], ann:
 
 def mistakenness(rows: list[dict[str, Any]], ann: Path, images: Path) -> dict[str, float]:
     """`_mistakenness`, with FiftyOne's notices kept off stdout, where the benchmark prints its JSON."""
-    from reports.fiftyone_push import stdout_to_stderr
+    from eive_audit.reports.fiftyone_push import stdout_to_stderr
 
     with stdout_to_stderr():
         return _mistakenness(rows, ann, images)
@@ -87,7 +87,7 @@ def _mistakenness(rows: list[dict[str, Any]], ann: Path, images: Path) -> dict[s
     import fiftyone as fo
     import fiftyone.brain as fob
 
-    from pipeline.sources import CocoSource, ImageRecord
+    from eive_audit.pipeline.sources import CocoSource, ImageRecord
 
     source = CocoSource(ann, images)
     dataset = fo.Dataset()
@@ -142,7 +142,7 @@ def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float
 def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
     """Where the cued class's largest candidate cue sits: the share of its exemplars, and of all its
     members, whose off-object peak cell overlaps a planted cue box of the same image."""
-    from storage.catalog import query
+    from eive_audit.storage.catalog import query
 
     cue = query(store, "SELECT cue_id, support, verification_drop, exemplar_ids FROM findings WHERE run_id = ? "
                        "AND label_name = ? AND explainer = 'eive' ORDER BY support DESC, cue_id LIMIT 1",
@@ -167,9 +167,9 @@ def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
 
 
 def run(model: str, n_val: int, seed: int, work: Path) -> dict[str, Any]:
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
-    from storage.catalog import query
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.storage.catalog import query
 
     started = time.perf_counter()
     ann = generate(work / "data", 0, n_val, seed)["val"]

@@ -4,8 +4,8 @@ May import `pipeline.models` (the model interface) only. Importing this package 
 `eive` and the baselines `raw-attention`, `rollout`, `chefer`, `odam`, `drise`, `legrad-detr`, `cdam-detr`.
 """
 
-from explainers import cdam_detr, chefer, drise, eive, legrad_detr, odam, raw_attention, rollout
-from explainers.base import Explainer, Targets, available, get_explainer, register
+from eive_audit.explainers import cdam_detr, chefer, drise, eive, legrad_detr, odam, raw_attention, rollout
+from eive_audit.explainers.base import Explainer, Targets, available, get_explainer, register
 
 __all__ = ["Explainer", "Targets", "available", "get_explainer", "register", "cdam_detr", "chefer", "drise", "eive",
            "legrad_detr", "odam", "raw_attention", "rollout"]

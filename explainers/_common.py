@@ -15,10 +15,10 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
-from explainers.splat import merge_levels, splat
-from pipeline.models.detr import DetectorOutput, DetrAdapter, ForwardRecord
-from pipeline.models.preprocess import PixelBatch
-from pipeline.models.targets import Targets
+from eive_audit.explainers.splat import merge_levels, splat
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter, ForwardRecord
+from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
 # (round members [R], gradients of their scores w.r.t. each input, batch-first) -> maps of the members [R, h * w]
 Reduce = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]

@@ -10,9 +10,9 @@ from typing import Callable, ClassVar, Protocol
 
 import torch
 
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.preprocess import PixelBatch
-from pipeline.models.targets import Targets
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
 
 class Explainer(Protocol):

@@ -13,9 +13,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from explainers._common import GradientExplainer, Reduce, class_logits
-from explainers.base import Targets, register
-from pipeline.models.detr import DetrAdapter, ForwardRecord
+from eive_audit.explainers._common import GradientExplainer, Reduce, class_logits
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.detr import DetrAdapter, ForwardRecord
 
 
 @register("cdam-detr")

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
 
-from explainers._common import on_grid
-from explainers.base import Targets, register
-from pipeline.models.boxes import paired_box_iou
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.preprocess import PixelBatch
+from eive_audit.explainers._common import on_grid
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.boxes import paired_box_iou
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch
 
 
 def smooth_masks(cells: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -17,11 +17,11 @@ from typing import ClassVar
 import torch
 from torchvision.ops import box_convert
 
-from explainers._common import attention_rows
-from explainers.base import Targets, register
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.boxes import paired_box_iou
-from pipeline.models.preprocess import PixelBatch
+from eive_audit.explainers._common import attention_rows
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.boxes import paired_box_iou
+from eive_audit.pipeline.models.preprocess import PixelBatch
 
 FUSIONS = ("last", "mean", "max", "product", "clhcf")
 DEFAULT_FUSION = "product"  # the fusion ablation's winner on EPG and insertion (README, "EIVE")

@@ -14,9 +14,9 @@ from typing import ClassVar, Iterable, Sequence
 
 import torch
 
-from explainers._common import GradientExplainer, Reduce
-from explainers.base import Targets, register
-from pipeline.models.detr import DetrAdapter, ForwardRecord
+from eive_audit.explainers._common import GradientExplainer, Reduce
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.detr import DetrAdapter, ForwardRecord
 
 
 @register("odam")

@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from explainers._common import attention_rows, on_grid
-from explainers.base import Targets, register
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.preprocess import PixelBatch
+from eive_audit.explainers._common import attention_rows, on_grid
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch
 
 
 @register("raw-attention")

@@ -14,10 +14,10 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from explainers._common import on_grid, require_single_scale
-from explainers.base import Targets, register
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.preprocess import PixelBatch
+from eive_audit.explainers._common import on_grid, require_single_scale
+from eive_audit.explainers.base import Targets, register
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch
 
 
 def _normalise(relevance: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -17,19 +17,19 @@ from typing import Any
 
 from prefect import flow, task
 
-from explainers import get_explainer
-from pipeline.audit import audit_batch, faithfulness_of_rows, model_labels
-from pipeline.batching import ImageBatch, iter_batches
-from pipeline.config import AuditConfig
-from pipeline.findings import FindingsConfig, Findings, find_spurious
-from pipeline.evaluation import label_to_category
-from pipeline.metrics.faithfulness import FaithfulnessConfig
-from pipeline.models.detr import DetrAdapter
-from pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
-from reports.artifacts import publish_run_artifacts
-from storage.catalog import query, refresh_catalog
-from storage.maps import decode_map, encode_map
-from storage.writer import mark_shard_done, read_table, shard_done, write_table
+from eive_audit.explainers import get_explainer
+from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows, model_labels
+from eive_audit.pipeline.batching import ImageBatch, iter_batches
+from eive_audit.pipeline.config import AuditConfig
+from eive_audit.pipeline.findings import FindingsConfig, Findings, find_spurious
+from eive_audit.pipeline.evaluation import label_to_category
+from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
+from eive_audit.reports.artifacts import publish_run_artifacts
+from eive_audit.storage.catalog import query, refresh_catalog
+from eive_audit.storage.maps import decode_map, encode_map
+from eive_audit.storage.writer import mark_shard_done, read_table, shard_done, write_table
 
 TABLES = ("images", "instances", "maps", "errors")
 
@@ -251,7 +251,7 @@ def report_path(store: Path, run_id: str) -> Path:
 @task(name="write-report")
 def write_report_task(store: Path, run_id: str) -> Path:
     """Write the run's HTML report to `report_path`; imported here so the flow loads without the report's deps."""
-    from reports.html_report import write_report
+    from eive_audit.reports.html_report import write_report
 
     return write_report(store, run_id, report_path(store, run_id))
 
@@ -259,7 +259,7 @@ def write_report_task(store: Path, run_id: str) -> Path:
 @task(name="push-fiftyone")
 def push_fiftyone_task(store: Path, run_id: str, dataset: str) -> dict:
     """Push the run to a FiftyOne dataset; imported here so only runs that push start FiftyOne's database."""
-    from reports.fiftyone_push import push_run
+    from eive_audit.reports.fiftyone_push import push_run
 
     return push_run(store, run_id, dataset)
 

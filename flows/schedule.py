@@ -17,8 +17,8 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.settings import PREFECT_API_URL
 from pydantic import ValidationError
 
-from flows.audit import audit
-from pipeline.config import AuditConfig
+from eive_audit.flows.audit import audit
+from eive_audit.pipeline.config import AuditConfig
 
 START_SERVER = "prefect server start --host 127.0.0.1"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.train import TrainConfig, train
+from eive_audit.pipeline.train import TrainConfig, train
 
 
 @task(name="train-detector-steps")

@@ -25,9 +25,9 @@ from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
-from pipeline.metrics.localization import box_coverage
-from pipeline.models.detr import capture_outputs
-from pipeline.models.families import family_of
+from eive_audit.pipeline.metrics.localization import box_coverage
+from eive_audit.pipeline.models.detr import capture_outputs
+from eive_audit.pipeline.models.families import family_of
 
 DENSE_ONLY = "AAJTS needs dense cross-attention; deformable families not yet supported"
 

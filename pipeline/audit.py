@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from pipeline.batching import ImageBatch
-from pipeline.matching import DET, FN, match_image
-from pipeline.metrics.faithfulness import FaithfulnessConfig, FaithfulnessResult, deletion_insertion
-from pipeline.metrics.localization import boxes_to_grid, localization_scores
-from pipeline.models.detr import DetectorOutput, DetrAdapter
-from pipeline.models.preprocess import PixelBatch
-from pipeline.models.targets import Targets
-from pipeline.sources.records import ImageRecord
+from eive_audit.pipeline.batching import ImageBatch
+from eive_audit.pipeline.matching import DET, FN, match_image
+from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig, FaithfulnessResult, deletion_insertion
+from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
+from eive_audit.pipeline.sources.records import ImageRecord
 
 
 class BatchExplainer(Protocol):

@@ -7,8 +7,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pipeline.models.preprocess import load_image
-from pipeline.sources.records import ErrorReason, ImageRecord, SourceError
+from eive_audit.pipeline.models.preprocess import load_image
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError
 
 
 @dataclass

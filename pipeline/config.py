@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.models.detr import resolve_model_path
+from eive_audit.pipeline.models.detr import resolve_model_path
 
 
 # Fields that say where results go, how they are batched on which device, and what is done with them

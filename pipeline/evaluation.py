@@ -11,9 +11,9 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
 
-from pipeline.batching import ImageBatch, iter_batches
-from pipeline.models.detr import DetrAdapter, Detections
-from pipeline.sources.coco import CocoSource
+from eive_audit.pipeline.batching import ImageBatch, iter_batches
+from eive_audit.pipeline.models.detr import DetrAdapter, Detections
+from eive_audit.pipeline.sources.coco import CocoSource
 
 
 def label_to_category(model_labels: dict[int, str], categories: dict[int, str]) -> tuple[dict[int, int], str]:

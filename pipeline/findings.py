@@ -40,10 +40,10 @@ from sklearn.preprocessing import StandardScaler
 from torchvision.ops import box_convert
 from torchvision.transforms.functional import gaussian_blur
 
-from pipeline.metrics.faithfulness import instance_scores
-from pipeline.metrics.localization import box_coverage, boxes_to_grid
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.preprocess import PixelBatch, load_image
+from eive_audit.pipeline.metrics.faithfulness import instance_scores
+from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
 
 OBJECT_OUTCOMES = ("tp", "dup", "fn")
 

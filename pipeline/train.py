@@ -28,13 +28,13 @@ from torch import nn
 from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 
-from pipeline.aajts import joint_loss, require_dense_attention
-from pipeline.evaluation import label_to_category
-from pipeline.models.detr import load_hf_model, resolve_device
-from pipeline.models.families import FAMILIES, build_config, save_preprocessor
-from pipeline.models.preprocess import PixelBatch, PreprocessConfig, load_image, preprocess
-from pipeline.sources.coco import CocoSource
-from pipeline.sources.records import ImageRecord
+from eive_audit.pipeline.aajts import joint_loss, require_dense_attention
+from eive_audit.pipeline.evaluation import label_to_category
+from eive_audit.pipeline.models.detr import load_hf_model, resolve_device
+from eive_audit.pipeline.models.families import FAMILIES, build_config, save_preprocessor
+from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, load_image, preprocess
+from eive_audit.pipeline.sources.coco import CocoSource
+from eive_audit.pipeline.sources.records import ImageRecord
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"

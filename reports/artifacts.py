@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from storage.catalog import query
+from eive_audit.storage.catalog import query
 
 WORST_LIMIT = 20
 

@@ -49,9 +49,9 @@ from fiftyone.core.collections import SampleCollection
 from fiftyone.core.view import DatasetView
 from PIL import Image
 
-from reports.overlay import map_to_image
-from storage.catalog import query
-from storage.maps import decode_map
+from eive_audit.reports.overlay import map_to_image
+from eive_audit.storage.catalog import query
+from eive_audit.storage.maps import decode_map
 
 KEY_FIELD = "push_key"
 LABEL_FIELDS = ("predictions", "missed")  # the image dataset's fields that hold instances

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from reports.overlay import map_to_image
-from reports.plots import Panel, overlay, score_distribution
-from storage.catalog import query
+from eive_audit.reports.overlay import map_to_image
+from eive_audit.reports.plots import Panel, overlay, score_distribution
+from eive_audit.storage.catalog import query
 
 # Scores plotted per class, in METHODS.md section 4 order; peak_in_gt is a yes/no and reads better in captions.
 PLOTTED_SCORES = ("mass_in_gt", "mass_in_pred", "mass_on_other_gt", "compactness", "deletion_auc", "insertion_auc")

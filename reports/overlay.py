@@ -15,7 +15,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from storage.maps import decode_map
+from eive_audit.storage.maps import decode_map
 
 Size = tuple[int, int]  # (height, width), as the `images` table stores them
 

@@ -3,10 +3,10 @@
 Imports none of the other project packages.
 """
 
-from storage.catalog import CATALOG_NAME, ReadOnlyQueryError, load_map, query, refresh_catalog
-from storage.maps import decode_map, encode_map
-from storage.schema import SCHEMA_VERSION, SCHEMAS
-from storage.writer import mark_shard_done, read_table, remove_run, shard_done, write_table
+from eive_audit.storage.catalog import CATALOG_NAME, ReadOnlyQueryError, load_map, query, refresh_catalog
+from eive_audit.storage.maps import decode_map, encode_map
+from eive_audit.storage.schema import SCHEMA_VERSION, SCHEMAS
+from eive_audit.storage.writer import mark_shard_done, read_table, remove_run, shard_done, write_table
 
 __all__ = [
     "CATALOG_NAME",

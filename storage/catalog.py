@@ -15,8 +15,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from storage.maps import decode_map
-from storage.schema import SCHEMAS
+from eive_audit.storage.maps import decode_map
+from eive_audit.storage.schema import SCHEMAS
 
 CATALOG_NAME = "catalog.duckdb"
 

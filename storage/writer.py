@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schema import ALLOWED_VALUES, SCHEMAS
+from eive_audit.storage.schema import ALLOWED_VALUES, SCHEMAS
 
 DONE_DIR = "_done"
 

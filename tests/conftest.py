@@ -29,7 +29,7 @@ def coco_tiny() -> Path:
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small planted-cue dataset: 24 train and 40 val images, seed 3."""
-    from pipeline.sources.synthetic import generate
+    from eive_audit.pipeline.sources.synthetic import generate
 
     root = tmp_path_factory.mktemp("synth")
     generate(root, n_train=24, n_val=40, seed=3)
@@ -39,7 +39,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def detr_r50_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-init DETR-R50 of the published architecture, 80 labels."""
-    from pipeline.models.families import write_random_model
+    from eive_audit.pipeline.models.families import write_random_model
 
     return write_random_model("detr-r50", [f"LABEL_{i}" for i in range(80)], tmp_path_factory.mktemp("detr_r50"))
 

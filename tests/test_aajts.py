@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from transformers import (ConditionalDetrConfig, ConditionalDetrForObjectDetection, DabDetrConfig,
                           DabDetrForObjectDetection, DetrConfig, DetrForObjectDetection, PreTrainedModel)
 
-from pipeline.aajts import (DENSE_ONLY, Pairs, attention_losses, capture_matches, concentration_loss, gt_coverage,
+from eive_audit.pipeline.aajts import (DENSE_ONLY, Pairs, attention_losses, capture_matches, concentration_loss, gt_coverage,
                             joint_loss, require_dense_attention, stability_loss)
-from pipeline.metrics.localization import box_coverage
-from pipeline.models.detr import DEFAULT_MODEL_DIR
-from pipeline.models.families import FAMILIES, build_config
+from eive_audit.pipeline.metrics.localization import box_coverage
+from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR
+from eive_audit.pipeline.models.families import FAMILIES, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,10 +170,10 @@ def test_deformable_families_are_refused_with_a_clear_error() -> None:
 
 def _concentration(model_dir: Path, synth: Path) -> float:
     """The AAJTS concentration loss of a trained model on all of the synth train images, eval mode."""
-    from pipeline.models.detr import load_hf_model
-    from pipeline.models.preprocess import PreprocessConfig, preprocess
-    from pipeline.sources import CocoSource, ImageRecord
-    from pipeline.train import _TrainSet, fine_tune_label_map
+    from eive_audit.pipeline.models.detr import load_hf_model
+    from eive_audit.pipeline.models.preprocess import PreprocessConfig, preprocess
+    from eive_audit.pipeline.sources import CocoSource, ImageRecord
+    from eive_audit.pipeline.train import _TrainSet, fine_tune_label_map
 
     model = load_hf_model(model_dir).eval()
     source = CocoSource(synth / "annotations" / "train.json", synth / "images" / "train")
@@ -187,12 +187,12 @@ def _concentration(model_dir: Path, synth: Path) -> float:
 
 
 def test_fine_tuning_with_aajts_concentrates_the_attention(synth: Path, tmp_path: Path) -> None:
-    from pipeline.train import TrainConfig, train
+    from eive_audit.pipeline.train import TrainConfig, train
 
     common = ["--coco", str(synth / "annotations" / "train.json"), "--images", str(synth / "images" / "train"),
               "--init", str(DEFAULT_MODEL_DIR), "--steps", "30", "--batch-size", "8", "--lr", "5e-4",
               "--device", "cpu", "--seed", "0"]
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *common, "--out", str(tmp_path / "with"),
+    done = subprocess.run([sys.executable, "-m", "eive_audit", "train", *common, "--out", str(tmp_path / "with"),
                            "--aajts", "--lambda-in", "2.0"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.catalog import query
+from eive_audit.storage.catalog import query
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "eive_audit"]
 
 
 def _run(*args: str, timeout: int = 600) -> dict:
@@ -177,12 +177,12 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
     """The same instances and protocol, once with EIVE's stored maps and once with random maps."""
     import torch
 
-    from flows.audit import _model_and_source
-    from pipeline.audit import faithfulness_of_rows
-    from pipeline.batching import iter_batches
-    from pipeline.config import AuditConfig
-    from pipeline.metrics.faithfulness import FaithfulnessConfig
-    from storage.maps import decode_map
+    from eive_audit.flows.audit import _model_and_source
+    from eive_audit.pipeline.audit import faithfulness_of_rows
+    from eive_audit.pipeline.batching import iter_batches
+    from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
+    from eive_audit.storage.maps import decode_map
 
     config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=tmp_path,
                          faithfulness="all", faithfulness_steps=10, device="cpu")
@@ -224,9 +224,9 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     model): it locates nothing, so its localisation scores are null, and the run and its other rows go on."""
     import torch
 
-    from explainers.base import _REGISTRY, register
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
+    from eive_audit.explainers.base import _REGISTRY, register
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
 
     @register("test-empty")
     class Empty:

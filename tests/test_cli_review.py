@@ -30,10 +30,10 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from pipeline.cli import app, run as run_command
-from pipeline.config import AuditConfig, ConfigFileError
-from reports.artifacts import WORST_LIMIT, artifact_key
-from storage.catalog import query
+from eive_audit.cli import app, run as run_command
+from eive_audit.pipeline.config import AuditConfig, ConfigFileError
+from eive_audit.reports.artifacts import WORST_LIMIT, artifact_key
+from eive_audit.storage.catalog import query
 
 N_IMAGES = 8
 
@@ -126,9 +126,9 @@ def test_the_flow_leaves_a_summary_and_a_worst_detections_artifact(audited: dict
 def test_run_with_a_fiftyone_dataset_pushes_at_the_end_of_the_flow(audited: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flow's wiring, with FiftyOne's push recorded instead of run (the real push: the `push` test below)."""
     pushed = []
-    fake = types.ModuleType("reports.fiftyone_push")
+    fake = types.ModuleType("eive_audit.reports.fiftyone_push")
     fake.push_run = lambda store, run_id, dataset: pushed.append((Path(store), run_id, dataset)) or {}
-    monkeypatch.setitem(sys.modules, "reports.fiftyone_push", fake)
+    monkeypatch.setitem(sys.modules, "eive_audit.reports.fiftyone_push", fake)
     summary = _run_ok("--config", str(audited["yaml"]), "--score-threshold", "0.3", "--fiftyone-dataset", "nightly",
                       "--no-report")
     run_id = audited["summary"]["run_id"]
@@ -194,7 +194,7 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def test_push_puts_the_latest_run_into_a_fiftyone_dataset(audited: dict, mongo_uri: str) -> None:
     env = {**os.environ, "FIFTYONE_DATABASE_URI": mongo_uri, "FIFTYONE_DATABASE_VALIDATION": "false"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "push", "--store", str(audited["store"]),
+    result = subprocess.run([sys.executable, "-m", "eive_audit", "push", "--store", str(audited["store"]),
                              "--dataset", "review"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     pushed = json.loads(result.stdout)  # stdout is the JSON alone: FiftyOne's notices go to stderr
@@ -288,7 +288,7 @@ def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
 
 def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Path) -> None:
     out = tmp_path / "demo-store"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out), "--n-val", "16"],
+    done = subprocess.run([sys.executable, "-m", "eive_audit", "demo", "--out", str(out), "--n-val", "16"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.splitlines()[0])

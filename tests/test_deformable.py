@@ -16,16 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 
-from explainers import get_explainer
-from explainers.splat import merge_levels, splat
-from pipeline.models.deformable import DeformableAdapter
-from pipeline.models.detr import DetrAdapter, adapter_class
-from pipeline.models.families import FAMILIES, build_config, write_random_model
-from pipeline.models.preprocess import PreprocessConfig
-from pipeline.models.targets import Targets
-from storage.catalog import query
+from eive_audit.explainers import get_explainer
+from eive_audit.explainers.splat import merge_levels, splat
+from eive_audit.pipeline.models.deformable import DeformableAdapter
+from eive_audit.pipeline.models.detr import DetrAdapter, adapter_class
+from eive_audit.pipeline.models.families import FAMILIES, build_config, write_random_model
+from eive_audit.pipeline.models.preprocess import PreprocessConfig
+from eive_audit.pipeline.models.targets import Targets
+from eive_audit.storage.catalog import query
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "eive_audit"]
 
 
 def _splat_loop(weights: torch.Tensor, locations: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainers import available, get_explainer, register
-from explainers.eive import FUSIONS
-from pipeline.models.boxes import paired_box_iou
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.families import FAMILIES, build_config
-from pipeline.models.preprocess import PreprocessConfig
-from pipeline.models.targets import Targets
+from eive_audit.explainers import available, get_explainer, register
+from eive_audit.explainers.eive import FUSIONS
+from eive_audit.pipeline.models.boxes import paired_box_iou
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.families import FAMILIES, build_config
+from eive_audit.pipeline.models.preprocess import PreprocessConfig
+from eive_audit.pipeline.models.targets import Targets
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.evaluation import coco_metrics
-from pipeline.models.detr import DetrAdapter
-from pipeline.sources import CocoSource
-from pipeline.sources.synthetic import generate
+from eive_audit.pipeline.evaluation import coco_metrics
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.sources import CocoSource
+from eive_audit.pipeline.sources.synthetic import generate
 
 
 def test_shipped_model_reaches_ap50_on_a_fresh_val_set(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_shipped_model_reaches_ap50_on_a_fresh_val_set(tmp_path: Path) -> None:
 
 def test_eval_cli_on_coco_tiny_with_a_random_model(coco_tiny: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "eive_audit"]
     subprocess.run([*cli, "init-model", "--family", "conditional-detr-small", "--num-labels", "80", "--out", str(model)],
                    check=True, capture_output=True)
     result = subprocess.run(
@@ -39,7 +39,7 @@ def test_eval_cli_on_coco_tiny_with_a_random_model(coco_tiny: Path, tmp_path: Pa
 
 def test_eval_cli_rejects_a_wrong_model_directory(coco_tiny: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
+        [sys.executable, "-m", "eive_audit", "eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
          "--images", str(coco_tiny / "val2017"), "--model", str(tmp_path)],
         capture_output=True, text=True,
     )

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from explainers import available, get_explainer
-from explainers.drise import DRise, detection_similarity, smooth_masks
-from explainers.rollout import relevance
-from pipeline.metrics.localization import box_coverage, boxes_to_grid
-from pipeline.models.detr import DetrAdapter
-from pipeline.models.families import _SMALL_BACKBONE, FAMILIES
-from pipeline.models.preprocess import PixelBatch, PreprocessConfig
-from pipeline.models.targets import Targets
-from pipeline.sources.synthetic import SynthParams, make_scene, render
+from eive_audit.explainers import available, get_explainer
+from eive_audit.explainers.drise import DRise, detection_similarity, smooth_masks
+from eive_audit.explainers.rollout import relevance
+from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.families import _SMALL_BACKBONE, FAMILIES
+from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig
+from eive_audit.pipeline.models.targets import Targets
+from eive_audit.pipeline.sources.synthetic import SynthParams, make_scene, render
 
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
 GRADIENT = ("chefer", "odam", "legrad-detr", "cdam-detr")
@@ -219,10 +219,10 @@ def test_hooks_and_model_state_are_left_as_found_also_on_error(small_forward: tu
 
 
 def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Path) -> None:
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
-    from storage.catalog import query
-    from storage.maps import decode_map
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.storage.catalog import query
+    from eive_audit.storage.maps import decode_map
 
     coco = json.loads((synth / "annotations" / "val.json").read_text())
     keep = {image["id"] for image in coco["images"][:4]}

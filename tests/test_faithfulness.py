@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.metrics.faithfulness import FaithfulnessConfig, deletion_insertion, step_masks
-from pipeline.models.targets import Targets
+from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig, deletion_insertion, step_masks
+from eive_audit.pipeline.models.targets import Targets
 
 H = W = 32  # input pixels; grid 8 x 8 at stride 4
 REGION = (slice(0, 16), slice(0, 16))  # the only evidence: the top-left quarter

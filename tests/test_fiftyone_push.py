@@ -24,8 +24,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from storage.catalog import query, refresh_catalog
-from storage.writer import read_table, write_table
+from eive_audit.storage.catalog import query, refresh_catalog
+from eive_audit.storage.writer import read_table, write_table
 
 DATASET = "audit"
 N_IMAGES = 24  # of the synth fixture's 40 val images: enough for tp, fp and fn rows, and faster
@@ -37,10 +37,10 @@ BOX_COLUMNS = {f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in (
 AUDIT = """
 import json, sys
 from pathlib import Path
-from explainers.base import register
-from explainers.eive import EIVE
-from flows.audit import audit
-from pipeline.config import AuditConfig
+from eive_audit.explainers.base import register
+from eive_audit.explainers.eive import EIVE
+from eive_audit.flows.audit import audit
+from eive_audit.pipeline.config import AuditConfig
 
 @register("eive-last")
 class EiveLast(EIVE):
@@ -56,7 +56,7 @@ print(json.dumps(audit(config), default=str))
 
 PUSH = """
 import json, sys
-from reports.fiftyone_push import push_run, save_cue_view
+from eive_audit.reports.fiftyone_push import push_run, save_cue_view
 args = json.loads(sys.argv[1])
 results = [push_run(args["store"], run, args["dataset"]) for run in args["runs"]]
 cue = args["cue"]
@@ -68,7 +68,7 @@ DUMP = """
 import json, sys
 import fiftyone as fo
 from fiftyone import ViewField as F
-from reports.fiftyone_push import sorted_by
+from eive_audit.reports.fiftyone_push import sorted_by
 
 args = json.loads(sys.argv[1])
 images, instances = fo.load_dataset(args["dataset"]), fo.load_dataset(args["dataset"] + "-instances")
@@ -101,7 +101,7 @@ print(json.dumps({
 
 APP = """
 import sys
-from reports.fiftyone_push import launch_app
+from eive_audit.reports.fiftyone_push import launch_app
 session = launch_app(sys.argv[1], port=int(sys.argv[2]), wait=False)
 print("launched", flush=True)
 sys.stdin.read()  # serve until the test closes our stdin

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.findings import FindingsConfig, _Geometry, _region_in_original, cluster_peaks, describe_instance
-from pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.pipeline.findings import FindingsConfig, _Geometry, _region_in_original, cluster_peaks, describe_instance
+from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
 
 GEOMETRY = _Geometry(original=(64, 64), input=(64, 64), padded=(64, 64), grid=(8, 8))  # 8 px cells
 CONFIG = FindingsConfig()
@@ -82,7 +82,7 @@ def test_region_in_original_skips_the_padding() -> None:
 
 
 def test_the_verified_region_is_the_ring_around_the_box_and_the_peak_never_the_object() -> None:
-    from pipeline.findings import InstanceFinding, _Case, _candidate_region
+    from eive_audit.pipeline.findings import InstanceFinding, _Case, _candidate_region
 
     row = _row("tp", [16, 16, 32, 32], [16, 16, 32, 32])  # cells 2..3
     obj = torch.zeros(8, 8)
@@ -124,8 +124,8 @@ def test_one_tight_group_among_scattered_peaks_is_a_cluster_of_its_own(n: int) -
 def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """The synth val split audited twice: as generated, and from a copy of its json without the cue and
     synthetic keys (what the benchmark scores with and what findings must never read)."""
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
 
     raw = json.loads((synth / "annotations" / "val.json").read_text())
     stripped = tmp_path_factory.mktemp("nocue") / "val.json"
@@ -140,7 +140,7 @@ def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 
 def _findings_of(store: Path, run_id: str) -> tuple[list[dict], list[dict]]:
-    from storage.catalog import query
+    from eive_audit.storage.catalog import query
 
     columns = ("instance_id, explainer, off_object_share, spurious_score, flag_off_object, flag_background_fp, "
                "flag_miss_elsewhere, cue_id, verification_drop, localised_drop, specificity, peak_x, peak_y")
@@ -179,7 +179,7 @@ def test_localised_peaks_of_the_cued_class_sit_on_the_planted_cue(audited: dict[
     """The benchmark's second claim on a small run: where the audit localised a hexagon's reliance, the
     window it settled on overlaps the cue the generator planted beside it (the test reads the cue boxes;
     the findings never do)."""
-    from storage.catalog import query
+    from eive_audit.storage.catalog import query
 
     store, run_id = audited["with_cues"]
     rows = query(store, "SELECT image_id, peak_x, peak_y FROM instances WHERE run_id = ? AND explainer = 'eive' "
@@ -205,7 +205,7 @@ def test_findings_never_read_the_cue_annotations(audited: dict[str, tuple[Path, 
 
 
 def test_the_report_lists_the_candidate_cues_with_their_crops(audited: dict[str, tuple[Path, str]], tmp_path: Path) -> None:
-    from reports.html_report import write_report
+    from eive_audit.reports.html_report import write_report
 
     store, run_id = audited["with_cues"]
     _, cues = _findings_of(store, run_id)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.metrics.localization import box_coverage, boxes_to_grid, localization_scores
+from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid, localization_scores
 
 GRID = (8, 10)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.matching import DUP, FP, TP, match_image
+from eive_audit.pipeline.matching import DUP, FP, TP, match_image
 
 
 def test_greedy_by_score_with_duplicates_misses_and_class_check() -> None:

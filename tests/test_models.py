@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter, ModelLoadError
-from pipeline.models.families import FAMILIES, build_config
-from pipeline.models.preprocess import PreprocessConfig, load_image
+from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter, ModelLoadError
+from eive_audit.pipeline.models.families import FAMILIES, build_config
+from eive_audit.pipeline.models.preprocess import PreprocessConfig, load_image
 
 
 def _hook_counts(model: torch.nn.Module) -> list[int]:

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.metrics.localization import boxes_to_grid, localization_scores
-from reports.html_report import CSP, PLOTTED_SCORES, write_report
-from reports.overlay import map_to_image
-from storage.catalog import query
-from storage.maps import decode_map, encode_map
+from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.reports.html_report import CSP, PLOTTED_SCORES, write_report
+from eive_audit.reports.overlay import map_to_image
+from eive_audit.storage.catalog import query
+from eive_audit.storage.maps import decode_map, encode_map
 
 CHROMIUM = Path("/usr/bin/chromium")
 SECOND_EXPLAINER = "test-eive-last"
@@ -133,8 +133,8 @@ def _landscape_and_portrait(synth: Path, out: Path, n: int = 8) -> tuple[Path, P
 
 def _register_second_explainer() -> None:
     """EIVE with last-layer fusion under another name, so the run has two explainers to show side by side."""
-    from explainers import available, register
-    from explainers.eive import EIVE
+    from eive_audit.explainers import available, register
+    from eive_audit.explainers.eive import EIVE
 
     if SECOND_EXPLAINER not in available():
         class LastLayer(EIVE):
@@ -149,8 +149,8 @@ def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
     """(store, run id, report path) of a real audit of landscape and portrait images."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.audit import audit
-    from pipeline.config import AuditConfig
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
 
     work = tmp_path_factory.mktemp("report_run")
     ann, images = _landscape_and_portrait(synth, work)

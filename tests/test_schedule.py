@@ -25,12 +25,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import AuditConfig
-from storage.catalog import query
+from eive_audit.cli import app
+from eive_audit.pipeline.config import AuditConfig
+from eive_audit.storage.catalog import query
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "eive_audit"]
 T = TypeVar("T")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.sources import CocoSource, ErrorReason, ImageRecord, SourceError, SourceFormatError
+from eive_audit.pipeline.sources import CocoSource, ErrorReason, ImageRecord, SourceError, SourceFormatError
 
 
 @pytest.mark.parametrize("split", ["val2017", "train2017"])
@@ -84,7 +84,7 @@ def test_missing_annotation_file(tmp_path: Path) -> None:
 
 
 def test_folder_source_yields_images_without_gt(coco_tiny: Path, tmp_path: Path) -> None:
-    from pipeline.sources import FolderSource
+    from eive_audit.pipeline.sources import FolderSource
 
     folder = tmp_path / "imgs"
     shutil.copytree(coco_tiny / "val2017", folder)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from storage import (
+from eive_audit.storage import (
     SCHEMA_VERSION,
     SCHEMAS,
     ReadOnlyQueryError,
@@ -28,7 +28,7 @@ from storage import (
     shard_done,
     write_table,
 )
-from storage.catalog import _connect_read_only
+from eive_audit.storage.catalog import _connect_read_only
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 MAP = encode_map(np.array([[0.0, 0.5], [1.0, 0.25]]))

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.sources import CocoSource, ImageRecord
-from pipeline.sources.synthetic import CUED_CATEGORY, SynthParams, generate, make_scene, render, render_counterfactual
+from eive_audit.pipeline.sources import CocoSource, ImageRecord
+from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, SynthParams, generate, make_scene, render, render_counterfactual
 
 
 def _digest(root: Path) -> str:
@@ -25,7 +25,7 @@ def _digest(root: Path) -> str:
 
 
 def test_cli_is_deterministic_by_seed(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", "synth", "--n-train", "6", "--n-val", "4"]
+    cmd = [sys.executable, "-m", "eive_audit", "synth", "--n-train", "6", "--n-val", "4"]
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         subprocess.run([*cmd, "--out", str(tmp_path / name), "--seed", seed], check=True, capture_output=True)
     assert (tmp_path / "a" / "images" / "train" / "000005.png").is_file()

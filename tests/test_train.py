@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models.detr import DetrAdapter
-from pipeline.train import CHECKPOINT_DIR, TrainConfig, train
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.train import CHECKPOINT_DIR, TrainConfig, train
 
 
 def test_train_cli_smoke_run_writes_a_loadable_model(synth: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", "--coco", str(synth / "annotations" / "train.json"),
+        [sys.executable, "-m", "eive_audit", "train", "--coco", str(synth / "annotations" / "train.json"),
          "--images", str(synth / "images" / "train"), "--out", str(out), "--steps", "3", "--batch-size", "4",
          "--checkpoint-every", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
@@ -64,8 +64,8 @@ def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path:
 
 
 def test_fine_tuning_matches_labels_by_name_and_refuses_unknown_categories(synth: Path) -> None:
-    from pipeline.sources import CocoSource
-    from pipeline.train import fine_tune_label_map
+    from eive_audit.pipeline.sources import CocoSource
+    from eive_audit.pipeline.train import fine_tune_label_map
 
     source = CocoSource(synth / "annotations" / "train.json", synth / "images" / "train")
     model_labels = {0: "hexagon", 1: "triangle", 2: "square", 3: "circle", 4: "star"}

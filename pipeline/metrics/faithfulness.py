@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert
 from torchvision.transforms.functional import gaussian_blur
 
-from pipeline.models.boxes import paired_box_iou
-from pipeline.models.targets import Targets
+from eive_audit.pipeline.models.boxes import paired_box_iou
+from eive_audit.pipeline.models.targets import Targets
 
 BASELINES = ("blur", "mean", "noise")
 PROTOCOLS = ("standard", "odam")

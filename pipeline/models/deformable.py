@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.detr import (
+from eive_audit.pipeline.models.detr import (
     DeformableSampling,
     DetectorOutput,
     DetrAdapter,
@@ -22,7 +22,7 @@ from pipeline.models.detr import (
     capture_inputs,
     capture_outputs,
 )
-from pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.preprocess import PixelBatch
 
 class DeformableAdapter(DetrAdapter):
     """DetrAdapter for Deformable DETR and RT-DETR: `forward` fills `DetectorOutput.sampling` (and leaves

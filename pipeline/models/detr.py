@@ -21,8 +21,8 @@ from torch import nn
 from torchvision.ops import box_convert
 from transformers import AutoConfig, AutoModelForObjectDetection, PreTrainedModel
 
-from pipeline.models.families import Family, family_of
-from pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
+from eive_audit.pipeline.models.families import Family, family_of
+from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 
@@ -315,7 +315,7 @@ class DetrAdapter:
 def adapter_class(family: Family) -> type[DetrAdapter]:
     """The adapter of a family: deformable models record sampled points instead of dense attention."""
     if family.deformable:
-        from pipeline.models.deformable import DeformableAdapter  # that module subclasses this one's adapter
+        from eive_audit.pipeline.models.deformable import DeformableAdapter  # that module subclasses this one's adapter
 
         return DeformableAdapter
     return DetrAdapter

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.models.families import IMAGENET_MEAN, IMAGENET_STD
+from eive_audit.pipeline.models.families import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

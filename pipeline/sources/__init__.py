@@ -4,8 +4,8 @@ Every source yields `ImageRecord`s (absolute xyxy GT boxes) and `SourceError`s, 
 Imports nothing from the rest of the project but `pipeline.sources`.
 """
 
-from pipeline.sources.coco import CocoSource
-from pipeline.sources.folder import FolderSource
-from pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
+from eive_audit.pipeline.sources.coco import CocoSource
+from eive_audit.pipeline.sources.folder import FolderSource
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
 
 __all__ = ["CocoSource", "FolderSource", "ErrorReason", "ImageRecord", "SourceError", "SourceFormatError"]

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
 
 # Real COCO boxes overshoot the image by rounding; this much is clipped instead of rejected.
 EDGE_TOLERANCE_PX = 1.0

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from pipeline.sources.records import ErrorReason, ImageRecord, SourceError
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 

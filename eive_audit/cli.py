@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
-    from pipeline.config import AuditConfig
+    from eive_audit.pipeline.config import AuditConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -47,7 +47,7 @@ def synth(
     val_cue_alone_rate: float = typer.Option(0.1, help="share of val images with a lone cue"),
 ) -> None:
     """Render a synthetic planted-cue dataset in COCO format."""
-    from pipeline.sources.synthetic import SynthParams, generate
+    from eive_audit.pipeline.sources.synthetic import SynthParams, generate
 
     params = SynthParams(image_size=image_size, cue_rate=cue_rate)
     with progress_bar("rendering", n_train + n_val) as advance:
@@ -64,7 +64,7 @@ def init_model(
     seed: int = typer.Option(0),
 ) -> None:
     """Write a random-init model directory of a real architecture (nobody here can download weights)."""
-    from pipeline.models.families import FAMILIES, write_random_model
+    from eive_audit.pipeline.models.families import FAMILIES, write_random_model
 
     if family not in FAMILIES:
         _fail(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
@@ -90,8 +90,8 @@ def train(
     lambda_stab: float = typer.Option(0.1, min=0.0, help="AAJTS stability weight"),
 ) -> None:
     """Train (or resume, or fine-tune) a detector; runs as the Prefect flow `train-detector`."""
-    from flows.train import train_flow
-    from pipeline.train import TrainConfig
+    from eive_audit.flows.train import train_flow
+    from eive_audit.pipeline.train import TrainConfig
 
     config = TrainConfig(coco=coco, images=images, out=out, family=family, init=init, steps=steps,
                          batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed, device=device,
@@ -104,9 +104,9 @@ def train(
 
 
 def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str) -> dict:
-    from pipeline.evaluation import coco_metrics
-    from pipeline.models.detr import DetrAdapter, ModelLoadError
-    from pipeline.sources import CocoSource, SourceFormatError
+    from eive_audit.pipeline.evaluation import coco_metrics
+    from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
+    from eive_audit.pipeline.sources import CocoSource, SourceFormatError
 
     try:
         source = CocoSource(coco, images)
@@ -182,7 +182,7 @@ def _given_settings(ctx: typer.Context) -> dict[str, object]:
 
 def _load_config(config_file: Path | None, settings: dict[str, object]) -> "AuditConfig":
     """`settings` over the YAML file's (if any) as an AuditConfig; bad settings exit with one line per problem."""
-    from pipeline.config import AuditConfig
+    from eive_audit.pipeline.config import AuditConfig
     from pydantic import ValidationError
 
     try:
@@ -196,9 +196,9 @@ def _load_config(config_file: Path | None, settings: dict[str, object]) -> "Audi
 
 def _audit(config: "AuditConfig") -> dict:
     """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
-    from flows.audit import audit
-    from pipeline.models.detr import ModelLoadError
-    from pipeline.sources import SourceFormatError
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.models.detr import ModelLoadError
+    from eive_audit.pipeline.sources import SourceFormatError
 
     try:
         return audit(config)
@@ -213,7 +213,7 @@ def sql(
     format: str = typer.Option("table", help="table | csv | json"),
 ) -> None:
     """Query a store's catalog read-only."""
-    from storage.catalog import query
+    from eive_audit.storage.catalog import query
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
@@ -255,8 +255,8 @@ def demo(
 
     Prints the correct detections that look least at their object, the candidate cues, and where the HTML
     report is."""
-    from pipeline.sources.synthetic import generate
-    from storage.catalog import query
+    from eive_audit.pipeline.sources.synthetic import generate
+    from eive_audit.storage.catalog import query
 
     data = out / "data"
     ann = data / "annotations" / "val.json"
@@ -285,7 +285,7 @@ def demo(
 def _finished_run(store: Path, run: str | None) -> str:
     """`run` checked to be a finished run of the store, or, when None, the store's latest finished run
     (by finish time); a missing store or an unknown run exits with a message."""
-    from storage.catalog import catalog_path, query
+    from eive_audit.storage.catalog import catalog_path, query
 
     if not catalog_path(store).is_file():
         _fail(f"no store at {store} (no {catalog_path(store).name} there); pass the --out of an `eive-audit run`")
@@ -310,7 +310,7 @@ def push(
 ) -> None:
     """Push a run to a FiftyOne dataset (detections, GT, saliency heatmaps, scores) for review in the App."""
     run_id = _finished_run(store, run)  # before importing FiftyOne, which starts its database
-    from reports.fiftyone_push import push_run
+    from eive_audit.reports.fiftyone_push import push_run
 
     typer.echo(json.dumps(push_run(store, run_id, dataset), default=str))
 
@@ -323,7 +323,7 @@ def report(
 ) -> None:
     """Write a run's self-contained HTML report; prints its path."""
     run_id = _finished_run(store, run)
-    from reports.html_report import write_report
+    from eive_audit.reports.html_report import write_report
 
     typer.echo(str(write_report(store, run_id, out)))
 
@@ -337,7 +337,7 @@ def review_app(
     """Serve the FiftyOne App on a dataset until interrupted (Ctrl-C or SIGTERM)."""
     import signal
 
-    from reports.fiftyone_push import launch_app
+    from eive_audit.reports.fiftyone_push import launch_app
 
     # SIGTERM (a service manager, `kill`) stops the App as Ctrl-C does; otherwise Python dies without cleanup
     # and leaves FiftyOne's server and database processes running.
@@ -358,7 +358,7 @@ def schedule(
 
     Registers `audit/NAME` on the server at PREFECT_API_URL and runs its audits until interrupted; a run can
     also be started at once from the UI or with `prefect deployment run audit/NAME`."""
-    from flows.schedule import NoServerError, serve_audit
+    from eive_audit.flows.schedule import NoServerError, serve_audit
 
     try:
         serve_audit(_load_config(config, {}), cron, name or config.stem)
