@@ -30,7 +30,8 @@ import torch
 
 from cue_reliance import measure as cue_reliance
 from eive_audit.pipeline.evaluation import coco_metrics
-from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.sources import CocoSource
 from eive_audit.pipeline.sources.synthetic import generate
 from eive_audit.pipeline.train import TrainConfig, train
@@ -80,8 +81,8 @@ def evaluate(model: Path, ann: Path, images: Path, work: Path, args: argparse.Na
     from eive_audit.storage.catalog import query
 
     accuracy = coco_metrics(DetrAdapter.load(model), CocoSource(ann, images))
-    summary = audit(AuditConfig(images=images, coco=ann, out=work, model=str(model), faithfulness="all",
-                                faithfulness_steps=args.faithfulness_steps, report=False))
+    summary = audit(AuditConfig(images=images, coco=ann, out=work, model=str(model), review={"report": False},
+                                faithfulness={"instances": "all", "steps": args.faithfulness_steps}))
     rows = query(work, "SELECT * FROM instances WHERE run_id = ? AND explainer = 'eive' ORDER BY instance_id",
                  [summary["run_id"]]).to_pylist()
     cue = cue_reliance(str(model), args.n_val, VAL_SEED)

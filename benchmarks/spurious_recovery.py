@@ -174,7 +174,7 @@ def run(model: str, n_val: int, seed: int, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     ann = generate(work / "data", 0, n_val, seed)["val"]
     images = work / "data" / "images" / "val"
-    summary = audit(AuditConfig(images=images, coco=ann, out=work / "store", model=model, report=False))
+    summary = audit(AuditConfig(images=images, coco=ann, out=work / "store", model=model, review={"report": False}))
     rows = query(work / "store", "SELECT * FROM instances WHERE run_id = ? AND explainer = 'eive' ORDER BY instance_id",
                  [summary["run_id"]]).to_pylist()
     ratios = counterfactual_ratios(DetrAdapter.load(model), rows, ann, images)

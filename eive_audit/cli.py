@@ -174,10 +174,34 @@ def _given_settings(ctx: typer.Context) -> dict[str, object]:
     """
     # By name: typer vendors click, and its ParameterSource enum is not public API.
     given = {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name != "DEFAULT"}
-    settings = {name: ctx.params[name] for name in given - {"config"}}
+    settings: dict[str, object] = {}
+    for name in sorted(given - {"config"}):
+        section, field = _FLAT_FLAGS.get(name, (None, name))
+        value = ctx.params[name]
+        if section is None:
+            settings[field] = value
+        elif section == "explainers":
+            settings.setdefault("explainers", {}).setdefault("eive" if field == "fusion" else "drise", {})[
+                "fusion" if field == "fusion" else "n_masks"] = value
+        else:
+            settings.setdefault(section, {})[field] = value
     if "explainer" in settings:
-        settings["explainers"] = tuple(str(settings.pop("explainer")).split(","))
+        names = str(settings.pop("explainer")).split(",")
+        params = settings.pop("explainers", {})
+        settings["explainers"] = {name: params.get(name, {}) for name in names}
     return settings
+
+
+# Transitional: flat flags of `run` -> (part, field) of the nested AuditConfig.
+_FLAT_FLAGS = {
+    "fusion": ("explainers", "fusion"), "drise_masks": ("explainers", "n_masks"),
+    "faithfulness": ("faithfulness", "instances"), "faithfulness_steps": ("faithfulness", "steps"),
+    "faithfulness_baseline": ("faithfulness", "baseline"), "faithfulness_protocol": ("faithfulness", "protocol"),
+    "findings": ("findings", "enabled"), "spurious_off_object": ("findings", "off_object"),
+    "spurious_background": ("findings", "background"), "cue_min_support": ("findings", "min_support"),
+    "verify_budget": ("findings", "verify_budget"), "localise_budget": ("findings", "localise_budget"),
+    "fiftyone_dataset": ("review", "fiftyone_dataset"), "report": ("review", "report"),
+}
 
 
 def _load_config(config_file: Path | None, settings: dict[str, object]) -> "AuditConfig":
@@ -264,7 +288,7 @@ def demo(
         with progress_bar("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
     summary = _audit(_load_config(None, {"images": data / "images" / "val", "coco": ann, "out": out,
-                                         "fiftyone_dataset": fiftyone_dataset}))
+                                         "review": {"fiftyone_dataset": fiftyone_dataset}}))
     typer.echo(json.dumps(summary))
     worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
                        "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "

@@ -21,9 +21,8 @@ from eive_audit.explainers import get_explainer
 from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows, model_labels
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.config import AuditConfig
-from eive_audit.pipeline.findings import FindingsConfig, Findings, find_spurious
+from eive_audit.pipeline.findings import Findings, find_spurious
 from eive_audit.pipeline.evaluation import label_to_category
-from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
 from eive_audit.reports.artifacts import publish_run_artifacts
@@ -70,12 +69,6 @@ def _exception_row(record: ImageRecord, stage: str, exc: Exception) -> dict[str,
             "message": f"{exc}"[:2000], "path": str(record.path)}
 
 
-def explainer_settings(config: AuditConfig, name: str) -> dict[str, Any]:
-    """The config's parameters of one explainer (the others take their defaults)."""
-    return {"eive": {"fusion": config.fusion},
-            "drise": {"n_masks": config.drise_masks, "batch_size": config.faithfulness_batch_size}}.get(name, {})
-
-
 @task(name="audit-shard")
 def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[str, int]:
     """Audit one shard's images and write its tables; a finished shard is skipped."""
@@ -83,7 +76,7 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     if shard_done(config.out, run_id, shard):
         return {"skipped": 1}
     adapter, source, label_map = _model_and_source(config)
-    explainers = [get_explainer(name, **explainer_settings(config, name)) for name in config.explainers]
+    explainers = [get_explainer(name, **settings.model_dump()) for name, settings in config.explainers.items()]
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     stream = (item for image_id in image_ids for item in source.read(image_id))
     for item in iter_batches(stream, config.batch_size):
@@ -124,10 +117,10 @@ def faithfulness_selection(config: AuditConfig) -> dict[str, set[tuple[str, str]
     `flagged` takes correct detections whose map has little mass on their object; `sample:N` takes N
     instances of the whole run, the same N on every rerun (ordered by a hash of their ids).
     """
-    budget = config.faithfulness
+    budget = config.faithfulness.instances
     where, params = "TRUE", []
     if budget == "flagged":
-        where, params = "outcome = 'tp' AND mass_in_gt < ?", [config.flag_mass_in_gt]
+        where, params = "outcome = 'tp' AND mass_in_gt < ?", [1 - config.findings.off_object]
     elif budget.startswith("sample:"):
         where = (f"instance_id || '/' || explainer IN (SELECT instance_id || '/' || explainer FROM instances "
                  f"WHERE run_id = ? ORDER BY md5(instance_id || '/' || explainer) LIMIT {int(budget[7:])})")
@@ -151,8 +144,7 @@ def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, s
     maps = {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"])
             for m in read_table(config.out, "maps", config.run_id, shard).to_pylist()}
     rows = [row for row in instances if (row["instance_id"], row["explainer"]) in chosen]
-    settings = FaithfulnessConfig(steps=config.faithfulness_steps, baseline=config.faithfulness_baseline,
-                                  batch_size=config.faithfulness_batch_size, protocol=config.faithfulness_protocol)
+    settings = config.faithfulness
     stream = (item for image_id in sorted({row["image_id"] for row in rows}) for item in source.read(image_id))
     for item in iter_batches(stream, config.batch_size):
         if not isinstance(item, ImageBatch):
@@ -166,13 +158,6 @@ def faithfulness_shard(config: AuditConfig, shard: str, chosen: set[tuple[str, s
     write_table(config.out, "instances", config.run_id, shard, instances)
     mark_shard_done(config.out, config.run_id, marker)
     return len(rows)
-
-
-def findings_config(config: AuditConfig) -> FindingsConfig:
-    return FindingsConfig(off_object=config.spurious_off_object, background=config.spurious_background,
-                          min_support=config.cue_min_support, verify_budget=config.verify_budget,
-                          localise_budget=config.localise_budget,
-                          batch_size=config.batch_size)
 
 
 @task(name="findings")
@@ -191,7 +176,7 @@ def findings_task(config: AuditConfig) -> dict[str, int]:
     images = {row["image_id"]: row for row in query(config.out, "SELECT * FROM images WHERE run_id = ? AND status = 'ok'",
                                                     [config.run_id]).to_pylist()}
     labels = dict(zip(((r["instance_id"], r["explainer"]) for r in rows), model_labels(adapter, rows, label_map)))
-    found = find_spurious(adapter, rows, maps, images, labels, findings_config(config))
+    found = find_spurious(adapter, rows, maps, images, labels, config.findings, config.batch_size)
     _write_findings(config, rows, found)
     mark_shard_done(config.out, config.run_id, "findings")
     return {"cues": len(found.cues), "flagged": sum(f.flagged for f in found.instances.values())}
@@ -266,11 +251,11 @@ def push_fiftyone_task(store: Path, run_id: str, dataset: str) -> dict:
 
 def _review(config: AuditConfig) -> dict[str, Any]:
     """The finished run's review outputs (report, FiftyOne, artifacts), as the summary's extra keys."""
-    report = write_report_task(config.out, config.run_id) if config.report else None
-    if config.fiftyone_dataset:
-        push_fiftyone_task(config.out, config.run_id, config.fiftyone_dataset)
-    artifacts = publish_run_artifacts(config.out, config.run_id, report, config.fiftyone_dataset)
-    return {"report": str(report) if report else None, "fiftyone_dataset": config.fiftyone_dataset,
+    report = write_report_task(config.out, config.run_id) if config.review.report else None
+    if config.review.fiftyone_dataset:
+        push_fiftyone_task(config.out, config.run_id, config.review.fiftyone_dataset)
+    artifacts = publish_run_artifacts(config.out, config.run_id, report, config.review.fiftyone_dataset)
+    return {"report": str(report) if report else None, "fiftyone_dataset": config.review.fiftyone_dataset,
             "artifacts": artifacts}
 
 
@@ -287,10 +272,10 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         for key, value in audit_shard(config, shard, ids).items():
             totals[key] = totals.get(key, 0) + value
     refresh_catalog(config.out)
-    if config.faithfulness != "none":
+    if config.faithfulness.instances != "none":
         for shard, chosen in faithfulness_selection(config).items():
             faithfulness_shard(config, shard, chosen)
-    if config.findings:
+    if config.findings.enabled:
         findings_task(config)
         refresh_catalog(config.out)
     summary = run_summary(config.out, config.run_id)

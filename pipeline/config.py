@@ -1,78 +1,163 @@
-"""`AuditConfig`: everything that decides an audit's results, and the hash that names the run."""
+"""`AuditConfig`: everything that decides an audit, in nested parts, and the hash that names the run.
+
+Every setting's default is written once, here: the CLI builds its flags from these fields (their defaults
+and descriptions), config files are these fields as YAML, and the pipeline takes the parts as they are
+(`config.faithfulness`, `config.findings`, `config.explainers["eive"]`). Importing this module loads
+neither torch nor transformers, so the CLI answers `--help` and argument errors at once.
+
+A field marked `affects_results=False` (where results go, how they are batched, what is done with them
+afterwards) stays out of the run hash; every other field, the storage schema version, the model's
+fingerprint and the annotation file's stamp enter it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from eive_audit.pipeline.models.detr import resolve_model_path
+from eive_audit.pipeline.models.locate import resolve_model_path
 
-
-# Fields that say where results go, how they are batched on which device, and what is done with them
-# afterwards: none of them changes what is computed, so none enters the run hash (`model` enters as its
-# fingerprint instead of its name).
-_NOT_HASHED = frozenset({"out", "device", "model", "faithfulness_batch_size", "fiftyone_dataset", "report"})
 _PATH_FIELDS = ("images", "coco", "out")
+
+
+def _unhashed(**kwargs: Any) -> Any:
+    """A Field that does not change what is computed, so it stays out of the run hash."""
+    return Field(json_schema_extra={"affects_results": False}, **kwargs)
 
 
 class ConfigFileError(ValueError):
     """A YAML config that cannot become an AuditConfig: unreadable, not a mapping, or an unknown key."""
 
 
-class AuditConfig(BaseModel):
-    """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
-    run id is skipped. `out`, `device`, the faithfulness batch size and the review outputs (HTML report,
-    FiftyOne push) do not enter the hash (where results go and how they are batched on which device do
-    not change what is computed). `model` enters through its fingerprint, not its name."""
-
+class _Part(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    images: Path = Field(description="image root (COCO) or image folder (no GT)")
-    coco: Path | None = Field(None, description="COCO annotation json; None audits a plain image folder")
-    out: Path = Field(description="store root: Parquet tables and catalog.duckdb")
-    model: str = "default"
-    explainers: tuple[str, ...] = ("eive",)
-    fusion: str = "product"  # explainers.eive.DEFAULT_FUSION, the fusion ablation's winner
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    max_detections: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
-    shard_size: int = Field(64, ge=1)
-    faithfulness: str = Field("none", pattern=r"^(none|all|flagged|sample:[1-9][0-9]*)$",
-                              description="which instances get deletion / insertion AUC")
-    faithfulness_steps: int = Field(20, ge=1)
-    faithfulness_baseline: str = Field("blur", pattern=r"^(blur|mean|noise)$")
-    faithfulness_protocol: str = Field("standard", pattern=r"^(standard|odam)$",
-                                       description="odam: ODAM's steps and score, noise fill (see metrics.faithfulness)")
-    faithfulness_batch_size: int = Field(64, ge=1)
-    flag_mass_in_gt: float = Field(0.3, ge=0.0, le=1.0,
-                                   description="`flagged` budget: correct detections with less mass on their GT")
-    findings: bool = Field(True, description="flag spurious attention, cluster candidate cues, verify them")
-    spurious_off_object: float = Field(0.4, ge=0.0, le=1.0,
-                                       description="flag a tp / dup / fn with at least this map share off its object")
-    spurious_background: float = Field(0.5, ge=0.0, le=1.0,
-                                       description="flag an fp with at least this map share off every GT box")
-    cue_min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
+
+class ExplainerSettings(_Part):
+    """Parameters of an explainer that has none (raw attention, rollout, the gradient baselines)."""
+
+
+class EiveSettings(ExplainerSettings):
+    """EIVE (METHODS.md 1): decoder cross-attention of each instance's query, fused over layers."""
+
+    fusion: Literal["product", "clhcf", "last", "mean", "max"] = Field(
+        "product", description="layer fusion; product (the geometric mean) won EPG and insertion in the fusion ablation")
+    track: bool = Field(True, description="follow each instance's representative query per layer (METHODS.md 1c)")
+    temperature: float = Field(0.1, gt=0.0, description="CLHCF: temperature of the softmax over layer scores")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="CLHCF: weight of the consensus map against union x vote")
+    rho: float = Field(0.2, gt=0.0, lt=1.0, description="CLHCF: a layer votes for its top-rho share of cells")
+    eps: float = Field(1e-6, gt=0.0, description="floor under the logarithms of the product and CLHCF fusions")
+
+
+class DriseSettings(ExplainerSettings):
+    """D-RISE (METHODS.md 2): random masks, each weighted by how well the masked image still finds the instance."""
+
+    n_masks: int = Field(1000, ge=1, description="random masks per image (paper: 5000)")
+    grid_size: int = Field(16, ge=1, description="cells per side of a mask before upsampling")
+    keep_prob: float = Field(0.5, gt=0.0, lt=1.0, description="chance that a mask keeps a cell")
+    seed: int = Field(0, description="seed of the masks")
+    batch_size: int = _unhashed(default=64, ge=1, description="masked images per forward")
+
+
+# Explainers with parameters; every other registered explainer takes ExplainerSettings (none).
+EXPLAINER_SETTINGS: dict[str, type[ExplainerSettings]] = {"eive": EiveSettings, "drise": DriseSettings}
+
+
+class FaithfulnessConfig(_Part):
+    """Deletion / insertion AUC (METHODS.md 4). `standard`: fractions of the image's cells, score IoU * p,
+    raw AUC. `odam` (our reading of ODAM's protocol, for comparison with its tables): noise fill; steps are
+    fractions of the instance box's area; the score is the best same-class detection with IoU > 0.5, as a
+    fraction of the intact image's score."""
+
+    instances: str = Field("none", pattern=r"^(none|all|flagged|sample:[1-9][0-9]*)$",
+                           description="which instances get deletion / insertion AUC: none | all | flagged | sample:N")
+    steps: int = Field(20, ge=1, description="perturbation steps of each curve")
+    baseline: Literal["blur", "mean", "noise"] = Field("blur", description="what deleted cells are filled with")
+    protocol: Literal["standard", "odam"] = Field("standard", description="standard, or odam (needs the noise baseline)")
+    blur_sigma: float = Field(10.0, gt=0.0, description="of the blur baseline, in input pixels")
+    seed: int = Field(0, description="seed of the noise baseline")
+    batch_size: int = _unhashed(default=64, ge=1, description="perturbed images per forward")
+
+    @model_validator(mode="after")
+    def _odam_fills_with_noise(self) -> "FaithfulnessConfig":
+        if self.protocol == "odam" and self.baseline != "noise":
+            raise ValueError("faithfulness protocol odam fills with noise: set the faithfulness baseline to noise")
+        return self
+
+
+class FindingsConfig(_Part):
+    """Flags, candidate cues and their verification (pipeline.findings); defaults chosen on the planted-cue
+    benchmark."""
+
+    enabled: bool = Field(True, description="flag spurious attention, cluster candidate cues, verify them")
+    off_object: float = Field(0.4, ge=0.0, le=1.0,
+                              description="flag a tp / dup / fn with at least this map share off its object")
+    background: float = Field(0.5, ge=0.0, le=1.0,
+                              description="flag an fp with at least this map share off every GT box")
+    min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
     verify_budget: int = Field(5000, ge=0,
                                description="instances re-scored with their surroundings blurred (flagged first)")
     localise_budget: int = Field(15000, ge=0, description="forwards (one per window) spent localising confirmed "
                                  "reliance, largest drops first")
-    drise_masks: int = Field(1000, ge=1, description="random masks per image of the drise explainer (paper: 5000)")
-    device: str = "auto"
-    fiftyone_dataset: str | None = Field(None, min_length=1,
-                                         description="push the finished run to this FiftyOne dataset; None: no push")
-    report: bool = Field(True, description="write STORE/reports/<run_id>.html when the run finishes")
+    context_cells: int = Field(2, ge=1, description="width of the ring around the box that verification blurs, in cells")
+    blur_sigma: float = Field(10.0, gt=0.0, description="of the blur that fills a verified region, in input pixels")
+    confirm_drop: float = Field(0.5, ge=0.0, le=1.0, description="relative score drop that confirms reliance")
+    window_cells: int = Field(2, ge=1, description="side of the window localisation slides over the surroundings")
+    feature_dims: int = Field(8, ge=1, description="PCA components of the backbone feature kept for clustering")
+    exemplars: int = Field(6, ge=1, description="exemplar crops kept per candidate cue")
 
-    @field_validator("explainers")
+
+class ReviewConfig(_Part):
+    """What is done with a finished run: neither changes its results."""
+
+    report: bool = _unhashed(default=True, description="write STORE/reports/<run_id>.html when the run finishes")
+    fiftyone_dataset: str | None = _unhashed(default=None, min_length=1,
+                                             description="push the finished run to this FiftyOne dataset")
+
+
+class AuditConfig(_Part):
+    """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
+    run id is skipped."""
+
+    images: Path = _unhashed(description="image root (with --coco) or a plain image folder")
+    coco: Path | None = _unhashed(default=None, description="COCO annotation json; none audits a plain image folder")
+    out: Path = _unhashed(description="store root: Parquet tables and catalog.duckdb")
+    model: str = _unhashed(default="default", description="model directory, hub id, or `default` (the shipped model)")
+    explainers: dict[str, SerializeAsAny[ExplainerSettings]] = Field(
+        default_factory=lambda: {"eive": EiveSettings()},
+        description="explainers to run, in order, each with its parameters")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring at least this")
+    max_detections: int = Field(100, ge=1, description="detections kept per image, best first")
+    batch_size: int = Field(8, ge=1, description="images per forward")
+    shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
+    device: str = _unhashed(default="auto", description="auto | cpu | cuda | cuda:N")
+    faithfulness: FaithfulnessConfig = Field(default_factory=FaithfulnessConfig)
+    findings: FindingsConfig = Field(default_factory=FindingsConfig)
+    review: ReviewConfig = _unhashed(default_factory=ReviewConfig)
+
+    @field_validator("explainers", mode="before")
     @classmethod
-    def _distinct_explainers(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"explainers must be distinct and at least one, got {names}")
-        return names
+    def _explainer_settings(cls, value: Any) -> dict[str, ExplainerSettings]:
+        """Names (a list, or a comma-separated string) or a mapping name -> parameters, each parameter set
+        validated by its explainer's settings class."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != len(value):
+                raise ValueError(f"explainers must be distinct, got {', '.join(map(str, value))}")
+            value = {name: {} for name in value}
+        if not isinstance(value, dict) or not value:
+            raise ValueError("explainers must name at least one explainer")
+        settings = {}
+        for name, params in value.items():
+            kind = EXPLAINER_SETTINGS.get(str(name), ExplainerSettings)
+            settings[str(name)] = params if isinstance(params, kind) else kind(**(params or {}))
+        return settings
 
     def _model_fingerprint(self) -> dict[str, object]:
         """Path plus weight-file sizes and mtimes, so retraining a model in place starts a new run."""
@@ -82,17 +167,13 @@ class AuditConfig(BaseModel):
         files = sorted(p for p in path.iterdir() if p.is_file())
         return {"model": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
-    @model_validator(mode="after")
-    def _odam_fills_with_noise(self) -> "AuditConfig":
-        if self.faithfulness_protocol == "odam" and self.faithfulness_baseline != "noise":
-            raise ValueError("--faithfulness-protocol odam fills with noise: add --faithfulness-baseline noise")
-        return self
-
     @property
     def config_hash(self) -> str:
-        content = self.model_dump(mode="json", exclude=set(_NOT_HASHED))
-        content["images"] = str(self.images.resolve())
-        content["coco"] = str(self.coco.resolve()) if self.coco else None
+        from eive_audit.storage.schema import SCHEMA_VERSION  # the one edge pipeline -> storage: a constant
+
+        content: dict[str, Any] = {"settings": _results_fields(self), "schema_version": SCHEMA_VERSION,
+                                   "images": str(self.images.resolve()),
+                                   "coco": str(self.coco.resolve()) if self.coco else None}
         if self.coco is not None and self.coco.is_file():  # annotations edited in place start a new run
             stat = self.coco.stat()
             content["coco_file"] = (stat.st_size, stat.st_mtime_ns)
@@ -105,10 +186,11 @@ class AuditConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> "AuditConfig":
-        """The config a YAML file describes (keys = field names), with `overrides` (e.g. the flags given on a
-        command line) winning over the file. Relative paths in the file resolve against the file's folder,
-        so a config means the same run from any working directory; `model` does too when that folder holds
-        it (otherwise it is `default` or a hub id). Unknown keys raise ConfigFileError naming them."""
+        """The config a YAML file describes (keys = field names, parts as nested mappings), with `overrides`
+        (e.g. the flags given on a command line) merged over the file part by part. Relative paths in the
+        file resolve against the file's folder, so a config means the same run from any working directory;
+        `model` does too when that folder holds it (otherwise it is `default` or a hub id). Unknown keys
+        raise ConfigFileError naming them."""
         path = Path(path).resolve()
         try:
             settings = yaml.safe_load(path.read_text())
@@ -121,7 +203,7 @@ class AuditConfig(BaseModel):
         if unknown:
             raise ConfigFileError(f"unknown key {', '.join(map(repr, unknown))} in {path}; "
                                   f"valid keys: {', '.join(cls.model_fields)}")
-        return cls(**(_resolve_relative(settings, path.parent) | overrides))
+        return cls(**merge_settings(_resolve_relative(settings, path.parent), overrides))
 
     def to_yaml(self, path: Path) -> Path:
         """Write the config as YAML that `from_yaml` reads back to an equal config, wherever the file goes
@@ -135,6 +217,39 @@ class AuditConfig(BaseModel):
         run) needs. Same run id."""
         return self.model_copy(update={name: Path(value).resolve() for name in _PATH_FIELDS
                                        if (value := getattr(self, name)) is not None})
+
+
+def _results_fields(part: BaseModel) -> dict[str, Any]:
+    """The fields of `part` that change results, recursively, as JSON values."""
+    content: dict[str, Any] = {}
+    for name, info in type(part).model_fields.items():
+        if (info.json_schema_extra or {}).get("affects_results") is False:  # type: ignore[union-attr]
+            continue
+        value = getattr(part, name)
+        if isinstance(value, BaseModel):
+            content[name] = _results_fields(value)
+        elif isinstance(value, dict):
+            content[name] = {k: _results_fields(v) if isinstance(v, BaseModel) else v for k, v in value.items()}
+        else:
+            content[name] = json.loads(json.dumps(value, default=str))
+    return content
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` over `base`, mapping by mapping: a flag for one part (or one explainer's parameter)
+    replaces that value only. Explainer names given as a list or string choose the explainers; their
+    parameters from `base` are kept."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        old = merged.get(key)
+        if key == "explainers" and isinstance(value, (list, tuple, str)) and isinstance(old, dict):
+            names = value.split(",") if isinstance(value, str) else value
+            merged[key] = {name: old.get(name, {}) for name in names}
+        elif isinstance(value, dict) and isinstance(old, dict):
+            merged[key] = merge_settings(old, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _resolve_relative(settings: dict[str, Any], base: Path) -> dict[str, Any]:

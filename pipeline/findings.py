@@ -40,30 +40,13 @@ from sklearn.preprocessing import StandardScaler
 from torchvision.ops import box_convert
 from torchvision.transforms.functional import gaussian_blur
 
+from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.metrics.faithfulness import instance_scores
 from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
 
 OBJECT_OUTCOMES = ("tp", "dup", "fn")
-
-
-@dataclass(frozen=True)
-class FindingsConfig:
-    """Thresholds and budgets of the findings step (defaults chosen on the planted-cue benchmark)."""
-
-    off_object: float = 0.4  # flag a tp / dup / fn whose map has at least this share off its object
-    background: float = 0.5  # flag an fp whose map has at least this share off every GT box
-    min_support: int = 5  # instances a cluster needs to be reported as a candidate cue
-    verify_budget: int = 5000  # instances re-scored with their candidate region blurred (most off-object first)
-    context_cells: int = 2  # width of the ring around the box that verification blurs, in grid cells
-    blur_sigma: float = 10.0  # of the blur that fills the verified region, in input pixels
-    confirm_drop: float = 0.5  # relative score drop that confirms reliance on the region
-    localise_budget: int = 15000  # forwards (one per window) spent localising confirmed reliance, largest drops first
-    window_cells: int = 2  # side of the window the localisation slides over the surroundings, in cells
-    feature_dims: int = 8  # PCA components of the backbone feature kept for clustering
-    exemplars: int = 6
-    batch_size: int = 16
 
 
 @dataclass
@@ -278,9 +261,10 @@ def _geometry(image_row: dict[str, Any], grid: tuple[int, int]) -> _Geometry:
 
 def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[tuple[str, str], np.ndarray],
                   images: dict[int, dict[str, Any]], model_labels: dict[tuple[str, str], int],
-                  config: FindingsConfig) -> Findings:
+                  config: FindingsConfig, batch_size: int) -> Findings:
     """Findings of one run: rows of its instances table, their maps by (instance_id, explainer), its images
-    rows by image id (file_path and the stored sizes) and the model label index of each instance."""
+    rows by image id (file_path and the stored sizes) and the model label index of each instance; forwards
+    take `batch_size` images (the audit's)."""
     gt_boxes: dict[int, set[tuple[float, ...]]] = {}
     for row in rows:
         if _box(row, "gt") is not None:
@@ -294,14 +278,14 @@ def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[t
         cases[key] = _Case(row, describe_instance(row, saliency, boxes, geometry, config), geometry,
                            _object_region(row, boxes, geometry), model_labels[key])
     order = sorted(cases, key=lambda k: (not cases[k].finding.flagged, -cases[k].finding.off_object_share, k))
-    _verify(adapter, [cases[k] for k in order[:config.verify_budget]], images, config)
+    _verify(adapter, [cases[k] for k in order[:config.verify_budget]], images, config, batch_size)
     confirmed = sorted((k for k in order[:config.verify_budget]
                         if cases[k].finding.verification_drop >= config.confirm_drop),  # type: ignore[operator]
                        key=lambda k: (-cases[k].finding.verification_drop, k))  # type: ignore[operator]
-    _localise(adapter, _within_budget([cases[k] for k in confirmed], config), images, config)
+    _localise(adapter, _within_budget([cases[k] for k in confirmed], config), images, config, batch_size)
     described = [case for case in cases.values()
                  if case.finding.peak is not None and (case.finding.flagged or case.finding.localised_drop is not None)]
-    _describe(adapter, described, images, config)
+    _describe(adapter, described, images, batch_size)
     findings = Findings(instances={key: case.finding for key, case in cases.items()})
     findings.cues = _cluster(described, config)
     spurious_scores(findings.instances.values())
@@ -332,12 +316,13 @@ def _image_batches(adapter: DetrAdapter, cases: list[_Case], images: dict[int, d
         yield batch, pictures, [by_image[i] for i in chunk]
 
 
-def _verify(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig) -> None:
+def _verify(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
+            batch_size: int) -> None:
     """Fill each case's `verification_drop`: its surroundings (`_candidate_region`) blurred at once."""
-    for batch, _, per_image in _image_batches(adapter, cases, images, config.batch_size):
+    for batch, _, per_image in _image_batches(adapter, cases, images, batch_size):
         jobs = [(b, case, _candidate_region(case, config.context_cells))
                 for b, mine in enumerate(per_image) for case in mine]
-        for (_, case, _), drop in zip(jobs, _rescore(adapter, batch, jobs, config)):
+        for (_, case, _), drop in zip(jobs, _rescore(adapter, batch, jobs, config.blur_sigma, batch_size)):
             case.finding.verification_drop = drop
 
 
@@ -369,11 +354,12 @@ def _within_budget(cases: list[_Case], config: FindingsConfig) -> list[_Case]:
     return chosen
 
 
-def _localise(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig) -> None:
+def _localise(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
+              batch_size: int) -> None:
     """Blur each window of each case's surroundings on its own: the window that costs the most score becomes
     the case's peak (ties: the first in row-major order), its drop the `localised_drop`, and that drop minus
     the median window's drop the `specificity`."""
-    for batch, _, per_image in _image_batches(adapter, cases, images, config.batch_size):
+    for batch, _, per_image in _image_batches(adapter, cases, images, batch_size):
         jobs, corners = [], []
         for b, mine in enumerate(per_image):
             for case in mine:
@@ -381,7 +367,7 @@ def _localise(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[s
                     jobs.append((b, case, window))
                     corners.append(corner)
         drops: dict[int, list[tuple[float, tuple[int, int]]]] = {}
-        for (_, case, _), corner, drop in zip(jobs, corners, _rescore(adapter, batch, jobs, config)):
+        for (_, case, _), corner, drop in zip(jobs, corners, _rescore(adapter, batch, jobs, config.blur_sigma, batch_size)):
             drops.setdefault(id(case), []).append((drop, corner))
         for case in (case for mine in per_image for case in mine if id(case) in drops):
             values = [drop for drop, _ in drops[id(case)]]
@@ -393,9 +379,9 @@ def _localise(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[s
             finding.peak, finding.peak_span, finding.peak_xy = (r, c), config.window_cells, ((x0 + x1) / 2, (y0 + y1) / 2)
 
 
-def _describe(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], config: FindingsConfig) -> None:
+def _describe(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[str, Any]], batch_size: int) -> None:
     """Fill each case's peak descriptor (feature, position, colour) and crop."""
-    for batch, pictures, per_image in _image_batches(adapter, cases, images, config.batch_size):
+    for batch, pictures, per_image in _image_batches(adapter, cases, images, batch_size):
         with torch.inference_mode():
             features = adapter.record(batch, gradients=False).features
         padded = batch.pixel_values.shape[-2:]
@@ -407,19 +393,19 @@ def _describe(adapter: DetrAdapter, cases: list[_Case], images: dict[int, dict[s
 
 
 def _rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[tuple[int, _Case, torch.Tensor]],
-             config: FindingsConfig) -> list[float]:
+             blur_sigma: float, batch_size: int) -> list[float]:
     """Relative score drop of each (batch image, case, cells [h, w]) when those cells are filled with their
     surroundings blurred, the object itself left out of the blur (normalised convolution) so that no
     object colour bleeds into the region and reshapes the object's outline."""
     if not jobs:
         return []
     pixels, mask = batch.pixel_values, batch.pixel_mask
-    fills = _fills(batch, jobs, config.blur_sigma)
+    fills = _fills(batch, jobs, blur_sigma)
     drops: list[float] = []
     with torch.inference_mode():
         probs, out_boxes = adapter.predict(pixels, mask)
-        for part in range(0, len(jobs), config.batch_size):  # masks at input size exist one part at a time
-            chunk = jobs[part:part + config.batch_size]
+        for part in range(0, len(jobs), batch_size):  # masks at input size exist one part at a time
+            chunk = jobs[part:part + batch_size]
             index = torch.tensor([b for b, _, _ in chunk], device=pixels.device)
             region = torch.stack([_blurred_region(batch, b, case, cells) for b, case, cells in chunk]).to(pixels.device)
             box, labels = _targets(chunk, pixels.device)

@@ -21,7 +21,7 @@ from transformers import (ConditionalDetrConfig, ConditionalDetrForObjectDetecti
 from eive_audit.pipeline.aajts import (DENSE_ONLY, Pairs, attention_losses, capture_matches, concentration_loss, gt_coverage,
                             joint_loss, require_dense_attention, stability_loss)
 from eive_audit.pipeline.metrics.localization import box_coverage
-from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR
+from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.families import FAMILIES, build_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -185,7 +185,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
     from eive_audit.storage.maps import decode_map
 
     config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=tmp_path,
-                         faithfulness="all", faithfulness_steps=10, device="cpu")
+                         faithfulness={"instances": "all", "steps": 10}, device="cpu")
     summary = _run("--coco", str(config.coco), "--images", str(config.images), "--out", str(tmp_path),
                    "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu")
     rows = query(tmp_path, "SELECT i.*, m.grid_h, m.grid_w, m.map FROM instances i JOIN maps m "
@@ -238,8 +238,8 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     try:
         summary = audit(AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json",
                                     out=tmp_path, model=str(small_model), explainers=("eive", "test-empty"),
-                                    score_threshold=0.0, max_detections=2, device="cpu", report=False,
-                                    findings=False))
+                                    score_threshold=0.0, max_detections=2, device="cpu", review={"report": False},
+                                    findings={"enabled": False}))
     finally:
         _REGISTRY.pop("test-empty")
     rows = query(tmp_path, "SELECT explainer, count(*) AS n, count(mass_in_pred) AS scored FROM instances "

@@ -31,7 +31,7 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from eive_audit.cli import app, run as run_command
-from eive_audit.pipeline.config import AuditConfig, ConfigFileError
+from eive_audit.pipeline.config import AuditConfig, ConfigFileError, merge_settings
 from eive_audit.reports.artifacts import WORST_LIMIT, artifact_key
 from eive_audit.storage.catalog import query
 
@@ -212,14 +212,13 @@ _configs = st.builds(
     coco=st.none() | st.just(Path("/data/ann.json")),
     out=st.just(Path("/stores/audit")),
     model=st.sampled_from(["default", "/models/none-here"]),
-    explainers=st.just(("eive",)),
-    fusion=st.sampled_from(["clhcf", "last", "mean"]),
+    explainers=st.fixed_dictionaries({"eive": st.fixed_dictionaries({"fusion": st.sampled_from(["clhcf", "last", "mean"])})}),
     score_threshold=st.floats(0, 1),
     max_detections=st.integers(1, 300),
     shard_size=st.integers(1, 10_000),
-    faithfulness=st.sampled_from(["none", "all", "flagged", "sample:12"]),
-    fiftyone_dataset=st.none() | st.text(min_size=1, max_size=20),
-    report=st.booleans(),
+    faithfulness=st.fixed_dictionaries({"instances": st.sampled_from(["none", "all", "flagged", "sample:12"])}),
+    review=st.fixed_dictionaries({"fiftyone_dataset": st.none() | st.text(min_size=1, max_size=20),
+                                  "report": st.booleans()}),
 )
 
 
@@ -254,10 +253,16 @@ def test_a_bad_yaml_file_is_named_with_its_problem(tmp_path: Path, text: str, me
 def test_review_settings_leave_the_run_id_unchanged_and_findings_settings_change_it() -> None:
     config = AuditConfig(images=Path("/nonexistent/images"), coco=Path("/nonexistent/ann.json"),
                          out=Path("/nonexistent/store"), model="/nonexistent/model", score_threshold=0.25,
-                         faithfulness="sample:7")
-    assert config.model_copy(update={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
-    for change in ({"spurious_off_object": 0.45}, {"verify_budget": 3}, {"findings": False}, {"drise_masks": 7}):
-        assert config.model_copy(update=change).run_id != config.run_id, change
+                         faithfulness={"instances": "sample:7"})
+    def changed(**settings: object) -> AuditConfig:
+        return AuditConfig(**merge_settings(config.model_dump(), settings))
+
+    assert changed(review={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
+    assert changed(faithfulness={"batch_size": 3}, explainers={"eive": {}}).run_id == config.run_id
+    for change in ({"findings": {"off_object": 0.45}}, {"findings": {"verify_budget": 3}},
+                   {"findings": {"enabled": False}}, {"explainers": {"drise": {"n_masks": 7}}},
+                   {"explainers": {"eive": {"fusion": "last"}}}, {"faithfulness": {"steps": 3}}):
+        assert changed(**change).run_id != config.run_id, change
 
 
 def test_annotations_edited_in_place_start_a_new_run(tmp_path: Path) -> None:

@@ -230,8 +230,9 @@ def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Pa
     subset.write_text(json.dumps({**coco, "images": [i for i in coco["images"] if i["id"] in keep],
                                   "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
     names = ("eive", "chefer", "drise")
-    config = AuditConfig(images=synth / "images" / "val", coco=subset, out=tmp_path / "store", explainers=names,
-                         max_detections=3, batch_size=2, shard_size=2, device="cpu", drise_masks=8)
+    config = AuditConfig(images=synth / "images" / "val", coco=subset, out=tmp_path / "store",
+                         max_detections=3, batch_size=2, shard_size=2, device="cpu",
+                         explainers={"eive": {}, "chefer": {}, "drise": {"n_masks": 8}})
     summary = audit(config)
     assert summary["images"] == 4 and summary["errors"] == 0
     per_explainer = query(config.out, "SELECT explainer, count(*) AS n, count(DISTINCT instance_id) AS ids, "

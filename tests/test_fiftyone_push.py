@@ -49,8 +49,8 @@ class EiveLast(EIVE):
         super().__init__(fusion="last")
 
 images, coco, out, dataset = sys.argv[1:]
-config = AuditConfig(images=images, coco=coco, out=out, explainers=("eive", "eive-last"), faithfulness="sample:3",
-                     report=False, fiftyone_dataset=dataset)
+config = AuditConfig(images=images, coco=coco, out=out, explainers=("eive", "eive-last"), faithfulness={"instances": "sample:3"},
+                     review={"report": False, "fiftyone_dataset": dataset})
 print(json.dumps(audit(config), default=str))
 """
 

@@ -133,8 +133,8 @@ def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     runs = {}
     for name, ann in (("with_cues", synth / "annotations" / "val.json"), ("without_cues", stripped)):
         out = tmp_path_factory.mktemp(name)
-        summary = audit(AuditConfig(images=synth / "images" / "val", coco=ann, out=out, report=False,
-                                    spurious_off_object=0.3, cue_min_support=3))
+        summary = audit(AuditConfig(images=synth / "images" / "val", coco=ann, out=out, review={"report": False},
+                                    findings={"off_object": 0.3, "min_support": 3}))
         runs[name] = (out, summary["run_id"])
     return runs
 

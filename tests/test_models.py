@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eive_audit.pipeline.models.detr import DEFAULT_MODEL_DIR, DetrAdapter, ModelLoadError
+from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
+from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.families import FAMILIES, build_config
 from eive_audit.pipeline.models.preprocess import PreprocessConfig, load_image
 

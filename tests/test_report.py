@@ -159,7 +159,8 @@ def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
     # report=False: the flow would write its own report; this test writes one with an extra section.
     with prefect_test_harness():  # its server stops here, not at exit after pytest has closed the log streams
         summary = audit(AuditConfig(images=images, coco=ann, out=store, explainers=("eive", SECOND_EXPLAINER),
-                                    faithfulness="sample:5", faithfulness_steps=4, device="cpu", report=False))
+                                    faithfulness={"instances": "sample:5", "steps": 4}, device="cpu",
+                                    review={"report": False}))
     extra = [("Findings <draft>", '<p id="extra-probe">a later module\'s section</p>')]
     report = write_report(store, summary["run_id"], work / "report.html", TOP_FAILURES, extra_sections=extra)
     return store, summary["run_id"], report

@@ -20,41 +20,12 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert
 from torchvision.transforms.functional import gaussian_blur
 
+from eive_audit.pipeline.config import FaithfulnessConfig
 from eive_audit.pipeline.models.boxes import paired_box_iou
 from eive_audit.pipeline.models.targets import Targets
 
-BASELINES = ("blur", "mean", "noise")
-PROTOCOLS = ("standard", "odam")
-
 # (pixel_values [N, 3, H, W], pixel_mask [N, H, W]) -> (class probabilities [N, Q, C], boxes cxcywh [N, Q, 4])
 DetectFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class FaithfulnessConfig:
-    """`standard`: fractions of the image's cells, score IoU * p, raw AUC (METHODS.md 4).
-
-    `odam` (our reading of ODAM's protocol, for comparison with its tables): noise fill; steps are
-    fractions of the instance box's area (so the curve ends once an object's worth of cells is perturbed);
-    the score is the best same-class detection with IoU > 0.5, as a fraction of the intact image's score.
-    """
-
-    steps: int = 20
-    baseline: str = "blur"
-    batch_size: int = 64
-    blur_sigma: float = 10.0
-    seed: int = 0
-    protocol: str = "standard"
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.protocol == "odam" and self.baseline != "noise":
-            raise ValueError("the odam protocol fills with noise: use baseline='noise'")
 
 
 def baseline_images(pixels: torch.Tensor, mask: torch.Tensor, config: FaithfulnessConfig) -> torch.Tensor:

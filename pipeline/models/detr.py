@@ -22,18 +22,11 @@ from torchvision.ops import box_convert
 from transformers import AutoConfig, AutoModelForObjectDetection, PreTrainedModel
 
 from eive_audit.pipeline.models.families import Family, family_of
+from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR, resolve_model_path
 from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
-
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
-
 
 class ModelLoadError(ValueError):
     """A model directory (or hub id) that cannot be loaded; the message says why."""
-
-
-def resolve_model_path(name: str | Path) -> str:
-    """`default` names the shipped model; anything else is a local directory or a hub id."""
-    return str(DEFAULT_MODEL_DIR) if str(name) == "default" else str(name)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
