@@ -26,7 +26,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional, get_args
+from typing import Any, Callable, Iterator, NoReturn, Optional, get_args
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -35,12 +35,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from eive_audit.explainers import BUILTIN
+from eive_audit.explainers import BUILTIN, check_supported
 from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, TrainConfig, merge_settings
-from eive_audit.pipeline.models.families import FAMILIES
-
-if TYPE_CHECKING:
-    from eive_audit.pipeline.models.families import Family
+from eive_audit.pipeline.models.families import FAMILIES, Family, family_of
+from eive_audit.pipeline.models.locate import ModelLoadError, read_model_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -108,18 +106,17 @@ def config_flags(model: type[BaseModel], from_file: bool, path: tuple[str, ...] 
     """The flags of every leaf field of `model`, recursively, named by the rules of this module's docstring."""
     flags = []
     for name, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        own = prefix.rstrip("-") if name == "enabled" else f"{prefix}{name}".replace("_", "-")
-        flag = str(extra.get("flag") or own)
-        part = field.annotation if isinstance(field.annotation, type) else None
-        if part is not None and issubclass(part, BaseModel):
+        part = field.annotation
+        if isinstance(part, type) and issubclass(part, BaseModel):
             flags += config_flags(part, from_file, (*path, name), "" if name == "review" else f"{name}-")
         elif name == "explainers" and model is AuditConfig:
-            flags.append(Flag(("explainer",), "explainer", field, True))  # the choice; parameters go under name
+            flags.append(Flag(("explainer",), "explainer", field, from_file))  # the choice; parameters: below
             for explainer, settings in EXPLAINER_SETTINGS.items():
                 flags += config_flags(settings, from_file, (name, explainer), f"{explainer}-")
         else:
-            flags.append(Flag((*path, name), flag, field, from_file))
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            own = prefix.rstrip("-") if name == "enabled" else f"{prefix}{name}".replace("_", "-")
+            flags.append(Flag((*path, name), str(extra.get("flag") or own), field, from_file))
     return flags
 
 
@@ -132,7 +129,8 @@ def _with_flags(command: Callable, flags: list[Flag]) -> Callable:
 
 
 def _given(flags: list[Flag], values: dict[str, Any]) -> dict[str, Any]:
-    """The flags given (not None) as nested settings: {"faithfulness": {"steps": 5}, "explainers": "a,b", ...}."""
+    """The flags given (not None) as nested settings: {"faithfulness": {"steps": 5}, "explainer": "a,b",
+    "explainers": {"eive": {"fusion": "last"}}, ...}."""
     settings: dict[str, Any] = {}
     for flag in flags:
         value = values.get(flag.name.replace("-", "_"))
@@ -219,7 +217,7 @@ app.command()(_with_flags(train, TRAIN_FLAGS))
 
 def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str) -> dict:
     from eive_audit.pipeline.evaluation import coco_metrics
-    from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
+    from eive_audit.pipeline.models.detr import DetrAdapter
     from eive_audit.pipeline.sources import CocoSource, SourceFormatError
 
     try:
@@ -300,9 +298,6 @@ def _require_data(coco: Path | None, images: Path) -> None:
 
 def _family_of_model(model: str | Path) -> Family | None:
     """The family of a model directory, read from its config.json (no torch); None for a hub id."""
-    from eive_audit.pipeline.models.families import family_of
-    from eive_audit.pipeline.models.locate import read_model_config
-
     try:
         config = read_model_config(model)
         return None if config is None else family_of(str(config.get("model_type")))
@@ -310,22 +305,20 @@ def _family_of_model(model: str | Path) -> Family | None:
         _fail(f"--model: {exc}")
 
 
-def _preflight(config: AuditConfig) -> None:
-    """Refuse a run that cannot work before Prefect starts or torch loads: a missing annotation file, image
-    folder or model, an unknown explainer, or one the model's family cannot run."""
-    from eive_audit.explainers import check_supported
-
-    _require_data(config.coco, config.images)
+def _preflight(config: AuditConfig, data: bool = True) -> None:
+    """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
+    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder."""
+    if data:
+        _require_data(config.coco, config.images)
     try:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
         _fail(str(exc))
 
 
-def _audit(config: "AuditConfig") -> dict:
+def _audit(config: AuditConfig) -> dict:
     """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
     from eive_audit.flows.audit import audit
-    from eive_audit.pipeline.models.detr import ModelLoadError
     from eive_audit.pipeline.sources import SourceFormatError
 
     try:
@@ -496,7 +489,7 @@ def schedule(
 
     try:
         audit_config = _load_config(config, {})
-        _preflight(audit_config)
+        _preflight(audit_config, data=False)  # the data may arrive before the first scheduled run
         serve_audit(audit_config, cron, name or config.stem)
     except (NoServerError, ValueError) as exc:
         _fail(str(exc))
