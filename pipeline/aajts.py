@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 from eive_audit.pipeline.metrics.localization import box_coverage
-from eive_audit.pipeline.models.hooks import capture_outputs
 from eive_audit.pipeline.models.families import family_of
+from eive_audit.pipeline.models.hooks import capture_outputs
 
 DENSE_ONLY = "AAJTS needs dense cross-attention; deformable families not yet supported"
 

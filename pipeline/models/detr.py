@@ -12,6 +12,7 @@ import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision.ops import box_convert
