@@ -202,7 +202,7 @@ def train(**given: Any) -> None:
         _bad_settings(exc, TRAIN_FLAGS, "train")
     _require_data(config.coco, config.images)
     if config.init is not None:
-        _family_of_model(config.init)
+        _family_of_model(config.init, "--init")
     from eive_audit.flows.train import train_flow
 
     try:
@@ -296,13 +296,13 @@ def _require_data(coco: Path | None, images: Path) -> None:
         _fail(f"--images: no image folder at {images}")
 
 
-def _family_of_model(model: str | Path) -> Family | None:
+def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
     """The family of a model directory, read from its config.json (no torch); None for a hub id."""
     try:
         config = read_model_config(model)
         return None if config is None else family_of(str(config.get("model_type")))
     except ValueError as exc:  # ModelLoadError, an unsupported model type
-        _fail(f"--model: {exc}")
+        _fail(f"{flag}: {exc}")
 
 
 def _preflight(config: AuditConfig, data: bool = True) -> None:
