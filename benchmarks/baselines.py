@@ -42,6 +42,7 @@ from eive_audit.explainers.base import Explainer
 from eive_audit.explainers.eive import DEFAULT_FUSION, FUSIONS
 from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
+from eive_audit.pipeline.config import DriseSettings, EiveSettings
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
 from eive_audit.pipeline.models.detr import DetrAdapter, resolve_device
@@ -100,8 +101,8 @@ class Measured:
 
 
 def _explainers(drise: dict[str, int], names: tuple[str, ...], ablation: bool) -> list[Measured]:
-    baselines = [Measured(n, get_explainer(n, **(drise if n == "drise" else {}))) for n in names]
-    return baselines + [Measured(name, get_explainer("eive", fusion=fusion, track=track))
+    baselines = [Measured(n, get_explainer(n, DriseSettings(**drise) if n == "drise" else None)) for n in names]
+    return baselines + [Measured(name, get_explainer("eive", EiveSettings(fusion=fusion, track=track)))
                         for name, (fusion, track) in VARIANTS.items() if ablation and name not in SAME_MAPS]
 
 
@@ -161,8 +162,8 @@ def random_init_cost(args: argparse.Namespace, device: torch.device, family: str
                       outputs.boxes[index, queries].float().clone())
     fns: dict[str, Callable[[], object]] = {"bare": lambda: adapter.predict(batch.pixel_values, batch.pixel_mask)}
     for name in names:
-        explainer = get_explainer(name, **({"n_masks": args.detr_drise_masks, "batch_size": args.forward_batch}
-                                            if name == "drise" else {}))
+        explainer = get_explainer(name, DriseSettings(n_masks=args.detr_drise_masks, batch_size=args.forward_batch)
+                                  if name == "drise" else None)
         fns[name] = lambda e=explainer: e.explain(adapter, batch, outputs, targets)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.repeats):

@@ -1,21 +1,44 @@
-"""The `eive-audit` command line. Each command is a thin shell over a library function."""
+"""The `eive-audit` command line. Each command is a thin shell over a library function.
+
+The flags of `run` and `train` are built from the fields of AuditConfig and TrainConfig (pipeline.config),
+so a setting's default and help are written once, there. Every built flag defaults to "not given": only
+the flags given are passed on (for `run`, merged over `--config FILE`) and the config applies its own
+defaults to the rest, which --help shows as "[default: X]". A field's flag is named:
+- top-level field -> `--field-name` (underscores as dashes);
+- a part's field -> `--{part}-{field}` (`--faithfulness-steps`, `--findings-off-object`); a part's `enabled`
+  -> `--{part}` (`--findings/--no-findings`); the review part's fields are not prefixed (`--report`,
+  `--fiftyone-dataset`): they say what they are;
+- a field whose metadata holds a `flag` takes that name (faithfulness.instances -> `--faithfulness`);
+- a bool -> `--x/--no-x`;
+- explainers: `--explainer a,b` chooses them; each parameter of a parametrised explainer (EXPLAINER_SETTINGS)
+  -> `--{explainer}-{param}` (`--eive-fusion`, `--drise-n-masks`); a parameter of an explainer that is not
+  chosen is an error.
+Argument errors answer before torch, transformers or Prefect load; so does a run that cannot work (a
+missing model, image folder or annotation file, an unknown explainer, or one the model's family cannot run).
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional, get_args
 
 import typer
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-if TYPE_CHECKING:
-    from eive_audit.pipeline.config import AuditConfig
+from eive_audit.explainers import BUILTIN, check_supported
+from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, TrainConfig, merge_settings
+from eive_audit.pipeline.models.families import FAMILIES, Family, family_of
+from eive_audit.pipeline.models.locate import ModelLoadError, read_model_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -34,6 +57,106 @@ def _fail(message: str) -> NoReturn:
     """Print `message` as an error and exit with code 2; verbatim (no markup, no wrapping), so it can be grepped."""
     err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option built from a config field: `path` is where its value goes in the config's
+    settings (("faithfulness", "steps"), ("explainers", "eive", "fusion")), `name` the option without dashes."""
+
+    path: tuple[str, ...]
+    name: str
+    field: FieldInfo
+    from_file: bool  # the command also reads a --config file
+
+    @property
+    def parameter(self) -> inspect.Parameter:
+        """The typer option: "not given" (None) by default, the field's description as help, its default shown."""
+        kind = _option_type(self.field.annotation)
+        decls = f"--{self.name}/--no-{self.name}" if kind is bool else f"--{self.name}"
+        help = self.field.description or ""
+        if self.path == ("explainer",):
+            help += f"; comma-separated names of {', '.join(BUILTIN)}"
+        if self.field.is_required():
+            help += " (required unless --config gives it)" if self.from_file else " (required)"
+        default = _shown_default(self.field)
+        option = typer.Option(None, decls, help=help, show_default=default if default is not None else False)
+        return inspect.Parameter(self.name.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=option,
+                                 annotation=Optional[kind])
+
+
+def _option_type(annotation: Any) -> type:
+    """The click type of a field: bool, int, float and Path as they are; str for the rest (a Literal too, so
+    that pydantic, not click, names the allowed values in one line)."""
+    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    return next((k for k in (bool, int, float, Path) if kinds[0] is k), str)
+
+
+def _shown_default(field: FieldInfo) -> str | None:
+    """What --help shows as the default: the field's default (explainers: their names), None when it has none."""
+    if field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, dict):
+        return ",".join(value)
+    return None if value is None else str(value)
+
+
+def config_flags(model: type[BaseModel], from_file: bool, path: tuple[str, ...] = (), prefix: str = "") -> list[Flag]:
+    """The flags of every leaf field of `model`, recursively, named by the rules of this module's docstring."""
+    flags = []
+    for name, field in model.model_fields.items():
+        part = field.annotation
+        if isinstance(part, type) and issubclass(part, BaseModel):
+            flags += config_flags(part, from_file, (*path, name), "" if name == "review" else f"{name}-")
+        elif name == "explainers" and model is AuditConfig:
+            flags.append(Flag(("explainer",), "explainer", field, from_file))  # the choice; parameters: below
+            for explainer, settings in EXPLAINER_SETTINGS.items():
+                flags += config_flags(settings, from_file, (name, explainer), f"{explainer}-")
+        else:
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            own = prefix.rstrip("-") if name == "enabled" else f"{prefix}{name}".replace("_", "-")
+            flags.append(Flag((*path, name), str(extra.get("flag") or own), field, from_file))
+    return flags
+
+
+def _with_flags(command: Callable, flags: list[Flag]) -> Callable:
+    """`command` with its signature (what typer reads) extended by one keyword option per flag; the values
+    arrive in its `**given`."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*own, *(flag.parameter for flag in flags)])  # type: ignore[attr-defined]
+    return command
+
+
+def _given(flags: list[Flag], values: dict[str, Any]) -> dict[str, Any]:
+    """The flags given (not None) as nested settings: {"faithfulness": {"steps": 5}, "explainer": "a,b",
+    "explainers": {"eive": {"fusion": "last"}}, ...}."""
+    settings: dict[str, Any] = {}
+    for flag in flags:
+        value = values.get(flag.name.replace("-", "_"))
+        if value is not None:
+            *parts, leaf = flag.path
+            target = settings
+            for part in parts:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+    return settings
+
+
+def _bad_settings(exc: ValidationError, flags: list[Flag], what: str) -> NoReturn:
+    """One line for all of a config's errors, each named by its flag (or its place in the config file)."""
+    names = {flag.path: f"--{flag.name}" for flag in flags} | {("explainers",): "--explainer"}
+
+    def where(loc: tuple) -> str:
+        path = tuple(map(str, loc))
+        return names.get(path) or ".".join(path) or "config"
+
+    _fail(f"bad {what} settings: " + "; ".join(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                              for e in exc.errors()))
+
+
+RUN_FLAGS = config_flags(AuditConfig, from_file=True)
+TRAIN_FLAGS = config_flags(TrainConfig, from_file=False)
 
 
 @app.command()
@@ -57,14 +180,13 @@ def synth(
 
 @app.command("init-model")
 def init_model(
-    family: str = typer.Option(..., help="detr-r50 | conditional-detr | dab-detr | deformable-detr | rt-detr | "
-                                         "conditional-detr-small | deformable-detr-small"),
+    family: str = typer.Option(..., help=" | ".join(FAMILIES)),
     num_labels: int = typer.Option(..., min=1),
     out: Path = typer.Option(...),
     seed: int = typer.Option(0),
 ) -> None:
     """Write a random-init model directory of a real architecture (nobody here can download weights)."""
-    from eive_audit.pipeline.models.families import FAMILIES, write_random_model
+    from eive_audit.pipeline.models.families import write_random_model
 
     if family not in FAMILIES:
         _fail(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
@@ -72,30 +194,17 @@ def init_model(
     typer.echo(str(out))
 
 
-@app.command()
-def train(
-    coco: Path = typer.Option(..., help="COCO annotation json"),
-    images: Path = typer.Option(..., help="image root"),
-    out: Path = typer.Option(..., help="model directory to write"),
-    family: str = typer.Option("conditional-detr-small", help="architecture when training from scratch"),
-    init: Optional[Path] = typer.Option(None, help="fine-tune this model directory instead"),
-    steps: int = typer.Option(6000),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(5e-4),
-    checkpoint_every: int = typer.Option(500),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    aajts: bool = typer.Option(False, "--aajts", help="attention-aware joint training (METHODS.md 1d)"),
-    lambda_in: float = typer.Option(0.5, min=0.0, help="AAJTS concentration weight"),
-    lambda_stab: float = typer.Option(0.1, min=0.0, help="AAJTS stability weight"),
-) -> None:
+def train(**given: Any) -> None:
     """Train (or resume, or fine-tune) a detector; runs as the Prefect flow `train-detector`."""
+    try:
+        config = TrainConfig(**_given(TRAIN_FLAGS, given))
+    except ValidationError as exc:
+        _bad_settings(exc, TRAIN_FLAGS, "train")
+    _require_data(config.coco, config.images)
+    if config.init is not None:
+        _family_of_model(config.init, "--init")
     from eive_audit.flows.train import train_flow
-    from eive_audit.pipeline.train import TrainConfig
 
-    config = TrainConfig(coco=coco, images=images, out=out, family=family, init=init, steps=steps,
-                         batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed, device=device,
-                         aajts=aajts, lambda_in=lambda_in, lambda_stab=lambda_stab)
     try:
         summary = train_flow(config)
     except ValueError as exc:  # a dataset or model the run cannot use, e.g. AAJTS on a deformable model
@@ -103,9 +212,12 @@ def train(
     typer.echo(json.dumps(summary))
 
 
+app.command()(_with_flags(train, TRAIN_FLAGS))
+
+
 def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str) -> dict:
     from eive_audit.pipeline.evaluation import coco_metrics
-    from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
+    from eive_audit.pipeline.models.detr import DetrAdapter
     from eive_audit.pipeline.sources import CocoSource, SourceFormatError
 
     try:
@@ -117,111 +229,96 @@ def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str
         return coco_metrics(adapter, source, batch_size, advance)
 
 
-@app.command("eval")
 def evaluate(
     coco: Path = typer.Option(..., help="COCO annotation json"),
     images: Path = typer.Option(..., help="image root"),
-    model: str = typer.Option("default", help="model directory, hub id, or `default` (the shipped model)"),
     batch_size: int = typer.Option(16),
-    device: str = typer.Option("auto"),
+    **given: Any,
 ) -> None:
     """Print COCO metrics (AP, AP50, AP75) of a model as JSON."""
-    typer.echo(json.dumps(_evaluate(coco, images, model, batch_size, device)))
+    chosen = {name: AuditConfig.model_fields[name].default for name in ("model", "device")} | _given(EVAL_FLAGS, given)
+    typer.echo(json.dumps(_evaluate(coco, images, chosen["model"], batch_size, chosen["device"])))
 
 
-@app.command()
-def run(
-    ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, help="YAML file of AuditConfig fields; flags given here override it"),
-    images: Optional[Path] = typer.Option(None, help="image root (with --coco) or a plain image folder; required "
-                                                     "unless --config gives it"),
-    out: Optional[Path] = typer.Option(None, help="store root: Parquet tables and catalog.duckdb; required unless "
-                                                  "--config gives it"),
-    coco: Optional[Path] = typer.Option(None, help="COCO annotation json"),
-    model: str = typer.Option("default", help="model directory, hub id, or `default`"),
-    explainer: str = typer.Option("eive", help="comma-separated explainer names"),
-    fusion: str = typer.Option("product", help="EIVE layer fusion: product | clhcf | last | mean | max"),
-    score_threshold: float = typer.Option(0.5),
-    max_detections: int = typer.Option(100),
-    batch_size: int = typer.Option(8),
-    shard_size: int = typer.Option(64),
-    faithfulness: str = typer.Option("none", help="none | all | sample:N | flagged (tp with mass_in_gt < 0.3)"),
-    faithfulness_steps: int = typer.Option(20),
-    faithfulness_baseline: str = typer.Option("blur", help="blur | mean | noise"),
-    faithfulness_protocol: str = typer.Option("standard", help="standard | odam (with --faithfulness-baseline noise)"),
-    findings: bool = typer.Option(True, "--findings/--no-findings", help="flag spurious attention, find and verify cues"),
-    spurious_off_object: float = typer.Option(0.4, help="flag tp / dup / fn with this map share off their object"),
-    spurious_background: float = typer.Option(0.5, help="flag fp with this map share off every GT object"),
-    cue_min_support: int = typer.Option(5, help="flagged instances a cluster needs to be a candidate cue"),
-    verify_budget: int = typer.Option(5000, help="instances re-scored with their surroundings blurred (flagged first)"),
-    localise_budget: int = typer.Option(15000, help="forwards spent localising confirmed reliance (one per window)"),
-    drise_masks: int = typer.Option(1000, help="random masks per image of the drise explainer"),
-    device: str = typer.Option("auto"),
-    fiftyone_dataset: Optional[str] = typer.Option(None, help="push the finished run to this FiftyOne dataset"),
-    report: bool = typer.Option(True, "--report/--no-report", help="write STORE/reports/<run_id>.html at the end"),
-) -> None:
+EVAL_FLAGS = [flag for flag in RUN_FLAGS if flag.path in (("model",), ("device",))]
+app.command("eval")(_with_flags(evaluate, EVAL_FLAGS))
+
+
+def run(config: Optional[Path] = typer.Option(None, help="YAML file of AuditConfig fields; flags given here "
+                                                          "override it"), **given: Any) -> None:
     """Audit a dataset: detect, explain and score every instance; prints the run id and a summary.
 
     Settings come from flags, a YAML file of AuditConfig fields (--config), or both: a flag given on the
     command line wins over the file."""
-    typer.echo(json.dumps(_audit(_load_config(config, _given_settings(ctx)))))
+    audit_config = _load_config(config, _given(RUN_FLAGS, given))
+    _preflight(audit_config)
+    typer.echo(json.dumps(_audit(audit_config)))
 
 
-def _given_settings(ctx: typer.Context) -> dict[str, object]:
-    """The command's options that the user gave (on the command line or in the environment), as AuditConfig
-    fields. Only these are passed on, so a flag left out neither overrides the config file nor pins a
-    default: AuditConfig's defaults stay the single source (a test checks the flags' shown defaults match).
-    """
-    # By name: typer vendors click, and its ParameterSource enum is not public API.
-    given = {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name != "DEFAULT"}
-    settings: dict[str, object] = {}
-    for name in sorted(given - {"config"}):
-        section, field = _FLAT_FLAGS.get(name, (None, name))
-        value = ctx.params[name]
-        if section is None:
-            settings[field] = value
-        elif section == "explainers":
-            settings.setdefault("explainers", {}).setdefault("eive" if field == "fusion" else "drise", {})[
-                "fusion" if field == "fusion" else "n_masks"] = value
-        else:
-            settings.setdefault(section, {})[field] = value
+app.command()(_with_flags(run, RUN_FLAGS))
+
+
+def _load_config(config_file: Path | None, settings: dict[str, Any]) -> AuditConfig:
+    """`settings` (given flags) over the YAML file's (if any) as an AuditConfig; bad settings exit with one line.
+
+    Explainer parameters apply to the explainers chosen (by --explainer, else the file, else the default),
+    so they are merged once the choice is known; a parameter of an explainer not chosen is an error."""
+    settings = dict(settings)
+    params = settings.pop("explainers", {})
     if "explainer" in settings:
-        names = str(settings.pop("explainer")).split(",")
-        params = settings.pop("explainers", {})
-        settings["explainers"] = {name: params.get(name, {}) for name in names}
-    return settings
+        settings["explainers"] = settings.pop("explainer")
+    config = _validated(lambda: AuditConfig.from_yaml(config_file, **settings) if config_file
+                        else AuditConfig(**settings))
+    unchosen = sorted(set(params) - set(config.explainers))
+    if unchosen:
+        flags = [f"--{flag.name}" for flag in RUN_FLAGS
+                 if flag.path[0] == "explainers" and flag.path[2] in params.get(flag.path[1], {})]
+        _fail(f"{', '.join(flags)}: a parameter of {', '.join(unchosen)}, which the run does not use "
+              f"(explainers: {', '.join(config.explainers)}); choose it with --explainer")
+    if not params:
+        return config
+    return _validated(lambda: AuditConfig(**merge_settings(config.model_dump(), {"explainers": params})))
 
 
-# Transitional: flat flags of `run` -> (part, field) of the nested AuditConfig.
-_FLAT_FLAGS = {
-    "fusion": ("explainers", "fusion"), "drise_masks": ("explainers", "n_masks"),
-    "faithfulness": ("faithfulness", "instances"), "faithfulness_steps": ("faithfulness", "steps"),
-    "faithfulness_baseline": ("faithfulness", "baseline"), "faithfulness_protocol": ("faithfulness", "protocol"),
-    "findings": ("findings", "enabled"), "spurious_off_object": ("findings", "off_object"),
-    "spurious_background": ("findings", "background"), "cue_min_support": ("findings", "min_support"),
-    "verify_budget": ("findings", "verify_budget"), "localise_budget": ("findings", "localise_budget"),
-    "fiftyone_dataset": ("review", "fiftyone_dataset"), "report": ("review", "report"),
-}
-
-
-def _load_config(config_file: Path | None, settings: dict[str, object]) -> "AuditConfig":
-    """`settings` over the YAML file's (if any) as an AuditConfig; bad settings exit with one line per problem."""
-    from eive_audit.pipeline.config import AuditConfig
-    from pydantic import ValidationError
-
+def _validated(build: Callable[[], AuditConfig]) -> AuditConfig:
     try:
-        return AuditConfig.from_yaml(config_file, **settings) if config_file else AuditConfig(**settings)
+        return build()
     except ValidationError as exc:
-        _fail("bad audit settings: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
-                                                 for e in exc.errors()))
+        _bad_settings(exc, RUN_FLAGS, "audit")
     except ValueError as exc:  # the YAML file: unreadable, not a mapping, an unknown key
         _fail(str(exc))
 
 
-def _audit(config: "AuditConfig") -> dict:
+def _require_data(coco: Path | None, images: Path) -> None:
+    if coco is not None and not coco.is_file():
+        _fail(f"--coco: no annotation file at {coco}")
+    if not images.is_dir():
+        _fail(f"--images: no image folder at {images}")
+
+
+def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
+    """The family of a model directory, read from its config.json (no torch); None for a hub id."""
+    try:
+        config = read_model_config(model)
+        return None if config is None else family_of(str(config.get("model_type")))
+    except ValueError as exc:  # ModelLoadError, an unsupported model type
+        _fail(f"{flag}: {exc}")
+
+
+def _preflight(config: AuditConfig, data: bool = True) -> None:
+    """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
+    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder."""
+    if data:
+        _require_data(config.coco, config.images)
+    try:
+        check_supported(config.explainers, _family_of_model(config.model))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _audit(config: AuditConfig) -> dict:
     """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
     from eive_audit.flows.audit import audit
-    from eive_audit.pipeline.models.detr import ModelLoadError
     from eive_audit.pipeline.sources import SourceFormatError
 
     try:
@@ -268,17 +365,16 @@ def _print_table(result, format: str) -> None:
         Console(width=10_000 if piped else None).print(table)
 
 
-@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-store"), help="store root; the synthetic data goes in OUT/data"),
     n_val: int = typer.Option(200),
     seed: int = typer.Option(1234, help="a seed the shipped model never saw"),
-    fiftyone_dataset: Optional[str] = typer.Option(None, help="also push the run to this FiftyOne dataset"),
+    **given: Any,
 ) -> None:
     """Audit a synthetic planted-cue val set with the shipped model and show what to review.
 
-    Prints the correct detections that look least at their object, the candidate cues, and where the HTML
-    report is."""
+    Takes the flags of `run` but the data ones, with the same defaults. Prints the correct detections that
+    look least at their object, the candidate cues, and where the HTML report is."""
     from eive_audit.pipeline.sources.synthetic import generate
     from eive_audit.storage.catalog import query
 
@@ -287,8 +383,11 @@ def demo(
     if not ann.is_file():
         with progress_bar("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
-    summary = _audit(_load_config(None, {"images": data / "images" / "val", "coco": ann, "out": out,
-                                         "review": {"fiftyone_dataset": fiftyone_dataset}}))
+    config = _load_config(None, {**_given(DEMO_FLAGS, given), "images": data / "images" / "val", "coco": ann,
+                                 "out": out})
+    _preflight(config)
+    summary = _audit(config)
+    fiftyone_dataset = config.review.fiftyone_dataset
     typer.echo(json.dumps(summary))
     worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
                        "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "
@@ -304,6 +403,10 @@ def demo(
     err.print(f"HTML report: {summary['report']}")
     if fiftyone_dataset:
         err.print(f"FiftyOne dataset: {fiftyone_dataset} (browse it with `eive-audit app --dataset {fiftyone_dataset}`)")
+
+
+DEMO_FLAGS = [flag for flag in RUN_FLAGS if flag.path[0] not in ("images", "coco", "out")]
+app.command()(_with_flags(demo, DEMO_FLAGS))
 
 
 def _finished_run(store: Path, run: str | None) -> str:
@@ -385,7 +488,9 @@ def schedule(
     from eive_audit.flows.schedule import NoServerError, serve_audit
 
     try:
-        serve_audit(_load_config(config, {}), cron, name or config.stem)
+        audit_config = _load_config(config, {})
+        _preflight(audit_config, data=False)  # the data may arrive before the first scheduled run
+        serve_audit(audit_config, cron, name or config.stem)
     except (NoServerError, ValueError) as exc:
         _fail(str(exc))
 

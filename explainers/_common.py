@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
+from eive_audit.explainers.base import check_supported
 from eive_audit.explainers.splat import merge_levels, splat
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter, ForwardRecord
 from eive_audit.pipeline.models.preprocess import PixelBatch
@@ -42,15 +43,6 @@ def attention_rows(outputs: DetectorOutput, layers: torch.Tensor, batch_index: t
     tokens = splat(sampling.weights[layer, image, query], sampling.locations[layer, image, query],
                    sampling.level_shapes)  # [L', K, M, S]
     return merge_levels(tokens.mean(2), sampling.level_shapes)
-
-
-def require_single_scale(model: DetrAdapter, explainer: str) -> None:
-    """Refuse a multi-scale deformable model by name, up front: it has no dense attention matrix to read or
-    differentiate, and its memory spans several grids."""
-    if model.family.deformable:
-        raise ValueError(f"{explainer} needs dense attention over one grid, which {model.family.name} "
-                         f"({model.family.model_type}, multi-scale deformable attention) does not have; "
-                         "use eive (the splat of its sampling points), raw-attention, odam or drise")
 
 
 def rounds(batch_index: torch.Tensor) -> list[torch.Tensor]:
@@ -81,8 +73,6 @@ class GradientExplainer(ABC):
     the tensors to differentiate it by) one backward per round, reduced to token maps that add up over
     passes. A method only says what its passes are."""
 
-    needs_gradients: ClassVar[bool] = True
-    single_scale_only: ClassVar[bool] = True  # reads attention matrices or the one-grid memory
     name: ClassVar[str]
 
     @abstractmethod
@@ -91,8 +81,7 @@ class GradientExplainer(ABC):
         """(scores [K], tensors to differentiate them by, reduction of a round's gradients) per pass."""
 
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
-        if self.single_scale_only:
-            require_single_scale(model, self.name)
+        check_supported([self.name], model.family)
         if model.model.training:
             raise ValueError("gradient explainers need an eval-mode model: "
                              "train-mode BatchNorm mixes the images of a batch")

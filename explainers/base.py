@@ -1,38 +1,85 @@
-"""The explainer interface and registry: every method answers the same batched call.
+"""The explainer interface, its registry, and what each explainer needs of a model.
 
 `explain(model, batch, outputs, targets) -> maps [K, h, w]`, non-negative, on the attention grid of the
 forward (`outputs.grid`), one map per target. Padding cells are zero. Maps are raw: normalise at use.
+
+This module loads no torch: the registry knows the built-in explainers by name and needs (`BUILTIN`), and
+imports an explainer's module only when it is asked for, so the CLI can refuse an impossible run
+(`check_supported`) in a moment, before any model, image or Prefect server starts.
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Protocol
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Protocol
 
-import torch
+from eive_audit.pipeline.config import EXPLAINER_SETTINGS, ExplainerSettings
+from eive_audit.pipeline.models.families import Family
 
-from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
-from eive_audit.pipeline.models.preprocess import PixelBatch
-from eive_audit.pipeline.models.targets import Targets
+if TYPE_CHECKING:
+    import torch
+
+    from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
+    from eive_audit.pipeline.models.preprocess import PixelBatch
+    from eive_audit.pipeline.models.targets import Targets
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an explainer needs of a model. `check_supported` refuses a model that lacks it; without
+    `gradients`, `register` runs the explainer's `explain` under torch.no_grad."""
+
+    dense_attention: bool = False  # attention matrices (or memory) over one grid: no multi-scale deformable model
+    gradients: bool = False  # autograd through the model
+    model_types: frozenset[str] = frozenset()  # the model types it is defined for; empty: every family
+
+
+# The built-in explainers and their needs. The explainer `a-b` is the class that explainers/a_b.py registers,
+# imported on first use; `register` sets these needs on it as the class attribute `needs`.
+BUILTIN: dict[str, Needs] = {
+    "eive": Needs(),  # dense rows, or the splat of a deformable model's sampling points
+    "raw-attention": Needs(),
+    "rollout": Needs(dense_attention=True),
+    "chefer": Needs(dense_attention=True, gradients=True),
+    "legrad-detr": Needs(dense_attention=True, gradients=True),
+    "cdam-detr": Needs(dense_attention=True, gradients=True),  # the one-grid encoder memory
+    "odam": Needs(gradients=True),  # the finest projected level of a deformable model
+    "drise": Needs(),  # black box: forwards of masked images
+}
 
 
 class Explainer(Protocol):
     name: ClassVar[str]
-    needs_gradients: ClassVar[bool]
+    needs: ClassVar[Needs]
 
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
         ...
 
 
-_REGISTRY: dict[str, Callable[..., Explainer]] = {}
+_REGISTRY: dict[str, type] = {}
+
+
+def _module_of(name: str) -> str:
+    return f"{__package__}.{name.replace('-', '_')}"
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding an explainer under `name`; a duplicate name is an error, not an override."""
+    """Class decorator adding an explainer under `name`; a duplicate name (a built-in one included, loaded
+    or not) is an error, not an override. A class registered under a new name keeps the needs it inherits
+    (none, for a class of its own)."""
 
     def decorate(cls: type) -> type:
+        if name in BUILTIN and cls.__module__ != _module_of(name):
+            explainer_class(name)  # the built-in holds the name even before its module is loaded
         if name in _REGISTRY:
             raise ValueError(f"explainer {name!r} is already registered")
-        cls.name = name
+        cls.name = name  # type: ignore[attr-defined]
+        cls.needs = BUILTIN.get(name) or getattr(cls, "needs", Needs())  # type: ignore[attr-defined]
+        if not cls.needs.gradients:  # type: ignore[attr-defined]
+            import torch
+
+            cls.explain = torch.no_grad()(cls.explain)  # type: ignore[attr-defined]
         _REGISTRY[name] = cls
         return cls
 
@@ -40,11 +87,49 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(BUILTIN) | set(_REGISTRY))
 
 
-def get_explainer(name: str, **params: object) -> Explainer:
-    """An explainer instance by registry name, with its parameters."""
+def explainer_class(name: str) -> type:
+    """The class registered under `name`, importing a built-in's module on first use."""
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(_module_of(name))
     if name not in _REGISTRY:
-        raise ValueError(f"unknown explainer {name!r}; available: {available()}")
-    return _REGISTRY[name](**params)
+        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def get_explainer(name: str, settings: ExplainerSettings | None = None) -> Explainer:
+    """An explainer instance by registry name. A parametrised explainer (a name in EXPLAINER_SETTINGS)
+    takes `settings`, by default its settings class's defaults; the others take none."""
+    cls = explainer_class(name)
+    kind = EXPLAINER_SETTINGS.get(name)
+    if kind is None:
+        if settings is not None and type(settings).model_fields:
+            raise ValueError(f"explainer {name!r} takes no parameters, got {settings!r}")
+        return cls()
+    return cls(settings if settings is not None else kind())
+
+
+def _needs(name: str) -> Needs:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if name in _REGISTRY:
+        return getattr(_REGISTRY[name], "needs", Needs())
+    raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+
+
+def check_supported(names: Iterable[str], family: Family | None) -> None:
+    """Raise ValueError, one line, for an unknown explainer name or one whose needs `family` cannot meet.
+    With family None (a hub model, known only once loaded) only the names are checked."""
+    for name in names:
+        needs = _needs(name)
+        if family is None:
+            continue
+        if needs.dense_attention and family.deformable:
+            raise ValueError(f"{name} needs dense attention over one grid, which {family.name} "
+                             f"({family.model_type}, multi-scale deformable attention) does not have; use "
+                             f"{', '.join(n for n in BUILTIN if not BUILTIN[n].dense_attention)}")
+        if needs.model_types and family.model_type not in needs.model_types:
+            raise ValueError(f"{name} is defined for the model types {', '.join(sorted(needs.model_types))}, "
+                             f"not {family.model_type} ({family.name})")

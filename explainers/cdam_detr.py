@@ -14,8 +14,9 @@ from typing import Iterable, Sequence
 import torch
 
 from eive_audit.explainers._common import GradientExplainer, Reduce, class_logits
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
 from eive_audit.pipeline.models.detr import DetrAdapter, ForwardRecord
+from eive_audit.pipeline.models.targets import Targets
 
 
 @register("cdam-detr")

@@ -12,9 +12,10 @@ from typing import Iterable, Sequence
 import torch
 
 from eive_audit.explainers._common import GradientExplainer, Reduce, class_logits
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
 from eive_audit.explainers.rollout import relevance
 from eive_audit.pipeline.models.detr import DetrAdapter, ForwardRecord
+from eive_audit.pipeline.models.targets import Targets
 
 
 @register("chefer")

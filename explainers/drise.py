@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert
 
 from eive_audit.explainers._common import on_grid
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
+from eive_audit.pipeline.config import DriseSettings
 from eive_audit.pipeline.models.boxes import paired_box_iou
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
 
 def smooth_masks(cells: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -66,36 +68,28 @@ def detection_similarity(probs: torch.Tensor, boxes: torch.Tensor, label: torch.
 @register("drise")
 class DRise:
     """n_masks masks per image of a grid_size x grid_size cell grid, cells kept with keep_prob; forwards in
-    chunks of batch_size; seed fixes the masks."""
+    chunks of batch_size; seed fixes the masks (`DriseSettings`, pipeline.config, validated there)."""
 
-    needs_gradients: ClassVar[bool] = False
     name: ClassVar[str]
 
-    def __init__(self, n_masks: int = 1000, grid_size: int = 16, keep_prob: float = 0.5, batch_size: int = 64,
-                 seed: int = 0) -> None:
-        if n_masks < 1 or grid_size < 1 or batch_size < 1:
-            raise ValueError("n_masks, grid_size and batch_size must be >= 1")
-        if not 0 < keep_prob < 1:
-            raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
-        self.n_masks, self.grid_size, self.keep_prob = n_masks, grid_size, keep_prob
-        self.batch_size, self.seed = batch_size, seed
+    def __init__(self, settings: DriseSettings) -> None:
+        self.settings = settings
 
-    @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
-        h, w = outputs.grid
+        settings, (h, w) = self.settings, outputs.grid
         device = outputs.logits.device
         maps = torch.zeros(len(targets), h * w, device=device)
         if len(targets) == 0:
             return maps.view(0, h, w)
-        generator = torch.Generator().manual_seed(self.seed)
-        s = self.grid_size
-        cells = (torch.rand(self.n_masks, s, s, generator=generator) < self.keep_prob).float().to(device)
-        shifts = torch.rand(self.n_masks, 2, generator=generator).to(device)
+        generator = torch.Generator().manual_seed(settings.seed)
+        s = settings.grid_size
+        cells = (torch.rand(settings.n_masks, s, s, generator=generator) < settings.keep_prob).float().to(device)
+        shifts = torch.rand(settings.n_masks, 2, generator=generator).to(device)
         pixels, pixel_mask = batch.pixel_values, batch.pixel_mask
         images = targets.batch_index.unique()
-        jobs = torch.arange(len(images) * self.n_masks, device=device)  # (image slot, mask) pairs
-        for chunk in jobs.split(self.batch_size):
-            image, mask = images[chunk // self.n_masks], chunk % self.n_masks
+        jobs = torch.arange(len(images) * settings.n_masks, device=device)  # (image slot, mask) pairs
+        for chunk in jobs.split(settings.batch_size):
+            image, mask = images[chunk // settings.n_masks], chunk % settings.n_masks
             masks = smooth_masks(cells[mask], shifts[mask], tuple(pixels.shape[-2:]))
             probs, boxes = model.predict(pixels[image] * masks[:, None], pixel_mask[image])
             score = detection_similarity(probs, boxes, targets.label, targets.box, model.family.sigmoid_classes)

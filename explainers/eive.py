@@ -12,19 +12,21 @@ onto the finest level (METHODS.md 1b, `explainers.splat`); the fusion is the sam
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 import torch
 from torchvision.ops import box_convert
 
 from eive_audit.explainers._common import attention_rows
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
+from eive_audit.pipeline.config import EiveSettings
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
 from eive_audit.pipeline.models.boxes import paired_box_iou
 from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
-FUSIONS = ("last", "mean", "max", "product", "clhcf")
-DEFAULT_FUSION = "product"  # the fusion ablation's winner on EPG and insertion (README, "EIVE")
+FUSIONS: tuple[str, ...] = get_args(EiveSettings.model_fields["fusion"].annotation)
+DEFAULT_FUSION: str = EiveSettings.model_fields["fusion"].default
 
 
 def _minmax(x: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,28 +38,14 @@ def _minmax(x: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register("eive")
 class EIVE:
-    """Decoder cross-attention of each instance's query, fused over layers.
+    """Decoder cross-attention of each instance's query, fused over layers; the fusion, query tracking and
+    CLHCF constants are `EiveSettings` (pipeline.config), validated there."""
 
-    fusion: `product` (default: the geometric mean over layers, which won EPG and insertion in the fusion
-    ablation of benchmarks/baselines.py), `clhcf`, `last`, `mean` or `max`.
-    track: follow each instance's representative query per layer (argmax of IoU with the instance box
-    times the layer's probability of its class) instead of the final query at every layer.
-    temperature, alpha, rho, eps: the CLHCF constants of METHODS.md 1c.
-    """
-
-    needs_gradients: ClassVar[bool] = False
     name: ClassVar[str]
 
-    def __init__(self, fusion: str = DEFAULT_FUSION, track: bool = True, temperature: float = 0.1, alpha: float = 0.5,
-                 rho: float = 0.2, eps: float = 1e-6) -> None:
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if temperature <= 0 or not 0 <= alpha <= 1 or not 0 < rho < 1:
-            raise ValueError("need temperature > 0, 0 <= alpha <= 1 and 0 < rho < 1")
-        self.fusion, self.track = fusion, track
-        self.temperature, self.alpha, self.rho, self.eps = temperature, alpha, rho, eps
+    def __init__(self, settings: EiveSettings) -> None:
+        self.settings = settings
 
-    @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
         h, w = outputs.grid
         if len(targets) == 0:
@@ -81,7 +69,7 @@ class EIVE:
         layer_boxes = box_convert(outputs.layer_boxes[:, b].float(), "cxcywh", "xyxy")  # [L, K, Q, 4]
         target_box = box_convert(targets.box.float(), "cxcywh", "xyxy")[None, :, None, :]
         score = paired_box_iou(layer_boxes, target_box) * class_prob  # [L, K, Q]
-        if self.track:
+        if self.settings.track:
             best, query = score.max(-1)
         else:
             query = targets.query.expand(n_layers, -1)
@@ -90,18 +78,20 @@ class EIVE:
 
     def _fuse(self, dist: torch.Tensor, layer_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Fuse per-layer distributions [L, K, N] into one map per instance [K, N]."""
-        if self.fusion == "last":
+        settings = self.settings
+        if settings.fusion == "last":
             return dist[-1]
-        if self.fusion == "mean":
+        if settings.fusion == "mean":
             return dist.mean(0)
-        if self.fusion == "max":
+        if settings.fusion == "max":
             return dist.amax(0)
-        log_dist = torch.log(dist + self.eps)
-        if self.fusion == "product":
+        log_dist = torch.log(dist + settings.eps)
+        if settings.fusion == "product":
             return log_dist.mean(0).exp()
-        weights = torch.softmax(layer_scores / self.temperature, dim=0)[..., None]  # [L, K, 1]
+        weights = torch.softmax(layer_scores / settings.temperature, dim=0)[..., None]  # [L, K, 1]
         union = (weights * dist).sum(0)
         consensus = (weights * log_dist).sum(0).exp()
-        threshold = torch.nanquantile(dist.masked_fill(~valid, float("nan")), 1 - self.rho, dim=-1, keepdim=True)
+        threshold = torch.nanquantile(dist.masked_fill(~valid, float("nan")), 1 - settings.rho, dim=-1, keepdim=True)
         vote = (dist >= threshold).float().mean(0)
-        return self.alpha * _minmax(consensus, valid, self.eps) + (1 - self.alpha) * _minmax(union * vote, valid, self.eps)
+        alpha, eps = settings.alpha, settings.eps
+        return alpha * _minmax(consensus, valid, eps) + (1 - alpha) * _minmax(union * vote, valid, eps)

@@ -10,19 +10,18 @@ the map instance-specific. One backward per round of targets (see `explainers._c
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from eive_audit.explainers._common import GradientExplainer, Reduce
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
 from eive_audit.pipeline.models.detr import DetrAdapter, ForwardRecord
+from eive_audit.pipeline.models.targets import Targets
 
 
 @register("odam")
 class ODAM(GradientExplainer):
-    single_scale_only: ClassVar[bool] = False
-
     def _passes(self, model: DetrAdapter, record: ForwardRecord,
                 targets: Targets) -> Iterable[tuple[torch.Tensor, Sequence[torch.Tensor], Reduce]]:
         probs = model.class_probs(record.output.logits[targets.batch_index, targets.query])  # [K, C]

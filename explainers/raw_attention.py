@@ -9,17 +9,16 @@ from typing import ClassVar
 import torch
 
 from eive_audit.explainers._common import attention_rows, on_grid
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers.base import register
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
 
 @register("raw-attention")
 class RawAttention:
-    needs_gradients: ClassVar[bool] = False
     name: ClassVar[str]
 
-    @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
         last = torch.tensor([outputs.layer_logits.shape[0] - 1], device=targets.query.device)
         return on_grid(attention_rows(outputs, last, targets.batch_index, targets.query[None])[0], outputs, targets)

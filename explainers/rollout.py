@@ -14,10 +14,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from eive_audit.explainers._common import on_grid, require_single_scale
-from eive_audit.explainers.base import Targets, register
+from eive_audit.explainers._common import on_grid
+from eive_audit.explainers.base import check_supported, register
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.models.targets import Targets
 
 
 def _normalise(relevance: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -51,12 +52,10 @@ def relevance(encoder: Sequence[torch.Tensor], decoder_self: Sequence[torch.Tens
 class Rollout:
     """Relevance propagated through all attention of the transformer, each layer's heads averaged."""
 
-    needs_gradients: ClassVar[bool] = False
     name: ClassVar[str]
 
-    @torch.no_grad()
     def explain(self, model: DetrAdapter, batch: PixelBatch, outputs: DetectorOutput, targets: Targets) -> torch.Tensor:
-        require_single_scale(model, self.name)
+        check_supported([self.name], model.family)
         h, w = outputs.grid
         if len(targets) == 0:
             return torch.zeros(0, h, w, device=outputs.logits.device)

@@ -76,7 +76,7 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     if shard_done(config.out, run_id, shard):
         return {"skipped": 1}
     adapter, source, label_map = _model_and_source(config)
-    explainers = [get_explainer(name, **settings.model_dump()) for name, settings in config.explainers.items()]
+    explainers = [get_explainer(name, settings) for name, settings in config.explainers.items()]
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     stream = (item for image_id in image_ids for item in source.read(image_id))
     for item in iter_batches(stream, config.batch_size):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow, task
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from eive_audit.pipeline.train import TrainConfig, train
+from eive_audit.pipeline.config import TrainConfig
+from eive_audit.pipeline.train import train
 
 
 @task(name="train-detector-steps")

@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 from eive_audit.pipeline.metrics.localization import box_coverage
-from eive_audit.pipeline.models.detr import capture_outputs
 from eive_audit.pipeline.models.families import family_of
+from eive_audit.pipeline.models.hooks import capture_outputs
 
 DENSE_ONLY = "AAJTS needs dense cross-attention; deformable families not yet supported"
 
@@ -71,7 +71,7 @@ class JointLoss:
 
 def require_dense_attention(model: PreTrainedModel) -> None:
     """Refuse a model whose decoder has no dense cross-attention matrix to constrain."""
-    if family_of(model.config).deformable:
+    if family_of(model.config.model_type).deformable:
         raise ValueError(DENSE_ONLY)
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from eive_audit.pipeline.models.families import FAMILIES
 from eive_audit.pipeline.models.locate import resolve_model_path
 
 _PATH_FIELDS = ("images", "coco", "out")
@@ -74,7 +75,7 @@ class FaithfulnessConfig(_Part):
     fractions of the instance box's area; the score is the best same-class detection with IoU > 0.5, as a
     fraction of the intact image's score."""
 
-    instances: str = Field("none", pattern=r"^(none|all|flagged|sample:[1-9][0-9]*)$",
+    instances: str = Field("none", json_schema_extra={"flag": "faithfulness"},  # the CLI's --faithfulness
                            description="which instances get deletion / insertion AUC: none | all | flagged | sample:N")
     steps: int = Field(20, ge=1, description="perturbation steps of each curve")
     baseline: Literal["blur", "mean", "noise"] = Field("blur", description="what deleted cells are filled with")
@@ -82,6 +83,14 @@ class FaithfulnessConfig(_Part):
     blur_sigma: float = Field(10.0, gt=0.0, description="of the blur baseline, in input pixels")
     seed: int = Field(0, description="seed of the noise baseline")
     batch_size: int = _unhashed(default=64, ge=1, description="perturbed images per forward")
+
+    @field_validator("instances")
+    @classmethod
+    def _budget(cls, value: str) -> str:
+        kind, _, n = value.partition(":")
+        if value in ("none", "all", "flagged") or (kind == "sample" and n.isascii() and n.isdigit() and int(n) >= 1):
+            return value
+        raise ValueError(f"faithfulness must be none, all, flagged or sample:N (N >= 1), got {value!r}")
 
     @model_validator(mode="after")
     def _odam_fills_with_noise(self) -> "FaithfulnessConfig":
@@ -156,7 +165,12 @@ class AuditConfig(_Part):
         settings = {}
         for name, params in value.items():
             kind = EXPLAINER_SETTINGS.get(str(name), ExplainerSettings)
-            settings[str(name)] = params if isinstance(params, kind) else kind(**(params or {}))
+            try:
+                settings[str(name)] = params if isinstance(params, kind) else kind(**(params or {}))
+            except ValidationError as exc:  # re-raised with the explainer's name in each error's location
+                raise ValidationError.from_exception_data(exc.title, [  # type: ignore[misc]
+                    {"type": e["type"], "loc": (str(name), *e["loc"]), "input": e["input"], "ctx": e.get("ctx", {})}
+                    for e in exc.errors()]) from None
         return settings
 
     def _model_fingerprint(self) -> dict[str, object]:
@@ -217,6 +231,41 @@ class AuditConfig(_Part):
         run) needs. Same run id."""
         return self.model_copy(update={name: Path(value).resolve() for name in _PATH_FIELDS
                                        if (value := getattr(self, name)) is not None})
+
+
+class TrainConfig(_Part):
+    """Everything that decides a training run (pipeline.train); saved beside the model as
+    `training_config.json`. A checkpoint resumes only under the same settings, except those in
+    `pipeline.train.RESUMABLE_CHANGES`."""
+
+    coco: Path = Field(description="COCO annotation json of the training split")
+    images: Path = Field(description="image root of the training split")
+    out: Path = Field(description="model directory to write (its checkpoint/ folder resumes an interrupted run)")
+    family: str = Field("conditional-detr-small", description="architecture when training from scratch")
+    init: Path | None = Field(None, description="fine-tune this model directory instead of a random init")
+    steps: int = Field(6000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="images per step")
+    lr: float = Field(5e-4, gt=0.0, description="AdamW learning rate after warm-up")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    clip_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
+    warmup_steps: int = Field(200, ge=0, description="steps of linear learning-rate warm-up")
+    lr_drop_fraction: float = Field(0.8, gt=0.0, le=1.0,
+                                    description="share of the steps after which the learning rate drops tenfold")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    hflip: bool = Field(True, description="random horizontal flips (seeded per step and image)")
+    seed: int = Field(0, description="seed of the initialisation, data order and flips")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; none: torch's default")
+    aajts: bool = Field(False, description="attention-aware joint training (METHODS.md 1d)")
+    lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")
+    lambda_stab: float = Field(0.1, ge=0.0, description="AAJTS stability weight")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {value!r}")
+        return value
 
 
 def _results_fields(part: BaseModel) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 
 from eive_audit.pipeline.aajts import joint_loss, require_dense_attention
+from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.models.detr import load_hf_model, resolve_device
 from eive_audit.pipeline.models.families import FAMILIES, build_config, save_preprocessor
@@ -38,33 +38,6 @@ from eive_audit.pipeline.sources.records import ImageRecord
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
-
-
-class TrainConfig(BaseModel):
-    """Everything that decides a training run; saved beside the model as `training_config.json`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    coco: Path
-    images: Path
-    out: Path
-    family: str = "conditional-detr-small"
-    init: Path | None = Field(None, description="fine-tune this model directory instead of a random init")
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    clip_norm: float = 1.0
-    warmup_steps: int = 200
-    lr_drop_fraction: float = 0.8
-    checkpoint_every: int = 500
-    hflip: bool = True
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    aajts: bool = Field(False, description="attention-aware joint training (METHODS.md 1d)")
-    lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")
-    lambda_stab: float = Field(0.1, ge=0.0, description="AAJTS stability weight")
 
 
 # Settings that may change between an interrupted run and its resumption: where and how fast it runs, how

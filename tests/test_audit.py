@@ -137,7 +137,7 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
                    "--out", str(tmp_path / "store"), "--score-threshold", "0", "--max-detections", "10",
                    "--batch-size", "2", "--device", "cpu",
                    # a random-init model's drops are noise and every forward at 800 px costs seconds on a CPU
-                   "--localise-budget", "16", timeout=3000)
+                   "--findings-localise-budget", "16", timeout=3000)
     assert summary["images"] == n and summary["errors"] == 0
     store = tmp_path / "store"
     per_image = query(store, "SELECT image_id, count(*) FILTER (WHERE outcome != 'fn') AS kept FROM instances "

@@ -9,7 +9,6 @@ so this process never imports it (FiftyOne fixes its database at import).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
@@ -30,7 +29,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from eive_audit.cli import app, run as run_command
+from eive_audit.cli import app
 from eive_audit.pipeline.config import AuditConfig, ConfigFileError, merge_settings
 from eive_audit.reports.artifacts import WORST_LIMIT, artifact_key
 from eive_audit.storage.catalog import query
@@ -272,17 +271,6 @@ def test_annotations_edited_in_place_start_a_new_run(tmp_path: Path) -> None:
     before = config.run_id
     ann.write_text('{"images": []}')
     assert config.run_id != before
-
-
-def test_run_flags_show_the_defaults_that_audit_config_applies() -> None:
-    """`run` passes on only the flags given, so its shown defaults must be AuditConfig's or the help lies."""
-    fields = AuditConfig.model_fields
-    shown = {("explainers" if name == "explainer" else name): param.default.default
-             for name, param in inspect.signature(run_command).parameters.items() if name not in ("ctx", "config")}
-    shown["explainers"] = tuple(shown["explainers"].split(","))
-    for name, value in shown.items():
-        field = fields[name]
-        assert value == (None if field.is_required() else field.default), name
 
 
 def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:

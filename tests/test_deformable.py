@@ -18,6 +18,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 
 from eive_audit.explainers import get_explainer
 from eive_audit.explainers.splat import merge_levels, splat
+from eive_audit.pipeline.config import DriseSettings
 from eive_audit.pipeline.models.deformable import DeformableAdapter
 from eive_audit.pipeline.models.detr import DetrAdapter, adapter_class
 from eive_audit.pipeline.models.families import FAMILIES, build_config, write_random_model
@@ -202,7 +203,7 @@ def test_odam_on_the_finest_projected_level_and_model_agnostic_drise_explain_a_d
     record = small.record(batch, gradients=False)
     assert record.features.shape[-2:] == outputs.grid and record.cross_attentions == ()
     assert record.memory.shape[1] == sum(h * w for h, w in outputs.sampling.level_shapes)
-    for explainer in (get_explainer("odam"), get_explainer("drise", n_masks=16, batch_size=16)):
+    for explainer in (get_explainer("odam"), get_explainer("drise", DriseSettings(n_masks=16, batch_size=16))):
         maps = explainer.explain(small, batch, outputs, targets)
         assert maps.shape == (1, *outputs.grid) and maps.sum() > 0, explainer.name
 

@@ -7,6 +7,7 @@ import torch
 
 from eive_audit.explainers import available, get_explainer, register
 from eive_audit.explainers.eive import FUSIONS
+from eive_audit.pipeline.config import EiveSettings
 from eive_audit.pipeline.models.boxes import paired_box_iou
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.families import FAMILIES, build_config
@@ -34,7 +35,7 @@ def forward() -> tuple:
 @pytest.mark.parametrize("track", [True, False])
 def test_maps_have_grid_shape_are_non_negative_and_zero_on_padding(forward: tuple, fusion: str, track: bool) -> None:
     adapter, batch, outputs, targets = forward
-    maps = get_explainer("eive", fusion=fusion, track=track).explain(adapter, batch, outputs, targets)
+    maps = get_explainer("eive", EiveSettings(fusion=fusion, track=track)).explain(adapter, batch, outputs, targets)
     assert maps.shape == (len(targets), *outputs.grid)
     assert torch.isfinite(maps).all() and (maps >= 0).all()
     padding = ~outputs.token_mask[targets.batch_index]
@@ -58,14 +59,14 @@ def _slow_reference(outputs, targets: Targets, fusion: str) -> torch.Tensor:
 @pytest.mark.parametrize("fusion", ["last", "mean"])
 def test_vectorised_equals_per_instance_reference(forward: tuple, fusion: str) -> None:
     adapter, batch, outputs, targets = forward
-    fast = get_explainer("eive", fusion=fusion, track=False).explain(adapter, batch, outputs, targets)
+    fast = get_explainer("eive", EiveSettings(fusion=fusion, track=False)).explain(adapter, batch, outputs, targets)
     torch.testing.assert_close(fast, _slow_reference(outputs, targets, fusion), atol=1e-6, rtol=1e-5)
 
 
 def test_clhcf_peak_lies_between_alpha_and_one(forward: tuple) -> None:
     # S = alpha * minmax(G) + (1 - alpha) * minmax(U * V): each term reaches 1 somewhere, so max S is in [alpha, 1].
     adapter, batch, outputs, targets = forward
-    peaks = get_explainer("eive", fusion="clhcf", alpha=0.3).explain(adapter, batch, outputs, targets).flatten(1).amax(-1)
+    peaks = get_explainer("eive", EiveSettings(fusion="clhcf", alpha=0.3)).explain(adapter, batch, outputs, targets).flatten(1).amax(-1)
     assert (peaks >= 0.7 - 1e-6).all() and (peaks <= 1 + 1e-6).all()
 
 
@@ -88,5 +89,5 @@ def test_registry_rejects_duplicates_and_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown explainer"):
         get_explainer("nope")
     with pytest.raises(ValueError, match="fusion"):
-        get_explainer("eive", fusion="median")
-    assert get_explainer("eive").needs_gradients is False
+        get_explainer("eive", EiveSettings(fusion="median"))
+    assert get_explainer("eive").needs.gradients is False

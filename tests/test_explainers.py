@@ -14,6 +14,7 @@ import torch
 from eive_audit.explainers import available, get_explainer
 from eive_audit.explainers.drise import DRise, detection_similarity, smooth_masks
 from eive_audit.explainers.rollout import relevance
+from eive_audit.pipeline.config import DriseSettings
 from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.families import _SMALL_BACKBONE, FAMILIES
@@ -26,8 +27,8 @@ GRADIENT = ("chefer", "odam", "legrad-detr", "cdam-detr")
 FAST_DRISE = {"n_masks": 8, "batch_size": 8}
 
 
-def _explainer(name: str, **params: object):
-    return get_explainer(name, **({**FAST_DRISE, **params} if name == "drise" else params))
+def _explainer(name: str):
+    return get_explainer(name, DriseSettings(**FAST_DRISE) if name == "drise" else None)
 
 
 def _tiny(family: str) -> DetrAdapter:
@@ -91,7 +92,7 @@ def shipped() -> tuple:
 def test_registry_holds_every_baseline_with_its_gradient_flag() -> None:
     assert set(BASELINES) | {"eive"} <= set(available())
     for name in BASELINES:
-        assert _explainer(name).needs_gradients is (name in GRADIENT), name
+        assert _explainer(name).needs.gradients is (name in GRADIENT), name
         assert _explainer(name).name == name
 
 
@@ -188,9 +189,9 @@ def test_smooth_masks_keep_all_or_nothing_and_stay_in_range() -> None:
 
 def test_drise_is_deterministic_for_a_seed(small_forward: tuple) -> None:
     adapter, batch, outputs, targets = small_forward
-    first = DRise(n_masks=8, batch_size=16, seed=3).explain(adapter, batch, outputs, targets)
-    torch.testing.assert_close(DRise(n_masks=8, batch_size=5, seed=3).explain(adapter, batch, outputs, targets), first)
-    assert not torch.allclose(DRise(n_masks=8, batch_size=16, seed=4).explain(adapter, batch, outputs, targets), first)
+    first = DRise(DriseSettings(n_masks=8, batch_size=16, seed=3)).explain(adapter, batch, outputs, targets)
+    torch.testing.assert_close(DRise(DriseSettings(n_masks=8, batch_size=5, seed=3)).explain(adapter, batch, outputs, targets), first)
+    assert not torch.allclose(DRise(DriseSettings(n_masks=8, batch_size=16, seed=4)).explain(adapter, batch, outputs, targets), first)
 
 
 def _hooks(model: torch.nn.Module) -> list[tuple[int, int, int]]:

@@ -40,13 +40,13 @@ from pathlib import Path
 from eive_audit.explainers.base import register
 from eive_audit.explainers.eive import EIVE
 from eive_audit.flows.audit import audit
-from eive_audit.pipeline.config import AuditConfig
+from eive_audit.pipeline.config import AuditConfig, EiveSettings
 
 @register("eive-last")
 class EiveLast(EIVE):
     # A second explainer (last-layer EIVE), named with a dash as a field name may not be.
     def __init__(self) -> None:
-        super().__init__(fusion="last")
+        super().__init__(EiveSettings(fusion="last"))
 
 images, coco, out, dataset = sys.argv[1:]
 config = AuditConfig(images=images, coco=coco, out=out, explainers=("eive", "eive-last"), faithfulness={"instances": "sample:3"},

@@ -135,11 +135,12 @@ def _register_second_explainer() -> None:
     """EIVE with last-layer fusion under another name, so the run has two explainers to show side by side."""
     from eive_audit.explainers import available, register
     from eive_audit.explainers.eive import EIVE
+    from eive_audit.pipeline.config import EiveSettings
 
     if SECOND_EXPLAINER not in available():
         class LastLayer(EIVE):
             def __init__(self) -> None:
-                super().__init__(fusion="last")
+                super().__init__(EiveSettings(fusion="last"))
 
         register(SECOND_EXPLAINER)(LastLayer)
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from eive_audit.pipeline.models.detr import DetrAdapter
-from eive_audit.pipeline.train import CHECKPOINT_DIR, TrainConfig, train
+from eive_audit.pipeline.config import TrainConfig
+from eive_audit.pipeline.train import CHECKPOINT_DIR, train
 
 
 def test_train_cli_smoke_run_writes_a_loadable_model(synth: Path, tmp_path: Path) -> None:

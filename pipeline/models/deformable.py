@@ -19,10 +19,10 @@ from eive_audit.pipeline.models.detr import (
     DetrAdapter,
     ForwardRecord,
     _inverse_sigmoid,
-    capture_inputs,
-    capture_outputs,
 )
+from eive_audit.pipeline.models.hooks import capture_inputs, capture_outputs
 from eive_audit.pipeline.models.preprocess import PixelBatch
+
 
 class DeformableAdapter(DetrAdapter):
     """DetrAdapter for Deformable DETR and RT-DETR: `forward` fills `DetectorOutput.sampling` (and leaves

@@ -9,12 +9,9 @@ live only for the duration of one forward.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import json
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,11 +19,9 @@ from torchvision.ops import box_convert
 from transformers import AutoConfig, AutoModelForObjectDetection, PreTrainedModel
 
 from eive_audit.pipeline.models.families import Family, family_of
-from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR, resolve_model_path
+from eive_audit.pipeline.models.hooks import capture_outputs
+from eive_audit.pipeline.models.locate import ModelLoadError, read_model_config, resolve_model_path
 from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
-
-class ModelLoadError(ValueError):
-    """A model directory (or hub id) that cannot be loaded; the message says why."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -39,24 +34,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_hf_model(name: str | Path) -> PreTrainedModel:
     """Load a supported transformers detector with eager attention, or raise ModelLoadError."""
     path = resolve_model_path(name)
-    local = Path(path)
-    if local.exists():
-        if not local.is_dir():
-            raise ModelLoadError(f"{local} is a file; a model is a directory written by save_pretrained")
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{local} is not a transformers model directory (no config.json)")
-        try:
-            json.loads((local / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{local / 'config.json'} is not valid JSON: {exc}") from exc
-    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelLoadError(f"model directory not found: {path}")
+    read_model_config(path)  # a local directory's problems, named before transformers reads it
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on the problem
         raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
     try:
-        family_of(config)
+        family_of(config.model_type)
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     try:
@@ -129,39 +113,6 @@ class Detections:
     queries: torch.Tensor
 
 
-@contextlib.contextmanager
-def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, object]]:
-    """Record each module's forward output under its key; the hooks are removed on exit, even on error."""
-    captured: dict[str, object] = {}
-    handles = []
-    try:
-        for key, module in modules.items():
-            handles.append(module.register_forward_hook(lambda _m, _i, out, key=key: captured.__setitem__(key, out)))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, object]]]:
-    """Record each module's call arguments by parameter name (however the caller passed them, positionally or
-    by keyword) under its key; the hooks are removed on exit, even on error."""
-    captured: dict[str, dict[str, object]] = {}
-    handles = []
-
-    def hook(key: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured[key] = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-
-    try:
-        for key, module in modules.items():
-            handles.append(module.register_forward_pre_hook(functools.partial(hook, key), with_kwargs=True))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
@@ -172,7 +123,7 @@ class DetrAdapter:
 
     def __init__(self, model: PreTrainedModel, preprocess_config: PreprocessConfig, device: torch.device) -> None:
         self.model = model.to(device).eval()
-        self.family: Family = family_of(model.config)
+        self.family: Family = family_of(model.config.model_type)
         self.preprocess_config = preprocess_config
         self.device = device
         self.label_names: dict[int, str] = {int(k): v for k, v in model.config.id2label.items()}
@@ -183,7 +134,7 @@ class DetrAdapter:
         model = load_hf_model(name)
         path = Path(resolve_model_path(name))
         config = PreprocessConfig.from_dir(path) if path.is_dir() else PreprocessConfig()
-        return adapter_class(family_of(model.config))(model, config, resolve_device(device))
+        return adapter_class(family_of(model.config.model_type))(model, config, resolve_device(device))
 
     @property
     def num_layers(self) -> int:
@@ -299,16 +250,15 @@ class DetrAdapter:
         return self.class_probs(out.logits), out.pred_boxes.float()
 
     @torch.inference_mode()
-    def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5, max_detections: int = 100) -> list[Detections]:
+    def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5,
+               max_detections: int = 100) -> list[Detections]:
         """Preprocess, forward and postprocess a list of uint8 [3, h, w] images."""
         batch = self.preprocess(images)
         return self.postprocess(self.forward(batch), batch, score_threshold, max_detections)
 
 
 def adapter_class(family: Family) -> type[DetrAdapter]:
-    """The adapter of a family: deformable models record sampled points instead of dense attention."""
-    if family.deformable:
-        from eive_audit.pipeline.models.deformable import DeformableAdapter  # that module subclasses this one's adapter
-
-        return DeformableAdapter
-    return DetrAdapter
+    """The adapter class the family registry names (`Family.adapter`, "module:Class"), imported by name so
+    that this module and the subclasses in other modules do not import each other."""
+    module, _, name = family.adapter.partition(":")
+    return getattr(importlib.import_module(module), name)
