@@ -177,7 +177,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
     """The same instances and protocol, once with EIVE's stored maps and once with random maps."""
     import torch
 
-    from eive_audit.flows.audit import _model_and_source
+    from eive_audit.pipeline.shard import model_and_source
     from eive_audit.pipeline.audit import faithfulness_of_rows
     from eive_audit.pipeline.batching import iter_batches
     from eive_audit.pipeline.config import AuditConfig
@@ -192,7 +192,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
                            "USING (run_id, instance_id, explainer) WHERE run_id = ? AND outcome = 'tp' ORDER BY image_id",
                  [summary["run_id"]]).to_pylist()
     assert len(rows) >= 20 and all(r["insertion_auc"] is not None for r in rows)
-    adapter, source, label_map = _model_and_source(config)
+    adapter, source, label_map = model_and_source(config)
     generator = torch.Generator().manual_seed(0)
     random_deletion, random_insertion = [], []
     for item in iter_batches((x for i in sorted({r["image_id"] for r in rows}) for x in source.read(i)), 8):
