@@ -247,3 +247,73 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     assert [(r["explainer"], r["scored"] == r["n"] > 0) for r in rows] == [("eive", True), ("test-empty", False)]
     assert rows[1]["scored"] == 0 and rows[1]["n"] == rows[0]["n"]
     assert summary["errors"] == 0
+
+
+def test_each_worker_thread_loads_its_own_model(small_model: Path) -> None:
+    """The adapter adds hooks to its module at every forward: two threads must never share one module."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eive_audit.pipeline.shard import worker_model
+
+    both_started = threading.Barrier(2)  # so the two loads surely run on two threads
+
+    def load_twice(_: int) -> tuple:
+        both_started.wait(timeout=60)
+        return worker_model(str(small_model), "cpu"), worker_model(str(small_model), "cpu")
+
+    with ThreadPoolExecutor(2) as pool:
+        (a, a_again), (b, b_again) = pool.map(load_twice, range(2))
+    assert a is a_again and b is b_again, "a thread keeps its model for its next tasks"
+    assert a is not b and a.model is not b.model
+
+
+def test_two_workers_write_exactly_the_rows_of_one(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    """Shards, faithfulness and findings on a pool of two threads store the same rows and maps as on one."""
+    from eive_audit.flows.audit import audit
+    from eive_audit.pipeline.config import AuditConfig
+
+    def stored(workers: int) -> tuple[str, dict[str, list[dict]]]:
+        out = tmp_path / f"workers{workers}"
+        config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=out,
+                             model=str(small_model), score_threshold=0.0, max_detections=3, shard_size=8,
+                             batch_size=4, device="cpu", workers=workers, review={"report": False},
+                             faithfulness={"instances": "sample:6", "steps": 2},
+                             findings={"verify_budget": 24, "localise_budget": 8})
+        summary = audit(config)
+        assert summary["images"] == 40 and summary["with_faithfulness"] == 6 and summary["shards_skipped"] == 0
+        order = {"instances": "instance_id, explainer", "maps": "instance_id, explainer", "findings": "cue_id",
+                 "errors": "image_id, annotation_id", "images": "image_id"}
+        timings = {"images": " EXCLUDE (forward_ms, explain_ms)"}  # wall-clock times differ, nothing else may
+        return summary["run_id"], {
+            table: query(out, f"SELECT *{timings.get(table, '')} FROM {table} WHERE run_id = ? ORDER BY {columns}",
+                         [summary["run_id"]]).to_pylist() for table, columns in order.items()}
+
+    one_id, one = stored(1)
+    two_id, two = stored(2)
+    assert one_id == two_id, "workers do not change results, so they stay out of the run hash"
+    assert len(one["instances"]) > 0 and len(one["maps"]) == len(one["instances"])
+    for table in one:
+        assert two[table] == one[table], table
+
+
+def test_a_store_of_another_schema_version_is_refused_before_any_image_is_read(
+        synth: Path, small_model: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from eive_audit.cli import app
+    from eive_audit.storage.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY
+    from eive_audit.storage.writer import write_table
+
+    old = write_table(tmp_path, "errors", "oldrun", "s00000", [{"shard": "s00000", "stage": "source", "type": "x",
+                                                               "message": "written by an older release"}])
+    pq.write_table(pq.read_table(old, partitioning=None).replace_schema_metadata(
+        {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION - 1).encode()}), old)
+    result = CliRunner().invoke(app, ["run", *_synth_args(synth, small_model, tmp_path)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: store {tmp_path} holds run(s) oldrun written with schema version {SCHEMA_VERSION - 1}; "
+                      f"this version writes {SCHEMA_VERSION}: rerun into a new store or remove those runs with "
+                      f"`python -c \"from eive_audit.storage import remove_run; remove_run('{tmp_path}', '<run_id>')\"`"]
+    assert sorted(p.name for p in tmp_path.glob("*/run_id=*")) == ["run_id=oldrun"], "nothing of the new run written"
