@@ -13,6 +13,7 @@ the config hash, so rerunning the same command skips finished shards.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,11 +36,10 @@ from eive_audit.storage.writer import mark_shard_done, shard_done
 T = TypeVar("T")
 
 
-def task_runner(config: AuditConfig) -> TaskRunner:
-    """The task runner `config.runner` names, with `config.workers` workers (the seam for Dask and Ray)."""
-    if config.runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=config.workers)
-    raise ValueError(f"unknown task runner {config.runner!r}")
+# config.runner -> the task runner for `workers` workers; Dask and Ray join here.
+TASK_RUNNERS: dict[str, Callable[[int], TaskRunner]] = {
+    "threads": lambda workers: ThreadPoolTaskRunner(max_workers=workers),
+}
 
 
 @task(name="audit-shard")
@@ -121,7 +121,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     info = RunInfo(config.run_id, config.config_hash, config.model_dump_json(), config.model,
                    tuple(config.explainers), datetime.now(timezone.utc))
     write_run_row(config.out, info, "running", 0.0, {})
-    with task_runner(config) as runner:
+    with TASK_RUNNERS[config.runner](config.workers) as runner:
         counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
                           for shard, ids in plan_shards(config).items()])
         refresh_catalog(config.out)  # the map step's new files become views; later steps query them

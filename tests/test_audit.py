@@ -150,6 +150,8 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
 
 
 def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_model: Path, tmp_path: Path) -> None:
+    from eive_audit.pipeline.config import FindingsConfig
+
     args = _synth_args(synth, small_model, tmp_path)
     sample = _run(*args, "--faithfulness", "sample:5", "--faithfulness-steps", "3")
     rows = query(tmp_path, "SELECT deletion_auc, insertion_auc, faithfulness_steps FROM instances WHERE run_id = ?",
@@ -162,7 +164,7 @@ def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_mo
     flagged = _run(*args, "--faithfulness", "flagged", "--faithfulness-steps", "2", "--score-threshold", "0.05")
     chosen = query(tmp_path, "SELECT outcome, mass_in_gt, insertion_auc FROM instances WHERE run_id = ?",
                    [flagged["run_id"]]).to_pylist()
-    expected = [r for r in chosen if r["outcome"] == "tp" and r["mass_in_gt"] < 0.3]
+    expected = [r for r in chosen if r["outcome"] == "tp" and r["mass_in_gt"] < 1 - FindingsConfig().off_object]
     assert [r for r in chosen if r["insertion_auc"] is not None] == expected
 
     odam = _run(*args, "--faithfulness", "sample:3", "--faithfulness-steps", "2", "--faithfulness-protocol", "odam",
@@ -247,6 +249,18 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     assert [(r["explainer"], r["scored"] == r["n"] > 0) for r in rows] == [("eive", True), ("test-empty", False)]
     assert rows[1]["scored"] == 0 and rows[1]["n"] == rows[0]["n"]
     assert summary["errors"] == 0
+
+
+def test_every_runner_the_config_offers_has_a_task_runner() -> None:
+    from typing import get_args
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from eive_audit.flows.audit import TASK_RUNNERS
+    from eive_audit.pipeline.config import AuditConfig
+
+    assert set(TASK_RUNNERS) == set(get_args(AuditConfig.model_fields["runner"].annotation))
+    assert TASK_RUNNERS["threads"](3) == ThreadPoolTaskRunner(max_workers=3), "a pool of `workers` threads"
 
 
 def test_each_worker_thread_loads_its_own_model(small_model: Path) -> None:
