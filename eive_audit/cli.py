@@ -320,10 +320,11 @@ def _audit(config: AuditConfig) -> dict:
     """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.sources import SourceFormatError
+    from eive_audit.storage.versions import SchemaVersionError
 
     try:
         return audit(config)
-    except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError) as exc:
+    except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError, SchemaVersionError) as exc:
         _fail(str(exc))
 
 

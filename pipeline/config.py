@@ -145,6 +145,9 @@ class AuditConfig(_Part):
     batch_size: int = Field(8, ge=1, description="images per forward")
     shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
     device: str = _unhashed(default="auto", description="auto | cpu | cuda | cuda:N")
+    runner: Literal["threads"] = _unhashed(
+        default="threads", description="task runner the shards are submitted to: threads (a pool in this process)")
+    workers: int = _unhashed(default=1, ge=1, description="shards audited at once; each worker loads its own model")
     faithfulness: FaithfulnessConfig = Field(default_factory=FaithfulnessConfig)
     findings: FindingsConfig = Field(default_factory=FindingsConfig)
     review: ReviewConfig = _unhashed(default_factory=ReviewConfig)

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from eive_audit.storage.maps import decode_map
 from eive_audit.storage.schema import SCHEMAS
+from eive_audit.storage.versions import check_schema_versions
 
 CATALOG_NAME = "catalog.duckdb"
 
@@ -33,10 +34,12 @@ def refresh_catalog(root: Path) -> Path:
     """(Re)create the catalog's views over whatever shards exist now; returns the catalog's path.
 
     Built in a temp file beside the catalog and moved over it with os.replace, so a reader sees the old
-    catalog or the new one, never a half-written one.
+    catalog or the new one, never a half-written one. A store holding files of another schema version raises
+    SchemaVersionError instead (the views would mix the layouts).
     """
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    check_schema_versions(root)
     final = catalog_path(root)
     tmp = root / f".{CATALOG_NAME}.{uuid.uuid4().hex}.tmp"
     try:
@@ -103,7 +106,8 @@ def _connect_read_only(root: Path) -> duckdb.DuckDBPyConnection:
     root = Path(root).resolve()
     path = catalog_path(root)
     if not path.is_file():
-        raise FileNotFoundError(f"no catalog at {path}; write some shards and call refresh_catalog({str(root)!r}) first")
+        raise FileNotFoundError(f"no catalog at {path}; write some shards and call "
+                                f"refresh_catalog({str(root)!r}) first")
     con = duckdb.connect(str(path), read_only=True)
     allowed = ", ".join(_sql_string(f"{root / table}{os.sep}") for table in SCHEMAS)
     con.execute(f"SET allowed_directories = [{allowed}]")
@@ -125,6 +129,7 @@ def load_map(root: Path, instance_id: str, explainer: str | None = None, run_id:
         raise KeyError(f"no map for instance {instance_id!r} (explainer={explainer!r}, run_id={run_id!r})")
     if len(rows) > 1:
         found = sorted((row["explainer"], row["run_id"]) for row in rows)
-        raise ValueError(f"{len(rows)} maps for instance {instance_id!r} as (explainer, run_id) {found}; pass one of them")
+        raise ValueError(f"{len(rows)} maps for instance {instance_id!r} as (explainer, run_id) {found}; "
+                         "pass one of them")
     row = rows[0]
     return decode_map(row["map"], row["grid_h"], row["grid_w"])

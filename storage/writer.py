@@ -113,7 +113,8 @@ def _kind(type_: pa.DataType) -> str:
     return str(type_)
 
 
-def _cast_column(table: str, field: pa.Field, values: pa.Array | pa.ChunkedArray | None, n_rows: int) -> pa.ChunkedArray:
+def _cast_column(table: str, field: pa.Field, values: pa.Array | pa.ChunkedArray | None,
+                 n_rows: int) -> pa.ChunkedArray:
     """One column cast safely (no truncation or overflow) to its field's type, then checked for nulls and values."""
     if values is None:
         values = pa.nulls(n_rows)

@@ -111,7 +111,7 @@ def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Pa
     home = tmp_path / "prefect"
     home.mkdir()
     config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json",
-                         out=tmp_path / "store", shard_size=1000, device="cpu", report=False)
+                         out=tmp_path / "store", shard_size=1000, device="cpu", review={"report": False})
     yaml_file = config.to_yaml(tmp_path / "nightly.yaml")
     seen: list[psutil.Process] = []
     with ExitStack() as stack:  # unwinds in reverse: the serving process stops (pausing its schedule) first

@@ -18,6 +18,7 @@ from eive_audit.storage import (
     SCHEMA_VERSION,
     SCHEMAS,
     ReadOnlyQueryError,
+    SchemaVersionError,
     decode_map,
     encode_map,
     load_map,
@@ -29,6 +30,8 @@ from eive_audit.storage import (
     write_table,
 )
 from eive_audit.storage.catalog import _connect_read_only
+from eive_audit.storage.schema import SCHEMA_VERSION_KEY
+from eive_audit.storage.versions import stale_runs
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 MAP = encode_map(np.array([[0.0, 0.5], [1.0, 0.25]]))
@@ -260,6 +263,36 @@ def test_done_markers_and_remove_run(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*/run_id=a"))
     refresh_catalog(tmp_path)
     assert query(tmp_path, "SELECT DISTINCT run_id FROM maps").column("run_id").to_pylist() == ["b"]
+
+
+def _write_with_version(root: Path, table: str, run_id: str, version: bytes | None) -> None:
+    """A shard as an older release wrote it: the same rows, its schema stamped `version` (None: unstamped)."""
+    path = write_table(root, table, run_id, "s0", SAMPLES[table])
+    data = pq.read_table(path, partitioning=None)
+    metadata = {SCHEMA_VERSION_KEY: version} if version is not None else None
+    pq.write_table(data.replace_schema_metadata(metadata), path)
+
+
+def test_a_store_with_shards_of_another_schema_version_is_refused(catalog: Path) -> None:
+    """union_by_name would fill an old file's missing columns with nulls; the catalog refuses the mix instead."""
+    _write_with_version(catalog, "instances", "old", str(SCHEMA_VERSION - 1).encode())
+    _write_with_version(catalog, "images", "older", None)
+    before = (catalog / "catalog.duckdb").read_bytes()
+    assert stale_runs(catalog) == {str(SCHEMA_VERSION - 1): {"old"}, "none": {"older"}}
+    with pytest.raises(SchemaVersionError) as refused:
+        refresh_catalog(catalog)
+    message = str(refused.value)
+    assert message.startswith(f"store {catalog.resolve()} holds run(s) old written with schema version "
+                              f"{SCHEMA_VERSION - 1}; run(s) older written with schema version none; "
+                              f"this version writes {SCHEMA_VERSION}: rerun into a new store or remove those runs")
+    assert "remove_run(" in message and "\n" not in message
+    assert (catalog / "catalog.duckdb").read_bytes() == before, "the old catalog stays as it was"
+
+    remove_run(catalog, "old")
+    remove_run(catalog, "older")
+    assert stale_runs(catalog) == {}
+    refresh_catalog(catalog)
+    assert query(catalog, "SELECT DISTINCT run_id FROM instances").column("run_id").to_pylist() == ["r"]
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)

@@ -1,0 +1,146 @@
+"""The work the audit flow hands to its tasks, as rows in and rows out (storage reads and writes them):
+plan the shards, audit one shard's images, fill the faithfulness of one shard's chosen rows, and the
+findings over the whole run's rows.
+
+Tasks run on worker threads, and each thread loads its own model (`worker_model`): the adapter adds hooks
+to its module at every forward, so one module used by two threads at once would mix their attention maps.
+Every result is a function of its inputs alone, so a run on several workers writes exactly the rows of a
+run on one.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eive_audit.pipeline.audit import BatchExplainer, BatchRows, audit_batch, faithfulness_of_rows, model_labels
+from eive_audit.pipeline.batching import ImageBatch, iter_batches
+from eive_audit.pipeline.config import AuditConfig
+from eive_audit.pipeline.evaluation import label_to_category
+from eive_audit.pipeline.findings import Findings, find_spurious
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
+
+Key = tuple[str, str]  # (instance_id, explainer)
+Row = dict[str, Any]
+Source = CocoSource | FolderSource
+
+_worker = threading.local()
+
+
+def worker_model(model: str, device: str) -> DetrAdapter:
+    """This thread's loaded model for (model, device): loaded on the thread's first call and kept for its
+    next tasks, never handed to another thread. A thread keeps one model, so a worker asked for another
+    drops the old one."""
+    key = (model, device)
+    if getattr(_worker, "key", None) != key:
+        _worker.adapter, _worker.key = DetrAdapter.load(model, device), key
+    return _worker.adapter
+
+
+@lru_cache(maxsize=2)
+def _source(images: Path, coco: Path | None) -> Source:
+    """The run's source, shared by the threads: reading a record only reads the parsed annotations."""
+    return CocoSource(coco, images) if coco is not None else FolderSource(images)
+
+
+def plan_shards(config: AuditConfig) -> dict[str, list[int]]:
+    """Shard name -> image ids, in id order; names are stable for a given source and shard size."""
+    ids = _source(config.images, config.coco).image_ids
+    return {f"s{n:05d}": ids[start:start + config.shard_size]
+            for n, start in enumerate(range(0, len(ids), config.shard_size))}
+
+
+def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int, int]]:
+    """This thread's model, the source, and the map model label -> dataset category id."""
+    adapter = worker_model(config.model, config.device)
+    source = _source(config.images, config.coco)
+    label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
+    return adapter, source, label_map
+
+
+def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_ids: list[int]) -> dict[str, list[Row]]:
+    """The rows of one shard's tables (images, instances, maps with float maps, errors) for `image_ids`.
+
+    A source error becomes an `errors` row; a batch that fails is retried image by image so only the
+    culprit becomes one; an image that never got audited still has its `images` row, status `error`."""
+    adapter, source, label_map = model_and_source(config)
+    tables: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
+    stream = (item for image_id in image_ids for item in source.read(image_id))
+    for item in iter_batches(stream, config.batch_size):
+        if isinstance(item, SourceError):
+            tables["errors"].append(_error_row(item, "source"))
+            continue
+        for part in _audit_or_split(adapter, explainers, item, label_map, config, tables["errors"]):
+            for name in ("images", "instances", "maps"):
+                tables[name].extend(getattr(part, name))
+    audited = {row["image_id"] for row in tables["images"]}
+    tables["images"] += [{"image_id": e["image_id"], "status": "error", "file_path": e["path"]}
+                         for e in tables["errors"] if e["annotation_id"] is None and e["image_id"] not in audited]
+    return tables
+
+
+def _audit_or_split(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch,
+                    label_map: dict[int, int], config: AuditConfig, errors: list[Row]) -> list[BatchRows]:
+    """Audit a batch; if it fails, retry its images one by one so only the culprit becomes an error row."""
+    try:
+        return [audit_batch(adapter, explainers, item, label_map, config.score_threshold, config.max_detections,
+                            annotated=config.coco is not None)]
+    except Exception as exc:
+        if len(item.records) == 1:
+            errors.append(_exception_row(item.records[0], "model", exc))
+            return []
+        return [part for record, image in zip(item.records, item.images)
+                for part in _audit_or_split(adapter, explainers, ImageBatch([record], [image]), label_map, config,
+                                            errors)]
+
+
+def _error_row(error: SourceError, stage: str) -> Row:
+    return {"image_id": error.image_id, "annotation_id": error.annotation_id, "stage": stage,
+            "type": error.reason.value, "message": error.message, "path": error.path}
+
+
+def _exception_row(record: ImageRecord, stage: str, exc: Exception) -> Row:
+    return {"image_id": record.image_id, "annotation_id": None, "stage": stage, "type": type(exc).__name__,
+            "message": f"{exc}"[:2000], "path": str(record.path)}
+
+
+def fill_faithfulness(config: AuditConfig, rows: list[Row], maps: dict[Key, np.ndarray], chosen: set[Key]) -> int:
+    """Fill deletion / insertion AUC (and the step count) into the `chosen` rows of one shard, in place;
+    returns how many were filled."""
+    adapter, source, label_map = model_and_source(config)
+    picked = [row for row in rows if (row["instance_id"], row["explainer"]) in chosen]
+    settings = config.faithfulness
+    stream = (item for image_id in sorted({row["image_id"] for row in picked}) for item in source.read(image_id))
+    for item in iter_batches(stream, config.batch_size):
+        if not isinstance(item, ImageBatch):
+            continue  # the audit read this image, so only its bad annotations come back here
+        ids = {record.image_id for record in item.records}
+        mine = [row for row in picked if row["image_id"] in ids]
+        result = faithfulness_of_rows(adapter, item, mine, [maps[(r["instance_id"], r["explainer"])] for r in mine],
+                                      label_map, settings)
+        for row, deletion, insertion in zip(mine, result.deletion_auc.tolist(), result.insertion_auc.tolist()):
+            row |= {"deletion_auc": deletion, "insertion_auc": insertion, "faithfulness_steps": settings.steps}
+    return len(picked)
+
+
+def run_findings(config: AuditConfig, rows: list[Row], maps: dict[Key, np.ndarray], images: dict[int, Row]) -> Findings:
+    """Findings of the whole run from its stored rows (instances in a fixed order, maps, audited images)."""
+    adapter, _, label_map = model_and_source(config)
+    labels = dict(zip(((r["instance_id"], r["explainer"]) for r in rows), model_labels(adapter, rows, label_map)))
+    return find_spurious(adapter, rows, maps, images, labels, config.findings, config.batch_size)
+
+
+def finding_columns(found: Findings) -> dict[Key, Row]:
+    """The instances columns that findings fill, per (instance_id, explainer)."""
+    return {key: {"off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
+                  "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
+                  "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id,
+                  "verification_drop": f.verification_drop, "localised_drop": f.localised_drop,
+                  "specificity": f.specificity, "peak_x": f.peak_xy[0] if f.peak_xy else None,
+                  "peak_y": f.peak_xy[1] if f.peak_xy else None}
+            for key, f in found.instances.items()}

@@ -1,0 +1,106 @@
+"""A shard's tables as the audit writes and rewrites them, and the run-wide reads its later steps start from.
+
+Exactly once: a shard's tables are written first and its done-marker last, each file atomically under a
+fixed name, so a run killed at any point leaves either a finished shard or one that a rerun rewrites whole.
+A step that rewrites a finished shard's instances (faithfulness, findings) has its own marker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eive_audit.storage.catalog import query
+from eive_audit.storage.maps import decode_map, encode_map
+from eive_audit.storage.runs import RUN_SHARD
+from eive_audit.storage.writer import mark_shard_done, read_table, write_table
+
+SHARD_TABLES = ("images", "instances", "maps", "errors")  # the tables every shard writes, one file each
+
+Key = tuple[str, str]  # (instance_id, explainer): one row of instances and of maps
+Row = dict[str, Any]
+
+
+def write_shard(root: Path, run_id: str, shard: str, tables: Mapping[str, list[Row]]) -> None:
+    """Write one shard's tables (maps as float arrays, encoded here; the shard column added), then its marker."""
+    for name in SHARD_TABLES:
+        rows = [{**row, "shard": shard} for row in tables.get(name, [])]
+        if name == "maps":
+            rows = [row | {"map": encode_map(row["map"])} for row in rows]
+        write_table(root, name, run_id, shard, rows)
+    mark_shard_done(root, run_id, shard)
+
+
+def read_shard_instances(root: Path, run_id: str, shard: str) -> tuple[list[Row], dict[Key, np.ndarray]]:
+    """One shard's instance rows as written and its maps decoded, keyed by (instance_id, explainer)."""
+    rows = read_table(root, "instances", run_id, shard).to_pylist()
+    return rows, _decoded(read_table(root, "maps", run_id, shard).to_pylist())
+
+
+def rewrite_instances(root: Path, run_id: str, shard: str, rows: list[Row], marker: str) -> None:
+    """Replace a shard's instances file with `rows`, then mark the step (`marker`) done."""
+    write_table(root, "instances", run_id, shard, rows)
+    mark_shard_done(root, run_id, marker)
+
+
+@dataclass(frozen=True)
+class RunRows:
+    """A run's stored rows, read back for a step over the whole run: instances in (instance_id, explainer)
+    order, their maps decoded, and the rows of the images that were audited."""
+
+    instances: list[Row]
+    maps: dict[Key, np.ndarray]
+    images: dict[int, Row]
+
+
+def read_run(root: Path, run_id: str) -> RunRows:
+    """The run's rows through the catalog (refreshed after its shards were written)."""
+    instances = query(root, "SELECT * FROM instances WHERE run_id = ? ORDER BY instance_id, explainer",
+                      [run_id]).to_pylist()
+    maps = query(root, "SELECT instance_id, explainer, grid_h, grid_w, map FROM maps WHERE run_id = ?", [run_id])
+    images = query(root, "SELECT * FROM images WHERE run_id = ? AND status = 'ok'", [run_id]).to_pylist()
+    return RunRows(instances, _decoded(maps.to_pylist()), {row["image_id"]: row for row in images})
+
+
+def write_findings(root: Path, run_id: str, rows: list[Row], columns: Mapping[Key, Row], cues: list[Row]) -> None:
+    """Rewrite every shard's instances file from the run's rows (as `read_run` gave them) with each row's
+    findings `columns` filled, then the run's candidate `cues` as the findings table."""
+    shards: dict[str, list[Row]] = {}
+    for row in rows:
+        stored = {key: value for key, value in row.items() if key != "run_id"}  # a partition, not a column
+        shards.setdefault(row["shard"], []).append(stored | columns[(row["instance_id"], row["explainer"])])
+    for shard, shard_rows in sorted(shards.items()):
+        write_table(root, "instances", run_id, shard, shard_rows)
+    write_table(root, "findings", run_id, RUN_SHARD, [cue | {"shard": RUN_SHARD} for cue in cues])
+
+
+def faithfulness_selection(root: Path, run_id: str, budget: str, max_mass_in_gt: float) -> dict[str, set[Key]]:
+    """Shard -> the (instance_id, explainer) pairs that the budget gives deletion / insertion AUC.
+
+    `all` takes every instance; `flagged` correct detections with less than `max_mass_in_gt` of their map on
+    their object; `sample:N` N instances of the whole run, the same N on every rerun (ordered by a hash of
+    their ids). `none` takes nothing.
+    """
+    if budget == "none":
+        return {}
+    where, params = "TRUE", []
+    if budget == "flagged":
+        where, params = "outcome = 'tp' AND mass_in_gt < ?", [max_mass_in_gt]
+    elif budget.startswith("sample:"):
+        where = (f"instance_id || '/' || explainer IN (SELECT instance_id || '/' || explainer FROM instances "
+                 f"WHERE run_id = ? ORDER BY md5(instance_id || '/' || explainer) LIMIT {int(budget[7:])})")
+        params = [run_id]
+    rows = query(root, f"SELECT shard, instance_id, explainer FROM instances WHERE run_id = ? AND {where}",
+                 [run_id, *params]).to_pylist()
+    selection: dict[str, set[Key]] = {}
+    for row in rows:
+        selection.setdefault(row["shard"], set()).add((row["instance_id"], row["explainer"]))
+    return selection
+
+
+def _decoded(rows: list[Row]) -> dict[Key, np.ndarray]:
+    return {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in rows}
