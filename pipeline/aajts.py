@@ -25,6 +25,7 @@ from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
+from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.families import family_of
 from eive_audit.pipeline.models.hooks import capture_outputs
@@ -110,13 +111,14 @@ def gt_coverage(boxes: torch.Tensor, image_sizes: torch.Tensor, padded_size: tup
                 grid: tuple[int, int]) -> torch.Tensor:
     """Fraction of each attention cell inside each GT box, [K, h, w].
 
-    boxes [K, 4]: normalised cxcywh of their own (unpadded) image, as transformers' labels hold them;
-    image_sizes [K, 2]: (h, w) of that image in input pixels; padded_size (H, W) of the batch; grid (h, w).
+    boxes [K, 4]: normalised cxcywh of their own (unpadded) image, as transformers' labels hold them, i.e.
+    pixels of a 1 x 1 original resized to that image; image_sizes [K, 2]: (h, w) of that image in input
+    pixels; padded_size (H, W) of the batch; grid (h, w).
     """
-    (ph, pw), (gh, gw) = padded_size, grid
-    heights, widths = image_sizes[:, 0].float() * gh / ph, image_sizes[:, 1].float() * gw / pw
-    scale = torch.stack([widths, heights, widths, heights], dim=-1)
-    return box_coverage(box_convert(boxes.float(), "cxcywh", "xyxy") * scale, grid)
+    corners = box_convert(boxes.float(), "cxcywh", "xyxy")
+    coverage = [box_coverage(Geometry((1, 1), tuple(size.tolist()), padded_size, grid).to_grid(box[None]), grid)
+                for box, size in zip(corners, image_sizes)]
+    return torch.cat(coverage) if coverage else corners.new_zeros((0, *grid))
 
 
 def concentration_loss(maps: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:

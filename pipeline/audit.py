@@ -2,7 +2,9 @@
 
 Explained instances are the kept detections (tp / fp / dup) and every missed GT box (fn), the latter
 through the query whose final box overlaps it most: "why was it missed". All instances of a batch go
-to each explainer in one call. Rows are plain dicts in the column names of `storage.schema`.
+to each explainer in one call. Each row carries its localisation scores and the off-object flags
+(`pipeline.findings.flags`), so every later step reads the same flags. Rows are plain dicts in the column
+names of `storage.schema`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from eive_audit.pipeline.batching import ImageBatch
+from eive_audit.pipeline.config import FindingsConfig
+from eive_audit.pipeline.findings.flags import OBJECT_OUTCOMES, flag_map, object_cells
+from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.matching import DET, FN, match_image
 from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig, FaithfulnessResult, deletion_insertion
-from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.pipeline.metrics.localization import localization_scores
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch
 from eive_audit.pipeline.models.targets import Targets
@@ -49,6 +54,34 @@ class Instance:
     pred_box: torch.Tensor  # xyxy, original pixels
     gt: int  # index into the record's GT boxes, -1 for none
     iou: float | None
+
+
+@dataclass(frozen=True)
+class ImageBoxes:
+    """One image's instances and the boxes they are scored against, in grid units: explainer-independent."""
+
+    record: ImageRecord
+    geometry: Geometry
+    index: list[int]  # the image's instances: positions in the batch's instance list
+    own: torch.Tensor  # [K, 4] each instance's predicted box (the explained query's)
+    gt_index: torch.Tensor  # [K] each instance's GT box in `gts`, -1 for none
+    gts: torch.Tensor  # [G, 4] every GT box of the image
+    objects: torch.Tensor  # [K, h, w] the cells of each instance's object (`findings.flags.object_cells`)
+
+    @classmethod
+    def of_image(cls, record: ImageRecord, geometry: Geometry, instances: list[Instance],
+                 index: list[int]) -> "ImageBoxes":
+        """The boxes of the instances at `index` (all of one image). A false positive's object is every GT box
+        the audit explains (of the classes the model has), as the findings step reads them from the rows."""
+        own = geometry.to_grid(torch.stack([instances[k].pred_box for k in index]))
+        gt_index = torch.tensor([instances[k].gt for k in index])
+        gts = geometry.to_grid(torch.as_tensor(record.boxes).reshape(-1, 4))
+        explained = gts[sorted({int(g) for g in gt_index if g >= 0})]
+        objects = torch.stack([
+            object_cells(instances[k].outcome, gts[g] if instances[k].outcome in OBJECT_OUTCOMES and g >= 0 else own[j],
+                         explained, geometry.grid)
+            for j, (k, g) in enumerate(zip(index, gt_index.tolist()))])
+        return cls(record, geometry, index, own, gt_index, gts, objects)
 
 
 @dataclass
@@ -113,9 +146,10 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch, label_map: dict[int, int],
-                score_threshold: float, max_detections: int, annotated: bool = True) -> BatchRows:
+                score_threshold: float, max_detections: int, annotated: bool = True, *,
+                findings: FindingsConfig) -> BatchRows:
     """Rows of the images, instances and maps tables for one decoded batch (maps as float32 arrays);
-    `annotated` is False for a source without GT (an image folder)."""
+    `annotated` is False for a source without GT (an image folder); `findings` sets the off-object flags."""
     started = time.perf_counter()
     with torch.inference_mode():
         batch = adapter.preprocess(item.images)
@@ -126,36 +160,32 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
                  for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map, annotated)]
     targets = _targets(instances, item.records, adapter.device)
     padded = tuple(batch.pixel_values.shape[-2:])
-    per_image = []  # (record, instance indices, own boxes, GT index, GT boxes), all in grid units: explainer-independent
-    for i, record in enumerate(item.records):
-        index = [k for k, inst in enumerate(instances) if inst.image == i]
-        if index:
-            to_grid = dict(original_size=(record.height, record.width), input_size=tuple(batch.input_sizes[i].tolist()),
-                           padded_size=padded, grid=output.grid)
-            per_image.append((record, index,
-                              boxes_to_grid(torch.stack([instances[k].pred_box for k in index]), **to_grid),
-                              torch.tensor([instances[k].gt for k in index]),
-                              boxes_to_grid(torch.as_tensor(record.boxes).reshape(-1, 4), **to_grid)))
+    geometries = [Geometry((record.height, record.width), tuple(batch.input_sizes[i].tolist()), padded, output.grid)
+                  for i, record in enumerate(item.records)]
+    per_image = [ImageBoxes.of_image(record, geometry, instances, index)
+                 for i, (record, geometry) in enumerate(zip(item.records, geometries))
+                 if (index := [k for k, inst in enumerate(instances) if inst.image == i])]
     rows = BatchRows()
     explain_s = 0.0
     for explainer in explainers:
         started = time.perf_counter()
         maps = explainer.explain(adapter, batch, output, targets).float().cpu()
         explain_s += time.perf_counter() - started
-        for record, index, own, gt_index, gts in per_image:
-            scores = localization_scores(maps[index], own, gt_index, gts)
-            for j, k in enumerate(index):
+        for image in per_image:
+            scores = localization_scores(maps[image.index], image.own, image.gt_index, image.gts)
+            for j, k in enumerate(image.index):
                 inst = instances[k]
-                rows.instances.append(_instance_row(inst, record, explainer.name, {n: float(v[j]) for n, v in scores.items()}))
-                rows.maps.append({"instance_id": inst.instance_id, "image_id": record.image_id,
+                # The flags read the map as stored (float16), as every later step does.
+                flags = flag_map(inst.outcome, maps[k].half().float(), image.objects[j], findings)
+                rows.instances.append(_instance_row(inst, image.record, explainer.name,
+                                                    {n: float(v[j]) for n, v in scores.items()}) | flags.columns())
+                rows.maps.append({"instance_id": inst.instance_id, "image_id": image.record.image_id,
                                   "explainer": explainer.name, "grid_h": output.grid[0], "grid_w": output.grid[1],
                                   "map": maps[k].numpy()})
     n = len(item.records)
-    for i, record in enumerate(item.records):
+    for i, (record, geometry) in enumerate(zip(item.records, geometries)):
         rows.images.append({
-            "image_id": record.image_id, "file_path": str(record.path), "width": record.width,
-            "height": record.height, "input_height": int(batch.input_sizes[i, 0]),
-            "input_width": int(batch.input_sizes[i, 1]), "padded_height": padded[0], "padded_width": padded[1],
+            "image_id": record.image_id, "file_path": str(record.path), **geometry.image_columns(),
             "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
             "status": "ok", "forward_ms": 1000 * forward_s / n, "explain_ms": 1000 * explain_s / n,
         })

@@ -49,13 +49,13 @@ from fiftyone.core.collections import SampleCollection
 from fiftyone.core.view import DatasetView
 from PIL import Image
 
+from eive_audit.pipeline.geometry import Geometry
 from eive_audit.reports.overlay import map_to_image
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map
 
 KEY_FIELD = "push_key"
 LABEL_FIELDS = ("predictions", "missed")  # the image dataset's fields that hold instances
-OFF_OBJECT = 0.3  # a correct detection with less of its map on its GT box looks off its object
 
 # Numeric columns that describe the detection rather than its map: the same for every explainer.
 _DETECTION_COLUMNS = frozenset({"image_id", "query", "score", "iou", "gt_annotation_id"})
@@ -101,8 +101,7 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 @stdout_to_stderr()
-def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = True, *,
-             off_object: float = OFF_OBJECT) -> dict[str, Any]:
+def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = True) -> dict[str, Any]:
     """Write or update the run's samples in `dataset` and `<dataset>-instances`, evaluate its predictions,
     save its review views (see `review_views`; names `<run_id>-<suffix>`), one view per explainer on the
     instances (`<run_id>-explainer-<name>`) and one per candidate cue the findings named
@@ -120,7 +119,7 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
         ds.merge_samples(samples, key_field=KEY_FIELD, merge_lists=False, overwrite=True, progress=False)
         ds.add_dynamic_sample_fields()  # declares the detections' attributes, so the App can filter on them
     eval_key = _evaluate(image_ds, run) if run.coco is not None else None
-    views = _save_views(image_ds, instance_ds, run, review_views(off_object), overwrite_views)
+    views = _save_views(image_ds, instance_ds, run, review_views(), overwrite_views)
     for cue_id, ids in _cues(instances).items():
         save_cue_view(dataset, f"{run_id}-cue-{cue_id}", ids, run_id=run_id, overwrite=overwrite_views)
         views.append(f"{run_id}-cue-{cue_id}")
@@ -129,20 +128,22 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
             "views": views, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def review_views(off_object: float = OFF_OBJECT) -> list[_View]:
+def review_views() -> list[_View]:
     """The views every push saves on both datasets.
 
-    `fp-background` takes the findings' flag rather than a score of its own: an fp has no GT box, so its
-    `mass_on_other_gt` is 1 as soon as its map touches any GT box and cannot tell background from another
-    object, while the findings' `off_object_share` is the share of the map off every GT box (the view is
-    empty for a run audited without findings). On the image dataset, the first explainer's scores decide.
+    The off-object views take the flags the audit wrote with each shard (`pipeline.findings.flags`, the run's
+    `findings.off_object` and `findings.background` thresholds), so a view holds exactly the instances the
+    flag marks, as the report and the findings count them. An fp has no GT box, so its `mass_on_other_gt` is
+    1 as soon as its map touches any GT box and cannot tell background from another object, while its
+    `off_object_share` is the share of the map off every GT box. On the image dataset, the first explainer's
+    flags decide.
     """
     return [
-        _View("tp-off-object", f"correct detections with mass_in_gt < {off_object} (lowest first): right, "
-                               "maybe for the wrong reason", (F("outcome") == "tp") & _below("mass_in_gt", off_object),
-              "mass_in_gt"),
-        _View("fp-background", "false positives driven by background: the findings' flag_background_fp (most of "
-                               "the map off every GT box, off_object_share)",
+        _View("tp-off-object", "correct detections the audit flags as looking off their object (flag_off_object; "
+                               "lowest mass_in_gt first): right, maybe for the wrong reason",
+              (F("outcome") == "tp") & (F("flag_off_object") == True), "mass_in_gt"),  # noqa: E712 (a MongoDB test)
+        _View("fp-background", "false positives driven by background: flag_background_fp (enough of the map off "
+                               "every GT box, off_object_share)",
               (F("outcome") == "fp") & (F("flag_background_fp") == True)),  # noqa: E712 (a MongoDB test)
         _View("missed", "missed GT objects (fn), explained through the query that overlaps them most",
               F("outcome") == "fn"),
@@ -261,8 +262,6 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
                    ) -> tuple[fo.Sample, list[fo.Sample]]:
     """One image's sample and its instance samples."""
     size = (image["width"], image["height"])
-    geometry = {"image_size": (image["height"], image["width"]), "input_size": (image["input_height"], image["input_width"]),
-                "padded_size": (image["padded_height"], image["padded_width"])}
     common = {"filepath": image["file_path"], "metadata": fo.ImageMetadata(width=size[0], height=size[1]),
               "run_id": run.run_id}
     folder = store / "heatmaps" / f"run_id={run.run_id}"
@@ -282,7 +281,7 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
         for explainer, row in per_explainer.items():
             gt_box = _relative_box(row, "gt", size)
             key = (instance_id, explainer)
-            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], geometry)
+            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
                        if key in grids else None)
             instance_samples.append(fo.Sample(
                 **common, **{column: row[column] for column in columns}, heatmap=heatmap,
@@ -296,7 +295,7 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
         mine = [_unit(grids[key]) for key in ((iid, explainer) for iid in by_instance) if key in grids]
         if mine:
             heatmaps[f"heatmap_{field_name(explainer)}"] = _heatmap(
-                folder / "images" / explainer / f"{image['image_id']}.png", np.max(mine, axis=0), geometry)
+                folder / "images" / explainer / f"{image['image_id']}.png", np.max(mine, axis=0), image)
     truth = {} if gt is None else {"ground_truth": fo.Detections(detections=gt)}
     sample = fo.Sample(**common, **truth, **heatmaps, image_id=image["image_id"],
                        **{field: fo.Detections(detections=found) for field, found in labels.items()},
@@ -338,9 +337,10 @@ def _unit(grid: np.ndarray) -> np.ndarray:
     return positive / peak if peak > 0 else positive
 
 
-def _heatmap(path: Path, grid: np.ndarray, geometry: dict[str, tuple[int, int]]) -> fo.Heatmap:
-    """Write the grid map laid over the original image (`reports.overlay`) as an 8-bit PNG; its `fo.Heatmap`."""
-    values = map_to_image(_unit(grid), grid.shape, **geometry)
+def _heatmap(path: Path, grid: np.ndarray, image: dict[str, Any]) -> fo.Heatmap:
+    """Write the grid map laid over the original image of its `images` row (`reports.overlay`) as an 8-bit
+    PNG; its `fo.Heatmap`."""
+    values = map_to_image(_unit(grid), Geometry.from_image_row(image, grid.shape))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(path)
     return fo.Heatmap(map_path=str(path), range=[0, 255])
@@ -374,11 +374,6 @@ def _evaluate(image_ds: fo.Dataset, run: _Run) -> str:
 
 def _of_run(ds: fo.Dataset, run_id: str | None) -> DatasetView:
     return ds.match(F("run_id") == run_id) if run_id is not None else ds.view()
-
-
-def _below(field: str, threshold: float) -> Any:
-    """`field < threshold` for present values only (MongoDB orders null below every number)."""
-    return (F(field) != None) & (F(field) < threshold)  # noqa: E711
 
 
 def _image_view(ds: fo.Dataset, run_id: str | None, condition: Any) -> DatasetView:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eive_audit.pipeline.geometry import Geometry
 from eive_audit.reports.overlay import map_to_image
 from eive_audit.reports.plots import Panel, overlay, score_distribution
 from eive_audit.storage.catalog import query
@@ -89,7 +90,7 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
     explainers = run["explainers"].split(",")
     sections = [
         ("summary", "Run", _summary(store, run)),
-        ("findings", "Findings: candidate cues", _findings(store, run_id)),
+        ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"]) + _findings(store, run_id)),
         ("failures", "Failure gallery", _failures(store, run_id, explainers, Path(config["images"]), top_failures)),
         ("plots", "Score distributions", _plots(store, run_id)),
         ("config", "Configuration", _table(["key", "value"], _config_rows(config))),
@@ -186,6 +187,21 @@ def _summary(store: Path, run: dict[str, Any]) -> str:
             f"<div><h3>Instances by outcome</h3>{by_outcome}</div><div><h3>Timings</h3>{timings}</div></div>")
 
 
+def _flags(store: Path, run_id: str, findings: dict[str, Any]) -> str:
+    """How many instances each off-object flag marks, per explainer: the flag columns the audit wrote with
+    every shard (at the run's `findings` thresholds), the very ones the FiftyOne views filter on."""
+    rows = query(store, "SELECT explainer, count(*) FILTER (flag_off_object) AS off_object, "
+                        "count(*) FILTER (flag_background_fp) AS background_fp, "
+                        "count(*) FILTER (flag_miss_elsewhere) AS miss_elsewhere, count(*) AS n "
+                        "FROM instances WHERE run_id = ? GROUP BY explainer ORDER BY explainer", [run_id]).to_pylist()
+    rule = (f"<p>Flags: a correct detection or duplicate with at least {_format(findings['off_object'])} of its "
+            f"map off its object (flag_off_object), a false positive with at least "
+            f"{_format(findings['background'])} of it off every GT box (flag_background_fp), a miss whose query "
+            f"put at least {_format(findings['off_object'])} of it off the missed object (flag_miss_elsewhere).</p>")
+    return rule + _table(["explainer", "flag_off_object", "flag_background_fp", "flag_miss_elsewhere", "instances"],
+                         [tuple(row.values()) for row in rows])
+
+
 def _findings(store: Path, run_id: str) -> str:
     """One row per candidate cue (a cluster of flagged instances of one class whose off-object peaks look
     alike), largest first, with its verification and exemplar crops; then the most spurious instances."""
@@ -197,13 +213,12 @@ def _findings(store: Path, run_id: str) -> str:
                     [run_id]).to_pylist()
     if not flagged:
         return "<p>No findings for this run (the findings step was off).</p>"
-    intro = ("<p>An instance is flagged when most of its map lies off its object (a correct detection looking "
-             "elsewhere, a false positive on background, a miss whose query looked elsewhere). Each flagged "
-             "instance's surroundings are blurred and the detection re-scored; where that halves its score, a "
-             "small window slides over the surroundings and the window whose blur hurts most becomes its peak. "
-             "Each peak is described by the detector's feature there, its position relative to the box and its "
-             "colour; peaks of one class that cluster are a candidate cue, confirmed when its members' mean "
-             "drop is half or more. The spurious score is the drop times how specific it is to one window.</p>")
+    intro = ("<p>Each flagged instance's surroundings are blurred and the detection re-scored; where that halves "
+             "its score, a small window slides over the surroundings and the window whose blur hurts most becomes "
+             "its peak. Each peak is described by the detector's feature there, its position relative to the box "
+             "and its colour; peaks of one class that cluster are a candidate cue, confirmed when its members' "
+             "mean drop is half or more. The spurious score is the drop times how specific it is to one "
+             "window.</p>")
     cue_rows = [(c["cue_id"], c["label_name"], f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
                  f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], c["confirmed"])
                 for c in cues]
@@ -300,9 +315,8 @@ def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
     missing_image = image is None or image.shape[:2] != size
     if missing_image:
         image = np.full((*size, 3), 128, np.uint8)
-    geometry = dict(image_size=size, input_size=(first["input_height"], first["input_width"]),
-                    padded_size=(first["padded_height"], first["padded_width"]))
-    panels = [Panel(row["explainer"], map_to_image(row["map"], (row["grid_h"], row["grid_w"]), **geometry))
+    panels = [Panel(row["explainer"], map_to_image(row["map"], Geometry.from_image_row(row, (row["grid_h"],
+                                                                                                 row["grid_w"]))))
               for row in rows]
     pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
     gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity
+# 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity; 5: off_object_share
+# and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step
+SCHEMA_VERSION = 5
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
@@ -97,7 +99,9 @@ INSTANCES = _schema(
     _optional("deletion_auc", pa.float32()),
     _optional("insertion_auc", pa.float32()),
     _optional("faithfulness_steps", pa.int32()),
-    # Filled by the findings step at the end of the run (pipeline.findings); null until then.
+    # off_object_share and flag_*: the off-object rule (pipeline.findings.flags), written with the shard by the
+    # audit and read by the faithfulness budget, the findings step, the report and the FiftyOne views alike.
+    # The rest is filled by the findings step at the end of the run (pipeline.findings); null until then.
     _optional("off_object_share", pa.float32()),
     _optional("spurious_score", pa.float32()),
     _optional("flag_off_object", pa.bool_()),

@@ -280,7 +280,7 @@ def test_saved_views_hold_the_instances_the_tables_name(run: tuple[Path, str], p
                            f"FROM instances WHERE run_id = ? AND {where}", run)[0]
         return [row["images"], row["n"]]
 
-    expected = {"tp-off-object": count("outcome = 'tp' AND mass_in_gt < 0.3"), "missed": count("outcome = 'fn'"),
+    expected = {"tp-off-object": count("outcome = 'tp' AND flag_off_object"), "missed": count("outcome = 'fn'"),
                 "fp-background": count("outcome = 'fp' AND flag_background_fp"),
                 "lowest-insertion-auc": count("insertion_auc IS NOT NULL")}
     for suffix, shown in expected.items():

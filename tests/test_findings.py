@@ -1,4 +1,4 @@
-"""Findings: off-object shares and flags, peak clustering, region geometry, and the findings step of a
+"""Findings: off-object shares and flags, peak clustering, verified regions, and the findings step of a
 real audit (columns filled, cues written, and nothing read from the synthetic cue annotations)."""
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eive_audit.pipeline.findings import FindingsConfig, _Geometry, _region_in_original, cluster_peaks, describe_instance
-from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.pipeline.config import FindingsConfig
+from eive_audit.pipeline.findings.clustering import cluster_peaks
+from eive_audit.pipeline.findings.flags import InstanceFinding, describe_instance, flag_map, object_region
+from eive_audit.pipeline.geometry import Geometry
+from eive_audit.pipeline.metrics.localization import localization_scores
 
-GEOMETRY = _Geometry(original=(64, 64), input=(64, 64), padded=(64, 64), grid=(8, 8))  # 8 px cells
+GEOMETRY = Geometry(original=(64, 64), input=(64, 64), padded=(64, 64), grid=(8, 8))  # 8 px cells
 CONFIG = FindingsConfig()
 
 
@@ -23,6 +26,14 @@ def _row(outcome: str, pred: list[float], gt: list[float] | None) -> dict:
     gt = gt or [None] * 4
     return {"outcome": outcome, **{f"pred_{c}": v for c, v in zip(("x0", "y0", "x1", "y1"), pred)},
             **{f"gt_{c}": v for c, v in zip(("x0", "y0", "x1", "y1"), gt)}}
+
+
+def _describe(row: dict, saliency: np.ndarray, gt_boxes: torch.Tensor) -> InstanceFinding:
+    """The row's flags as the audit writes them with its shard, then its finding as the findings step reads it
+    back (adding the off-object peak)."""
+    flags = flag_map(row["outcome"], torch.from_numpy(saliency), object_region(row, gt_boxes, GEOMETRY), CONFIG)
+    stored = {**row, **flags.columns(), "instance_id": "1-q0", "explainer": "eive"}
+    return describe_instance(stored, saliency, gt_boxes, GEOMETRY, label=0).finding
 
 
 def _map(cells: list[tuple[int, int]]) -> np.ndarray:
@@ -34,8 +45,8 @@ def _map(cells: list[tuple[int, int]]) -> np.ndarray:
 
 def test_a_map_on_its_object_is_not_flagged_and_one_beside_it_is() -> None:
     row = _row("tp", [16, 16, 32, 32], [16, 16, 32, 32])  # cells 2..3 x 2..3
-    on = describe_instance(row, _map([(2, 2), (3, 3)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
-    beside = describe_instance(row, _map([(2, 2), (6, 6), (6, 7)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
+    on = _describe(row, _map([(2, 2), (3, 3)]), torch.zeros(0, 4))
+    beside = _describe(row, _map([(2, 2), (6, 6), (6, 7)]), torch.zeros(0, 4))
     assert on.off_object_share == 0.0 and not on.flagged
     assert beside.off_object_share == pytest.approx(2 / 3) and beside.flag_off_object
     assert beside.peak in {(6, 6), (6, 7)} and beside.peak_xy[1] == pytest.approx(52.0)
@@ -44,15 +55,15 @@ def test_a_map_on_its_object_is_not_flagged_and_one_beside_it_is() -> None:
 def test_a_false_positive_is_background_driven_only_off_every_gt_object() -> None:
     gts = torch.tensor([[0.0, 0.0, 16.0, 16.0]])  # a real object in cells 0..1
     row = _row("fp", [40, 40, 56, 56], None)
-    on_object = describe_instance(row, _map([(0, 0), (1, 1)]), gts, GEOMETRY, CONFIG)
-    on_background = describe_instance(row, _map([(5, 5), (6, 6)]), gts, GEOMETRY, CONFIG)
+    on_object = _describe(row, _map([(0, 0), (1, 1)]), gts)
+    on_background = _describe(row, _map([(5, 5), (6, 6)]), gts)
     assert not on_object.flag_background_fp and on_object.off_object_share == 0.0
     assert on_background.flag_background_fp and on_background.off_object_share == 1.0
 
 
 def test_a_miss_whose_query_looked_elsewhere_is_flagged() -> None:
     row = _row("fn", [0, 0, 8, 8], [16, 16, 32, 32])
-    finding = describe_instance(row, _map([(7, 7)]), torch.zeros(0, 4), GEOMETRY, CONFIG)
+    finding = _describe(row, _map([(7, 7)]), torch.zeros(0, 4))
     assert finding.flag_miss_elsewhere and not finding.flag_off_object
 
 
@@ -63,32 +74,23 @@ def test_off_object_share_of_a_tp_is_one_minus_its_mass_in_gt(values: list[float
     saliency = np.array(values, dtype=np.float32).reshape(8, 8)
     x, y, w, h = box
     gt = [float(x), float(y), float(x + w), float(y + h)]
-    finding = describe_instance(_row("tp", gt, gt), saliency, torch.zeros(0, 4), GEOMETRY, CONFIG)
+    finding = _describe(_row("tp", gt, gt), saliency, torch.zeros(0, 4))
     assert 0.0 <= finding.off_object_share <= 1.0
     if saliency.sum() > 0:
-        grid_box = boxes_to_grid(torch.tensor([gt]), GEOMETRY.original, GEOMETRY.input, GEOMETRY.padded, GEOMETRY.grid)
+        grid_box = GEOMETRY.to_grid(torch.tensor([gt]))
         scores = localization_scores(torch.from_numpy(saliency)[None], grid_box, torch.tensor([0]), grid_box)
         assert finding.off_object_share == pytest.approx(1 - float(scores["mass_in_gt"][0]), abs=1e-4)
 
 
-def test_region_in_original_skips_the_padding() -> None:
-    # A 40 x 80 image shown as a 20 x 40 input padded to 40 x 40 on an 8 x 8 grid: the image fills rows 0..3.
-    geometry = _Geometry(original=(40, 80), input=(20, 40), padded=(40, 40), grid=(8, 8))
-    cells = torch.zeros(8, 8, dtype=torch.bool)
-    cells[1, 2] = True  # input pixels y 5..10, x 10..15 -> original y 10..20, x 20..30
-    mask = _region_in_original(cells, geometry)
-    ys, xs = np.nonzero(mask.numpy())
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 19, 20, 29)
-
-
 def test_the_verified_region_is_the_ring_around_the_box_and_the_peak_never_the_object() -> None:
-    from eive_audit.pipeline.findings import InstanceFinding, _Case, _candidate_region
+    from eive_audit.pipeline.findings.flags import Case
+    from eive_audit.pipeline.findings.verification import candidate_region
 
     row = _row("tp", [16, 16, 32, 32], [16, 16, 32, 32])  # cells 2..3
     obj = torch.zeros(8, 8)
     obj[2:4, 2:4] = 1.0
     finding = InstanceFinding(0.5, True, False, False, peak=(7, 7))
-    region = _candidate_region(_Case(row, finding, GEOMETRY, obj, 0), context_cells=1)
+    region = candidate_region(Case(row, finding, GEOMETRY, obj, 0), context_cells=1)
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[1:5, 1:5] = True
     expected[2:4, 2:4] = False  # the object

@@ -1,4 +1,5 @@
-"""Localisation scores: hand-computed cases and properties (hypothesis)."""
+"""Localisation scores: hand-computed cases and properties (hypothesis). Boxes from pixels to grid units:
+tests/test_geometry.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid, localization_scores
+from eive_audit.pipeline.metrics.localization import box_coverage, localization_scores
 
 GRID = (8, 10)
 
@@ -30,12 +31,6 @@ def test_coverage_is_exact_for_cut_cells() -> None:
     # Box from x 1.5 to 3 and y 0 to 1: half of cell (0,1), all of (0,2), nothing else.
     cov = box_coverage(torch.tensor([[1.5, 0.0, 3.0, 1.0]]), (2, 4))[0]
     assert cov.tolist() == [[0.0, 0.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
-
-
-def test_boxes_to_grid_goes_through_resize_and_padding() -> None:
-    # 200x100 image resized to 400x200, padded to 416x224, grid 13x7 (stride 32).
-    grid = boxes_to_grid(torch.tensor([[32.0, 16.0, 64.0, 48.0]]), (100, 200), (200, 400), (224, 416), (7, 13))
-    torch.testing.assert_close(grid, torch.tensor([[2.0, 1.0, 4.0, 3.0]]))
 
 
 @settings(max_examples=60, deadline=None)

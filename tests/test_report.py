@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eive_audit.pipeline.metrics.localization import boxes_to_grid, localization_scores
+from eive_audit.pipeline.geometry import Geometry
+from eive_audit.pipeline.metrics.localization import localization_scores
 from eive_audit.reports.html_report import CSP, PLOTTED_SCORES, write_report
 from eive_audit.reports.overlay import map_to_image
 from eive_audit.storage.catalog import query
@@ -36,11 +38,11 @@ BAD_FILE = "missing<b>&.png"  # an image that does not exist, named so that its 
 
 # A 60 x 120 image resized to 40 x 80 and padded to 80 x 96 with a batch-mate; stride 8 -> a 10 x 12 grid of
 # which the image covers the top-left 5 x 10 cells. One cell = 12 x 12 original pixels.
-GEOMETRY = dict(grid=(10, 12), image_size=(60, 120), input_size=(40, 80), padded_size=(80, 96))
+GEOMETRY = Geometry(original=(60, 120), input=(40, 80), padded=(80, 96), grid=(10, 12))
 
 
 def _hot(row: int, col: int) -> np.ndarray:
-    grid = np.zeros(GEOMETRY["grid"], np.float32)
+    grid = np.zeros(GEOMETRY.grid, np.float32)
     grid[row, col] = 1.0
     return grid
 
@@ -48,21 +50,21 @@ def _hot(row: int, col: int) -> np.ndarray:
 @pytest.mark.parametrize("cell", [(0, 0), (2, 3), (4, 9)])
 def test_a_hot_cell_lands_on_its_region_of_the_original_image(cell: tuple[int, int]) -> None:
     row, col = cell
-    cells = map_to_image(_hot(row, col), **GEOMETRY, order=0)
+    cells = map_to_image(_hot(row, col), GEOMETRY, order=0)
     assert cells.shape == (60, 120) and cells.dtype == np.float32
     ys, xs = np.nonzero(cells)
     # cell (r, c) covers original rows [12 r, 12 r + 12) and columns [12 c, 12 c + 12), nothing else
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (12 * row, 12 * row + 11, 12 * col, 12 * col + 11)
     assert np.all(cells[ys, xs] == 1.0)
 
-    smooth = map_to_image(_hot(row, col), **GEOMETRY)
+    smooth = map_to_image(_hot(row, col), GEOMETRY)
     peak_y, peak_x = np.unravel_index(smooth.argmax(), smooth.shape)
     assert 12 * row <= peak_y < 12 * row + 12 and 12 * col <= peak_x < 12 * col + 12
     assert smooth[cells == 0].max() < 1.0, "bilinear spreads at most into the neighbours"
 
 
 def test_an_interior_hot_cell_is_centred_on_its_region() -> None:
-    smooth = map_to_image(_hot(2, 3), **GEOMETRY)
+    smooth = map_to_image(_hot(2, 3), GEOMETRY)
     ys, xs = np.mgrid[:60, :120] + 0.5  # pixel centres
     weights = smooth / smooth.sum()
     # the tent is symmetric about the cell centre, (2.5, 3.5) cells = (30, 42) pixels
@@ -71,20 +73,20 @@ def test_an_interior_hot_cell_is_centred_on_its_region() -> None:
 
 
 def test_padding_cells_never_reach_the_image() -> None:
-    padding = np.zeros(GEOMETRY["grid"], np.float32)
+    padding = np.zeros(GEOMETRY.grid, np.float32)
     padding[5:, :] = 1.0  # rows below the image
     padding[:, 10:] = 1.0  # columns right of it
     for order in (0, 1):
-        assert not map_to_image(padding, **GEOMETRY, order=order).any()
+        assert not map_to_image(padding, GEOMETRY, order=order).any()
 
 
 def test_stored_bytes_and_arrays_give_the_same_overlay() -> None:
-    grid = np.random.default_rng(0).random(GEOMETRY["grid"]).astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(map_to_image(encode_map(grid), **GEOMETRY), map_to_image(grid, **GEOMETRY))
+    grid = np.random.default_rng(0).random(GEOMETRY.grid).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(map_to_image(encode_map(grid), GEOMETRY), map_to_image(grid, GEOMETRY))
     with pytest.raises(ValueError, match="grid"):
-        map_to_image(grid, **{**GEOMETRY, "grid": (12, 10)})
+        map_to_image(grid, replace(GEOMETRY, grid=(12, 10)))
     with pytest.raises(ValueError, match="exceed"):
-        map_to_image(grid, **{**GEOMETRY, "input_size": (90, 80)})
+        map_to_image(grid, replace(GEOMETRY, input=(90, 80)))
 
 
 def _inside(shape: tuple[int, int], box: list[float], pixels_per_unit: int = 1) -> np.ndarray:
@@ -95,13 +97,12 @@ def _inside(shape: tuple[int, int], box: list[float], pixels_per_unit: int = 1) 
 
 
 def test_overlay_and_scores_read_a_map_with_the_same_geometry() -> None:
-    """The pipeline's mass in a box (grid units via boxes_to_grid) equals the overlay's mass in that box."""
-    grid = torch.rand(GEOMETRY["grid"]) * (torch.arange(12) < 10) * (torch.arange(10) < 5)[:, None]
+    """The pipeline's mass in a box (grid units via Geometry.to_grid) equals the overlay's mass in that box."""
+    grid = torch.rand(GEOMETRY.grid) * (torch.arange(12) < 10) * (torch.arange(10) < 5)[:, None]
     box = [24.0, 12.0, 84.0, 48.0]  # on cell edges: 2..7 x 1..4 cells, so pixel counting is exact
-    to_grid = boxes_to_grid(torch.tensor([box]), GEOMETRY["image_size"], GEOMETRY["input_size"],
-                            GEOMETRY["padded_size"], GEOMETRY["grid"])
+    to_grid = GEOMETRY.to_grid(torch.tensor([box]))
     expected = localization_scores(grid[None], to_grid, torch.tensor([0]), to_grid)["mass_in_gt"].item()
-    image_map = map_to_image(grid.numpy(), **GEOMETRY, order=0)
+    image_map = map_to_image(grid.numpy(), GEOMETRY, order=0)
     assert image_map[_inside(image_map.shape, box)].sum() / image_map.sum() == pytest.approx(expected, rel=1e-5)
 
 
@@ -260,8 +261,8 @@ def test_overlays_agree_with_the_stored_scores_on_padded_batches(run: tuple[Path
         # box approximates exact cell fractions to within a quarter-pixel rim. The audit normalises by the
         # grid's sum (a border cell half in the padding counts whole), so integrate rather than renormalise.
         grid, size = (r["grid_h"], r["grid_w"]), (4 * r["height"], 4 * r["width"])
-        image_map = map_to_image(r["map"], grid, size, (r["input_height"], r["input_width"]),
-                                 (r["padded_height"], r["padded_width"]), order=0)
+        geometry = Geometry(size, (r["input_height"], r["input_width"]), (r["padded_height"], r["padded_width"]), grid)
+        image_map = map_to_image(r["map"], geometry, order=0)
         cells_per_pixel = (grid[0] * r["input_height"] / (r["padded_height"] * size[0])
                            * grid[1] * r["input_width"] / (r["padded_width"] * size[1]))
         in_box = image_map[_inside(size, [r["gt_x0"], r["gt_y0"], r["gt_x1"], r["gt_y1"]], 4)].sum() * cells_per_pixel

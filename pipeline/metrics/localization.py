@@ -2,21 +2,13 @@
 
 A map is read as piecewise constant on its grid: each cell holds its value over its whole area, so the
 mass inside a box is exact (cells cut by the box edge count by the fraction they overlap) and no map is
-ever upsampled. Boxes come in grid units: `boxes_to_grid` converts from original-image pixels.
+ever upsampled. Boxes come in grid units: `pipeline.geometry.Geometry.to_grid` converts from original-image
+pixels.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def boxes_to_grid(boxes: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int],
-                  padded_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """xyxy boxes [K, 4] in original pixels -> grid units, through the resize and the padding."""
-    (oh, ow), (ih, iw), (ph, pw), (gh, gw) = original_size, input_size, padded_size, grid
-    sx = (iw / ow) * (gw / pw)
-    sy = (ih / oh) * (gh / ph)
-    return boxes.float() * boxes.new_tensor([sx, sy, sx, sy], dtype=torch.float32)
 
 
 def box_coverage(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,207 @@
+"""Verification and localisation of an instance's reliance on its surroundings, by re-scoring it blurred.
+
+Verification blurs an instance's surroundings at once (a ring around its box, plus its off-object peak) and
+stores the relative drop of its score. Localisation, for confirmed reliance, slides a small window over those
+surroundings, blurring each position on its own: the window whose blur hurts most becomes the peak. Both are
+budgeted (a forward costs seconds for a real-size detector on a CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert
+from torchvision.transforms.functional import gaussian_blur
+
+from eive_audit.pipeline.config import FindingsConfig
+from eive_audit.pipeline.findings.flags import Case, InstanceKey
+from eive_audit.pipeline.metrics.faithfulness import instance_scores
+from eive_audit.pipeline.metrics.localization import box_coverage
+from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
+
+
+@dataclass(frozen=True)
+class Job:
+    """One re-score: image `image` of the batch with `cells` [h, w] of the case's stored grid blurred;
+    `window` is the top-left cell of a localisation window (None for a verification)."""
+
+    image: int
+    case: Case
+    cells: torch.Tensor
+    window: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CaseBatch:
+    """Images the cases belong to, preprocessed anew: the batch, the decoded pictures and each one's cases.
+    The batch need not pad like the audit's did, so regions travel between the two geometries through the
+    original pixels."""
+
+    batch: PixelBatch
+    pictures: list[torch.Tensor]
+    cases: list[list[Case]]
+
+
+def candidate_region(case: Case, context_cells: int) -> torch.Tensor:
+    """Cells [h, w] to blur when verifying an instance: its off-object peak cell and the 8 around it, and
+    the ring of `context_cells` cells around its box; never its object. The ring is there because a cue
+    right beside an object can reach the object's own tokens through the backbone's receptive field, so
+    the map need not leave the object for the detection to depend on its surroundings."""
+    own = box_coverage(case.geometry.to_grid(torch.tensor([case.box], dtype=torch.float32)), case.geometry.grid)[0]
+    kernel = 2 * context_cells + 1
+    ring = F.max_pool2d((own > 0).float()[None, None], kernel, stride=1, padding=context_cells)[0, 0].bool()
+    region = ring & (own < 0.5)
+    if case.finding.peak is not None:
+        r, c = case.finding.peak
+        region[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = True
+    return region & (case.object_cells < 0.5)
+
+
+def image_batches(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]],
+                  batch_size: int) -> Iterator[CaseBatch]:
+    """The images the cases belong to, `batch_size` per batch, in image id order."""
+    by_image: dict[int, list[Case]] = {}
+    for case in cases:
+        by_image.setdefault(case.row["image_id"], []).append(case)
+    ids = sorted(by_image)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        pictures = [load_image(images[i]["file_path"]) for i in chunk]
+        with torch.inference_mode():
+            batch = adapter.preprocess(pictures)
+        yield CaseBatch(batch, pictures, [by_image[i] for i in chunk])
+
+
+def verify(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
+           batch_size: int) -> None:
+    """Fill each case's `verification_drop`: its surroundings (`candidate_region`) blurred at once."""
+    for part in image_batches(adapter, cases, images, batch_size):
+        jobs = [Job(b, case, candidate_region(case, config.context_cells))
+                for b, mine in enumerate(part.cases) for case in mine]
+        for job, drop in zip(jobs, rescore(adapter, part.batch, jobs, config.blur_sigma, batch_size)):
+            job.case.finding.verification_drop = drop
+
+
+def windows(case: Case, config: FindingsConfig) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """Every distinct `window_cells`-wide window of a case's surroundings: (top-left cell, cells [h, w])."""
+    region = candidate_region(case, config.context_cells)
+    gh, gw = region.shape
+    k = config.window_cells
+    found: dict[bytes, tuple[tuple[int, int], torch.Tensor]] = {}
+    for r, c in region.nonzero().tolist():
+        for top, left in ((r - dr, c - dc) for dr in range(k) for dc in range(k)):
+            if 0 <= top <= gh - k and 0 <= left <= gw - k:
+                window = torch.zeros_like(region)
+                window[top:top + k, left:left + k] = True
+                window &= region
+                found.setdefault(window.numpy().tobytes(), ((top, left), window))
+    return sorted(found.values(), key=lambda item: item[0])
+
+
+def within_budget(cases: list[Case], config: FindingsConfig) -> list[Case]:
+    """The leading cases whose windows (one forward each) fit in the localisation budget: a forward costs
+    seconds for a real-size detector on a CPU, so the budget counts forwards, not instances."""
+    chosen, spent = [], 0
+    for case in cases:
+        spent += len(windows(case, config))
+        if spent > config.localise_budget:
+            break
+        chosen.append(case)
+    return chosen
+
+
+def localise(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
+             batch_size: int) -> None:
+    """Blur each window of each case's surroundings on its own: the window that costs the most score becomes
+    the case's peak (ties: the first in row-major order), its drop the `localised_drop`, and that drop minus
+    the median window's drop the `specificity`."""
+    for part in image_batches(adapter, cases, images, batch_size):
+        jobs = [Job(b, case, cells, corner) for b, mine in enumerate(part.cases) for case in mine
+                for corner, cells in windows(case, config)]
+        drops: dict[InstanceKey, list[tuple[float, tuple[int, int]]]] = {}
+        for job, drop in zip(jobs, rescore(adapter, part.batch, jobs, config.blur_sigma, batch_size)):
+            drops.setdefault(job.case.key, []).append((drop, job.window))  # type: ignore[arg-type]
+        for case in (case for mine in part.cases for case in mine if case.key in drops):
+            values = [drop for drop, _ in drops[case.key]]
+            best = int(np.argmax(values))
+            finding = case.finding
+            finding.localised_drop, finding.specificity = values[best], values[best] - float(np.median(values))
+            finding.set_peak(case.geometry, drops[case.key][best][1], span=config.window_cells)
+
+
+def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], blur_sigma: float,
+            batch_size: int) -> list[float]:
+    """Relative score drop of each job when its cells are filled with their surroundings blurred, the object
+    itself left out of the blur (normalised convolution) so that no object colour bleeds into the region and
+    reshapes the object's outline."""
+    if not jobs:
+        return []
+    pixels, mask = batch.pixel_values, batch.pixel_mask
+    fills = _fills(batch, jobs, blur_sigma)
+    drops: list[float] = []
+    with torch.inference_mode():
+        probs, out_boxes = adapter.predict(pixels, mask)
+        for part in range(0, len(jobs), batch_size):  # masks at input size exist one part at a time
+            chunk = jobs[part:part + batch_size]
+            index = torch.tensor([job.image for job in chunk], device=pixels.device)
+            region = torch.stack([_blurred_region(batch, job) for job in chunk]).to(pixels.device)
+            box, labels = _targets(chunk, pixels.device)
+            intact = instance_scores(probs[index], out_boxes[index], labels, box)
+            fill = torch.stack([fills[job.case.key] for job in chunk])
+            perturbed = adapter.predict(torch.where(region[:, None], fill, pixels[index]), mask[index])
+            drops += (1 - instance_scores(*perturbed, labels, box) / intact.clamp(min=1e-6)).tolist()
+    return drops
+
+
+def _box_mask(case: Case) -> torch.Tensor:
+    """The case's box as a boolean mask of the original image."""
+    inside = torch.zeros(case.geometry.original, dtype=torch.bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in case.box)
+    inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    return inside
+
+
+def _to_input(mask: torch.Tensor, batch: PixelBatch, b: int) -> torch.Tensor:
+    """A boolean mask of image `b`'s original pixels, resized to its input size and padded like the batch."""
+    ih, iw = (int(v) for v in batch.input_sizes[b])
+    pad = (0, batch.pixel_values.shape[-1] - iw, 0, batch.pixel_values.shape[-2] - ih)
+    return F.pad(F.interpolate(mask[None, None].float(), size=(ih, iw), mode="nearest")[0, 0], pad).bool()
+
+
+def _blurred_region(batch: PixelBatch, job: Job) -> torch.Tensor:
+    """The job's cells to blur as a mask of the batch's padded input, the case's box left out (cells are
+    coarse: spare the object)."""
+    region = job.case.geometry.cells_to_mask(job.cells)
+    return _to_input(region & ~_box_mask(job.case), batch, job.image)
+
+
+def _targets(jobs: list[Job], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised cxcywh boxes and model labels that each job's detection is scored on."""
+    boxes = []
+    for job in jobs:
+        oh, ow = job.case.geometry.original
+        boxes.append(torch.tensor(job.case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
+    labels = torch.tensor([job.case.label for job in jobs], device=device)
+    return box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(device), labels
+
+
+def _fills(batch: PixelBatch, jobs: list[Job], sigma: float) -> dict[InstanceKey, torch.Tensor]:
+    """Per case, its image blurred with its object left out (normalised convolution): computed once, since
+    every window of a case shares it (the blur costs more than the small model's forward)."""
+    kernel = int(2 * round(3 * sigma) + 1)
+    fills: dict[InstanceKey, torch.Tensor] = {}
+    with torch.inference_mode():
+        for job in jobs:
+            if job.case.key in fills:
+                continue
+            inside = _to_input(_box_mask(job.case), batch, job.image).to(batch.pixel_values.device)
+            kept = (~inside & batch.pixel_mask[job.image].bool())[None, None].float()
+            source = batch.pixel_values[job.image:job.image + 1] * kept
+            fills[job.case.key] = (gaussian_blur(source, [kernel, kernel], [sigma, sigma])
+                                   / gaussian_blur(kept, [kernel, kernel], [sigma, sigma]).clamp(min=1e-6))[0]
+    return fills
