@@ -125,8 +125,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
                           for shard, ids in plan_shards(config).items()])
         refresh_catalog(config.out)  # the map step's new files become views; later steps query them
-        selection = faithfulness_selection(config.out, config.run_id, config.faithfulness.instances,
-                                           1 - config.findings.off_object)
+        selection = faithfulness_selection(config.out, config.run_id, config.faithfulness.instances)
         _gather([runner.submit(faithfulness_shard, {"config": config, "shard": shard, "chosen": chosen})
                  for shard, chosen in selection.items()])  # rewrites files the views already glob: no refresh
         if config.findings.enabled:  # the reduce: starts once every shard is gathered

@@ -89,7 +89,7 @@ def _audit_or_split(adapter: DetrAdapter, explainers: list[BatchExplainer], item
     """Audit a batch; if it fails, retry its images one by one so only the culprit becomes an error row."""
     try:
         return [audit_batch(adapter, explainers, item, label_map, config.score_threshold, config.max_detections,
-                            annotated=config.coco is not None)]
+                            annotated=config.coco is not None, findings=config.findings)]
     except Exception as exc:
         if len(item.records) == 1:
             errors.append(_exception_row(item.records[0], "model", exc))

@@ -78,18 +78,18 @@ def write_findings(root: Path, run_id: str, rows: list[Row], columns: Mapping[Ke
     write_table(root, "findings", run_id, RUN_SHARD, [cue | {"shard": RUN_SHARD} for cue in cues])
 
 
-def faithfulness_selection(root: Path, run_id: str, budget: str, max_mass_in_gt: float) -> dict[str, set[Key]]:
+def faithfulness_selection(root: Path, run_id: str, budget: str) -> dict[str, set[Key]]:
     """Shard -> the (instance_id, explainer) pairs that the budget gives deletion / insertion AUC.
 
-    `all` takes every instance; `flagged` correct detections with less than `max_mass_in_gt` of their map on
-    their object; `sample:N` N instances of the whole run, the same N on every rerun (ordered by a hash of
-    their ids). `none` takes nothing.
+    `all` takes every instance; `flagged` the instances whose flags are set (written with each shard by the
+    audit: the one off-object rule of pipeline.findings.flags); `sample:N` N instances of the whole run, the
+    same N on every rerun (ordered by a hash of their ids). `none` takes nothing.
     """
     if budget == "none":
         return {}
     where, params = "TRUE", []
     if budget == "flagged":
-        where, params = "outcome = 'tp' AND mass_in_gt < ?", [max_mass_in_gt]
+        where = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
     elif budget.startswith("sample:"):
         where = (f"instance_id || '/' || explainer IN (SELECT instance_id || '/' || explainer FROM instances "
                  f"WHERE run_id = ? ORDER BY md5(instance_id || '/' || explainer) LIMIT {int(budget[7:])})")
