@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "cli": {"flows", "pipeline", "explainers", "storage", "reports"},
     "flows": {"pipeline", "explainers", "storage", "reports"},
-    "reports": {"storage"},
+    "reports": {"storage", "pipeline.geometry"},  # a stored map lies on its image by the one geometry op
     "explainers": {"pipeline.models", "pipeline.config"},
-    "pipeline": {"pipeline.models", "pipeline.config"},  # the engine uses its models and config
+    "pipeline": {"pipeline.models", "pipeline.config", "pipeline.geometry"},  # the engine uses these
+    "pipeline.geometry": {"pipeline.models"},  # for a type only
     "pipeline.config": {"pipeline.models"},  # no torch there: tested below
     "pipeline.models": set(),
     "storage": set(),
@@ -73,7 +74,7 @@ def _layer(module: str) -> str:
     parts = module.split(".")[1:]
     if not parts or parts[0] in ("cli", "__main__"):
         return "cli"
-    if parts[0] == "pipeline" and len(parts) > 1 and parts[1] in ("models", "config"):
+    if parts[0] == "pipeline" and len(parts) > 1 and parts[1] in ("models", "config", "geometry"):
         return f"pipeline.{parts[1]}"
     return parts[0]
 
