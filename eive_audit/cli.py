@@ -500,6 +500,9 @@ def main() -> None:
     # Offline by design: no telemetry from Prefect's temporary server or FiftyOne unless the user asks.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    # Prefect's temporary server gives up after 20 s by default; a busy machine needs longer, and a run should
+    # wait for it rather than fail.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
     app()
 
 
