@@ -1,8 +1,9 @@
 """The audit flow, as the run's outline: refuse a store of another schema version; plan the shards; submit
 one audit task per shard to the configured task runner and gather them; refresh the catalog; within the
-faithfulness budget, submit one faithfulness task per shard and gather; refresh; then the findings over
-the whole run (only once every shard is done); last, the review outputs: the HTML report, the FiftyOne push
-when asked, and the run's Prefect artifacts.
+faithfulness budget, submit one faithfulness task per shard and gather (they rewrite files the views already
+glob, so no refresh); then the findings over the whole run, once every shard is done, and a refresh for
+their table; last, the review outputs: the HTML report, the FiftyOne push when asked, and the run's Prefect
+artifacts.
 
 Tasks here only glue: the work is in `pipeline.shard` (rows in, rows out, each worker thread on its own
 model), the reads and writes in `storage`. A shard's tables are written first and its done-marker last, so
