@@ -4,17 +4,19 @@ ground truth, FiftyOne Brain baseline and JSON out."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"auroc", "precision@10", "precision@25", "precision@100", "recall@100"}
 
 
-def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path) -> None:
-    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(tmp_path / "fodb"), "PYTHONPATH": str(REPO)}
+@pytest.mark.xdist_group("fiftyone")  # the session's mongod
+def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path, fiftyone_env: dict[str, str]) -> None:
+    env = {**fiftyone_env, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "spurious_recovery.py"), "--quick",
                            "--work", str(tmp_path / "work")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
