@@ -36,17 +36,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 
-# xdist groups in the order they are handed out: the longest first (see --durations). Tests outside these
-# groups are spread one by one after them.
-HEAVY_FIRST = ("shipped-audit", "small-model-audit", "fiftyone", "deformable", "report", "explainers", "schedule")
+# Work units in the order they are handed out, longest first (see --durations at the end of `make test`): an
+# xdist group by its name, a test outside any group by its function's name. Everything else follows in
+# collection order, so no long unit is left to start last on one worker while the other idles.
+HEAVY_FIRST = ("test_quick_benchmark_ranks_cue_reliant_instances_first", "fiftyone", "shipped-audit",
+               "small-model-audit", "test_shipped_model_eive_maps_beat_random_maps_on_both_aucs", "cli-review",
+               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "deformable",
+               "test_detr_r50_audit_of_real_coco_images", "test_fine_tuning_with_aajts_concentrates_the_attention",
+               "report", "explainers")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the items of the HEAVY_FIRST groups first, in that order (xdist's loadgroup deals out work
+    """Order the items of the HEAVY_FIRST units first, in that order (xdist's loadgroup deals out work
     units in collection order); everything else keeps its order."""
     def rank(item: pytest.Item) -> int:
-        names = {mark.args[0] if mark.args else mark.kwargs.get("name") for mark in item.iter_markers("xdist_group")}
-        return min((HEAVY_FIRST.index(name) for name in names if name in HEAVY_FIRST), default=len(HEAVY_FIRST))
+        groups = [mark.args[0] if mark.args else mark.kwargs.get("name") for mark in item.iter_markers("xdist_group")]
+        unit = "_".join(sorted(groups)) if groups else getattr(item, "originalname", item.name)
+        return HEAVY_FIRST.index(unit) if unit in HEAVY_FIRST else len(HEAVY_FIRST)
 
     items.sort(key=rank)  # stable: within a rank, collection order
 

@@ -8,13 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"auroc", "precision@10", "precision@25", "precision@100", "recall@100"}
 
 
-@pytest.mark.xdist_group("fiftyone")  # the session's mongod
 def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path, fiftyone_env: dict[str, str]) -> None:
     env = {**fiftyone_env, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "spurious_recovery.py"), "--quick",
