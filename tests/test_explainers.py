@@ -26,11 +26,10 @@ from eive_audit.pipeline.sources.synthetic import SynthParams, make_scene, rende
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
 GRADIENT = ("chefer", "odam", "legrad-detr", "cdam-detr")
 REGISTERED = [name for name in available() if name != "eive"]  # EIVE has tests/test_eive.py
-REGISTERED_GRADIENT = [name for name in REGISTERED if get_explainer(name).needs_gradients]
 DENSE_FAMILIES = [name for name, family in FAMILIES.items() if not family.deformable and not name.endswith("-small")]
+FAST_DRISE = {"n_masks": 8, "batch_size": 8}
 
 pytestmark = pytest.mark.xdist_group("explainers")  # the module's forwards, once
-FAST_DRISE = {"n_masks": 8, "batch_size": 8}
 
 
 def _explainer(name: str, **params: object):
@@ -122,7 +121,7 @@ def test_no_targets_give_no_maps(small_forward: tuple, name: str) -> None:
     assert _explainer(name).explain(adapter, batch, outputs, empty).shape == (0, *outputs.grid)
 
 
-@pytest.mark.parametrize("name", REGISTERED_GRADIENT)
+@pytest.mark.parametrize("name", GRADIENT)
 def test_rounds_of_targets_equal_one_target_at_a_time(small_forward: tuple, name: str) -> None:
     """All targets share one forward and one backward per round (one target per image); each map must
     equal the map of that target explained alone, also when the call is made under inference mode."""

@@ -183,10 +183,12 @@ def pushed(run: tuple[Path, str], fiftyone_env: dict[str, str]) -> dict:
                                                       "AND outcome = 'tp' ORDER BY instance_id LIMIT 3", run_id)]
     _copy_run(store, run_id, cue_ids)
     results = _python(PUSH, json.dumps({"store": str(store), "dataset": DATASET, "runs": [run_id, SECOND_RUN],
-                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id}}), env=fiftyone_env)
+                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id}}),
+                      env=fiftyone_env)
     known = _rows(store, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' "
                          "ORDER BY insertion_auc NULLS LAST, instance_id LIMIT 1", run_id)[0]["instance_id"]
-    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known}), env=fiftyone_env)
+    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known}),
+                   env=fiftyone_env)
     return {**dump, "push": results, "known": known, "cue_ids": cue_ids}
 
 
