@@ -237,7 +237,7 @@ def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Pat
     out = tmp_path / "demo-store"
     # The demo as a user runs it: a fresh interpreter with its own temporary Prefect server.
     done = subprocess.run([*CLI, "demo", "--out", str(out), "--n-val", "16"], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.splitlines()[0])
     assert (summary["images"], summary["errors"]) == (16, 0)

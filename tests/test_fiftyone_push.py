@@ -155,7 +155,7 @@ def run(synth: Path, annotations: Path, fiftyone_env: dict[str, str],
     (store, run id)."""
     store = tmp_path_factory.mktemp("store")
     summary = _python(AUDIT, str(synth / "images" / "val"), str(annotations), str(store), DATASET,
-                      env=fiftyone_env, timeout=600)
+                      env=fiftyone_env, timeout=1800)
     return store, summary["run_id"]
 
 
