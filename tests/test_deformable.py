@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli import invoke_ok, run_ok as _run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
@@ -26,7 +25,7 @@ from eive_audit.pipeline.models.preprocess import PreprocessConfig
 from eive_audit.pipeline.models.targets import Targets
 from eive_audit.storage.catalog import query
 
-CLI = [sys.executable, "-m", "eive_audit"]
+pytestmark = pytest.mark.xdist_group("deformable")  # the module's `small` and `trained_small` models, once
 
 
 def _splat_loop(weights: torch.Tensor, locations: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
@@ -230,19 +229,13 @@ def test_real_size_models_explain_every_kept_detection(family: str, levels: int,
     assert (maps["raw-attention"].flatten(1).sum(-1) <= 1.01).all(), "per head the splatted mass is at most 1"
 
 
-def _run(*args: str) -> dict:
-    result = subprocess.run([*CLI, "run", *args], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def trained_small(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """deformable-detr-small trained for a few steps by the project's own `eive-audit train`."""
     out = tmp_path_factory.mktemp("deformable_small")
-    subprocess.run([*CLI, "train", "--coco", str(synth / "annotations" / "train.json"), "--images",
-                    str(synth / "images" / "train"), "--out", str(out), "--family", "deformable-detr-small",
-                    "--steps", "6", "--batch-size", "4", "--device", "cpu"], check=True, capture_output=True)
+    invoke_ok("train", "--coco", str(synth / "annotations" / "train.json"), "--images",
+              str(synth / "images" / "train"), "--out", str(out), "--family", "deformable-detr-small",
+              "--steps", "6", "--batch-size", "4", "--device", "cpu")
     return out
 
 
@@ -273,8 +266,7 @@ def test_audit_of_a_trained_deformable_detr_end_to_end(synth: Path, trained_smal
 @pytest.mark.slow  # ~70 s on 2 busy CPU cores: a real-size RT-DETR written, loaded and run by the CLI
 def test_rt_detr_from_init_model_audits_end_to_end(synth: Path, tmp_path: Path) -> None:
     model = tmp_path / "rt_detr"
-    subprocess.run([*CLI, "init-model", "--family", "rt-detr", "--num-labels", "4", "--out", str(model)],
-                   check=True, capture_output=True)
+    invoke_ok("init-model", "--family", "rt-detr", "--num-labels", "4", "--out", str(model))
     summary = _audit(synth, model, tmp_path / "store", "eive", "--no-findings")  # findings: the small model's test
     assert summary["images"] == 3 and summary["errors"] == 0
     grids = query(tmp_path / "store", "SELECT DISTINCT grid_h, grid_w FROM maps").to_pylist()

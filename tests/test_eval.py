@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from cli import invoke, invoke_ok
 from eive_audit.pipeline.evaluation import coco_metrics
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.sources import CocoSource
@@ -23,25 +22,16 @@ def test_shipped_model_reaches_ap50_on_a_fresh_val_set(tmp_path: Path) -> None:
 
 def test_eval_cli_on_coco_tiny_with_a_random_model(coco_tiny: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
-    cli = [sys.executable, "-m", "eive_audit"]
-    subprocess.run([*cli, "init-model", "--family", "conditional-detr-small", "--num-labels", "80", "--out", str(model)],
-                   check=True, capture_output=True)
-    result = subprocess.run(
-        [*cli, "eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
-         "--images", str(coco_tiny / "val2017"), "--model", str(model), "--device", "cpu"],
-        capture_output=True, text=True, check=True,
-    )
-    metrics = json.loads(result.stdout)
+    invoke_ok("init-model", "--family", "conditional-detr-small", "--num-labels", "80", "--out", str(model))
+    metrics = json.loads(invoke_ok("eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
+                                   "--images", str(coco_tiny / "val2017"), "--model", str(model), "--device", "cpu"))
     assert metrics["images"] == 80 and metrics["errors"] == 0
     assert metrics["label_mapping"] == "position", "LABEL_k names map onto category ids in order"
     assert 0.0 <= metrics["AP"] <= metrics["AP50"] < 0.05, "random weights score (near) zero"
 
 
 def test_eval_cli_rejects_a_wrong_model_directory(coco_tiny: Path, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "eive_audit", "eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
-         "--images", str(coco_tiny / "val2017"), "--model", str(tmp_path)],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2
+    result = invoke("eval", "--coco", str(coco_tiny / "annotations" / "instances_val2017.json"),
+                    "--images", str(coco_tiny / "val2017"), "--model", str(tmp_path))
+    assert result.code == 2
     assert "no config.json" in result.stderr

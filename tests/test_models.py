@@ -65,7 +65,8 @@ def test_detr_r50_at_800px(detr_r50_dir: Path, coco_tiny: Path) -> None:
     _check_contract(adapter, images)
 
 
-@pytest.mark.parametrize("family", ["conditional-detr", "dab-detr", "conditional-detr-small"])
+@pytest.mark.parametrize("family", [name for name, family in FAMILIES.items()
+                                    if not family.deformable])  # deformable ones: tests/test_deformable.py
 def test_per_layer_predictions_match_the_models_auxiliary_heads(family: str, tmp_path: Path) -> None:
     """Our hooked per-layer predictions equal the auxiliary outputs transformers computes for its loss."""
     torch.manual_seed(0)

@@ -33,6 +33,8 @@ SECOND_EXPLAINER = "test-eive-last"
 TOP_FAILURES = 12
 BAD_FILE = "missing<b>&.png"  # an image that does not exist, named so that its error message needs escaping
 
+pytestmark = pytest.mark.xdist_group("report")  # one audited `run` for the module
+
 
 # ---------------------------------------------------------------- geometry of map_to_image
 
@@ -149,8 +151,6 @@ def _register_second_explainer() -> None:
 @pytest.fixture(scope="module")
 def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
     """(store, run id, report path) of a real audit of landscape and portrait images."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.config import AuditConfig
 
@@ -159,10 +159,9 @@ def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
     _register_second_explainer()
     store = work / "store"
     # report=False: the flow would write its own report; this test writes one with an extra section.
-    with prefect_test_harness():  # its server stops here, not at exit after pytest has closed the log streams
-        summary = audit(AuditConfig(images=images, coco=ann, out=store, explainers=("eive", SECOND_EXPLAINER),
-                                    faithfulness={"instances": "sample:5", "steps": 4}, device="cpu",
-                                    review={"report": False}))
+    summary = audit(AuditConfig(images=images, coco=ann, out=store, explainers=("eive", SECOND_EXPLAINER),
+                                faithfulness={"instances": "sample:5", "steps": 4}, device="cpu",
+                                review={"report": False}))
     extra = [("Findings <draft>", '<p id="extra-probe">a later module\'s section</p>')]
     report = write_report(store, summary["run_id"], work / "report.html", TOP_FAILURES, extra_sections=extra)
     return store, summary["run_id"], report

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
-import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -32,6 +31,7 @@ from eive_audit.storage.catalog import query
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "eive_audit"]
 T = TypeVar("T")
+N_IMAGES = 8  # of the synth val split: what the test claims of a scheduled run does not depend on its size
 
 
 def _free_port() -> int:
@@ -105,12 +105,13 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}", **extra}
 
 
-def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Path, tmp_path: Path) -> None:
+def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Path, synth_val_subset,
+                                                                        tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect"
     home.mkdir()
-    config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json",
+    config = AuditConfig(images=synth / "images" / "val", coco=synth_val_subset(N_IMAGES, tmp_path / "val.json"),
                          out=tmp_path / "store", shard_size=1000, device="cpu", review={"report": False})
     yaml_file = config.to_yaml(tmp_path / "nightly.yaml")
     seen: list[psutil.Process] = []
@@ -126,8 +127,8 @@ def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Pa
                                    90, serve_log)
             assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
             flow_run = client.create_flow_run_from_deployment(deployment.id)
-            # The run audits 40 images with findings: 40 s alone on 2 cores, but minutes beside the real-size
-            # DETR test of the parallel worker, so the wait is generous.
+            # The run audits 8 images with findings: seconds alone on 2 cores, but minutes beside the
+            # real-size DETR test of the parallel worker, so the wait is generous.
             final = _wait_for("the triggered run to finish", lambda: _final_state(client, flow_run.id), 600, serve_log)
             assert final.is_completed(), f"{final}\n{serve_log.read_text()[-4000:]}"
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -136,12 +137,13 @@ def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Pa
 
     run_id = config.run_id
     assert query(config.out, "SELECT status FROM runs WHERE run_id = ?", [run_id]).column("status").to_pylist() == ["finished"]
-    assert query(config.out, "SELECT count(*) AS n FROM images WHERE run_id = ?", [run_id]).column("n")[0].as_py() == 40
+    images = query(config.out, "SELECT count(*) AS n FROM images WHERE run_id = ?", [run_id]).column("n")[0].as_py()
+    assert images == N_IMAGES
     assert query(config.out, "SELECT count(*) AS n FROM instances WHERE run_id = ?", [run_id]).column("n")[0].as_py() > 0
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert set(by_key) == {f"audit-{run_id}-summary", f"audit-{run_id}-worst"}
     assert f"# Audit `{run_id}`" in by_key[f"audit-{run_id}-summary"].data
-    assert "| images | 40 |" in by_key[f"audit-{run_id}-summary"].data
+    assert f"| images | {N_IMAGES} |" in by_key[f"audit-{run_id}-summary"].data
 
 
 def _healthy(url: str) -> bool | None:

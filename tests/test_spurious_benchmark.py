@@ -4,7 +4,6 @@ ground truth, FiftyOne Brain baseline and JSON out."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = {"auroc", "precision@10", "precision@25", "precision@100", "recall@100"}
 
 
-def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path) -> None:
-    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(tmp_path / "fodb"), "PYTHONPATH": str(REPO)}
+def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path, fiftyone_env: dict[str, str]) -> None:
+    env = {**fiftyone_env, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "spurious_recovery.py"), "--quick",
                            "--work", str(tmp_path / "work")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # stdout is the JSON alone: FiftyOne's notices go to stderr
     assert set(result["rankings"]) == {"ours", "random", "1-confidence", "mistakenness"}

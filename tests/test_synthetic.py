@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from cli import invoke_ok
 from PIL import Image
 
 from eive_audit.pipeline.sources import CocoSource, ImageRecord
@@ -25,9 +24,8 @@ def _digest(root: Path) -> str:
 
 
 def test_cli_is_deterministic_by_seed(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "eive_audit", "synth", "--n-train", "6", "--n-val", "4"]
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
-        subprocess.run([*cmd, "--out", str(tmp_path / name), "--seed", seed], check=True, capture_output=True)
+        invoke_ok("synth", "--n-train", "6", "--n-val", "4", "--out", str(tmp_path / name), "--seed", seed)
     assert (tmp_path / "a" / "images" / "train" / "000005.png").is_file()
     assert (tmp_path / "a" / "annotations" / "val.json").is_file()
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

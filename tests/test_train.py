@@ -4,12 +4,11 @@ exactly the weights of an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli import invoke_ok
 from safetensors.torch import load_file
 
 from eive_audit.pipeline.models.detr import DetrAdapter
@@ -19,14 +18,10 @@ from eive_audit.pipeline.train import CHECKPOINT_DIR, train
 
 def test_train_cli_smoke_run_writes_a_loadable_model(synth: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    result = subprocess.run(
-        [sys.executable, "-m", "eive_audit", "train", "--coco", str(synth / "annotations" / "train.json"),
-         "--images", str(synth / "images" / "train"), "--out", str(out), "--steps", "3", "--batch-size", "4",
-         "--checkpoint-every", "2", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = invoke_ok("train", "--coco", str(synth / "annotations" / "train.json"),
+                       "--images", str(synth / "images" / "train"), "--out", str(out), "--steps", "3",
+                       "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu")
+    summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["images"] == 24
     assert not (out / CHECKPOINT_DIR).exists(), "the checkpoint is removed once training finishes"
     adapter = DetrAdapter.load(out, device="cpu")
