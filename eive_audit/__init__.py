@@ -11,5 +11,6 @@ One import namespace over the folders of the design card, each a layer (setuptoo
 - `eive_audit.reports` (reports/): HTML report, Prefect artifacts, FiftyOne push.
 
 Imports go one way: cli -> flows -> pipeline, explainers, storage, reports; reports -> storage;
-explainers -> pipeline.models; storage imports none of the others.
+explainers -> pipeline.models, pipeline.config; reports may also use pipeline.geometry; storage imports none of
+the others (tests/test_imports.py checks these rules and that no import cycle exists).
 """

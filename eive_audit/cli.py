@@ -37,8 +37,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from eive_audit.explainers import BUILTIN, check_supported
 from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, TrainConfig, merge_settings
-from eive_audit.pipeline.models.families import FAMILIES, Family, family_of
-from eive_audit.pipeline.models.locate import ModelLoadError, read_model_config
+from eive_audit.pipeline.models.families import FAMILIES, Family, family_of_model
+from eive_audit.pipeline.models.locate import ModelLoadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
@@ -299,8 +299,7 @@ def _require_data(coco: Path | None, images: Path) -> None:
 def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
     """The family of a model directory, read from its config.json (no torch); None for a hub id."""
     try:
-        config = read_model_config(model)
-        return None if config is None else family_of(str(config.get("model_type")))
+        return family_of_model(model)
     except ValueError as exc:  # ModelLoadError, an unsupported model type
         _fail(f"{flag}: {exc}")
 

@@ -23,8 +23,9 @@ from prefect import flow, task
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from eive_audit.explainers import get_explainer
+from eive_audit.explainers import check_supported, get_explainer
 from eive_audit.pipeline.config import AuditConfig
+from eive_audit.pipeline.models.families import family_of_model
 from eive_audit.pipeline.shard import audit_images, fill_faithfulness, finding_columns, plan_shards, run_findings
 from eive_audit.reports.artifacts import publish_run_artifacts
 from eive_audit.storage.catalog import refresh_catalog
@@ -119,6 +120,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     A deployment (flows.schedule) passes `config` as a JSON dict; Prefect validates it into AuditConfig."""
     started = time.perf_counter()
     check_schema_versions(config.out)  # before anything is written: a mixed store is refused, not extended
+    check_supported(config.explainers, family_of_model(config.model))  # before any image is read
     info = RunInfo(config.run_id, config.config_hash, config.model_dump_json(), config.model,
                    tuple(config.explainers), datetime.now(timezone.utc))
     write_run_row(config.out, info, "running", 0.0, {})

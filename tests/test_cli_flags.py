@@ -172,6 +172,18 @@ def test_an_impossible_run_exits_2_with_one_line_before_anything_heavy_loads(
     assert not (data / "store").exists(), "nothing was written"
 
 
+def test_the_flow_itself_refuses_an_impossible_pair_before_any_image_is_read(deformable_dir: Path, data: Path,
+                                                                             tmp_path: Path) -> None:
+    """A caller of the flow (a deployment, a script) gets the CLI's up-front refusal, not an errors row per image."""
+    from eive_audit.flows.audit import audit
+
+    config = AuditConfig(images=data / "images", coco=data / "ann.json", out=tmp_path / "store",
+                         model=str(deformable_dir), explainers="eive,rollout")
+    with pytest.raises(ValueError, match="rollout needs dense attention over one grid"):
+        audit(config)
+    assert not list((tmp_path / "store").rglob("*.parquet")), "no shard was written"
+
+
 def test_a_bad_train_setting_names_its_flag() -> None:
     result = CliRunner().invoke(cli.app, ["train", "--coco", "a.json", "--images", ".", "--out", "m",
                                           "--family", "yolo", "--steps", "0"])

@@ -108,6 +108,16 @@ def family_of(model_type: str) -> Family:
     return family
 
 
+def family_of_model(model: str | Path) -> Family | None:
+    """The family of a model directory, read from its config.json without loading torch; None for a hub id
+    (known only once loaded). Raises ValueError (ModelLoadError) for a directory that is not a model or an
+    unsupported model type."""
+    from eive_audit.pipeline.models.locate import read_model_config
+
+    config = read_model_config(model)
+    return None if config is None else family_of(str(config.get("model_type")))
+
+
 def build_config(family: str, label_names: list[str]) -> PretrainedConfig:
     """A random-init config of `family` with one label per name (ids follow the list order)."""
     if family not in FAMILIES:
