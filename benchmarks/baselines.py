@@ -42,7 +42,7 @@ from eive_audit.explainers.base import Explainer
 from eive_audit.explainers.eive import DEFAULT_FUSION, FUSIONS
 from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
-from eive_audit.pipeline.config import DriseSettings, EiveSettings
+from eive_audit.pipeline.config import DriseSettings, EiveSettings, FindingsConfig
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
 from eive_audit.pipeline.models.detr import DetrAdapter, resolve_device
@@ -122,14 +122,16 @@ def shipped_quality(args: argparse.Namespace, device: torch.device, model: str =
         label_map, _ = label_to_category(adapter.label_names, source.categories)
         stream = (item for image_id in source.image_ids for item in source.read(image_id))
         batches = [item for item in iter_batches(stream, args.batch_size) if isinstance(item, ImageBatch)]
-        audit_batch(adapter, measured, batches[0], label_map, args.score_threshold, args.max_detections)  # warm-up
+        audit_batch(adapter, measured, batches[0], label_map, args.score_threshold, args.max_detections,
+                    findings=FindingsConfig())  # warm-up
         for m in measured:
             m.seconds, m.instances = 0.0, 0
         for item in batches:
             pixels = adapter.preprocess(item.images)
             bare += _seconds(lambda: adapter.predict(pixels.pixel_values, pixels.pixel_mask), device)
             n_images += len(item.images)
-            rows = audit_batch(adapter, measured, item, label_map, args.score_threshold, args.max_detections)
+            rows = audit_batch(adapter, measured, item, label_map, args.score_threshold, args.max_detections,
+                               findings=FindingsConfig())
             for m in measured:
                 chosen = [(row, entry["map"]) for row, entry in zip(rows.instances, rows.maps)
                           if row["explainer"] == m.name and row["outcome"] == "tp"]

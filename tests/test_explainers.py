@@ -15,7 +15,8 @@ from eive_audit.explainers import available, get_explainer
 from eive_audit.explainers.drise import DRise, detection_similarity, smooth_masks
 from eive_audit.explainers.rollout import relevance
 from eive_audit.pipeline.config import DriseSettings
-from eive_audit.pipeline.metrics.localization import box_coverage, boxes_to_grid
+from eive_audit.pipeline.geometry import Geometry
+from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.families import _SMALL_BACKBONE, FAMILIES
 from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig
@@ -90,8 +91,7 @@ def shipped() -> tuple:
     assert k == 3, "the fixture image must give three detections"
     targets = Targets(torch.zeros(k, dtype=torch.long), detections.queries.clone(), detections.labels.clone(),
                       outputs.boxes[0, detections.queries].float().clone())
-    grid_boxes = boxes_to_grid(detections.boxes, tuple(image.shape[1:]), tuple(batch.input_sizes[0].tolist()),
-                               tuple(batch.pixel_values.shape[-2:]), outputs.grid)
+    grid_boxes = Geometry.from_batch(batch, 0, outputs.grid).to_grid(detections.boxes)
     return adapter, batch, outputs, targets, box_coverage(grid_boxes, outputs.grid)
 
 
