@@ -339,7 +339,8 @@ def test_a_store_of_another_schema_version_is_refused_before_any_image_is_read(
     result = CliRunner().invoke(app, ["run", *_synth_args(synth, small_model, tmp_path)])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    removal = f"from eive_audit.storage import remove_run; remove_run('{tmp_path}', '<run_id>')"
     assert errors == [f"error: store {tmp_path} holds run(s) oldrun written with schema version {SCHEMA_VERSION - 1}; "
                       f"this version writes {SCHEMA_VERSION}: rerun into a new store or remove those runs with "
-                      f"`python -c \"from eive_audit.storage import remove_run; remove_run('{tmp_path}', '<run_id>')\"`"]
+                      f"`python -c \"{removal}\"`"]
     assert sorted(p.name for p in tmp_path.glob("*/run_id=*")) == ["run_id=oldrun"], "nothing of the new run written"
