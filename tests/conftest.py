@@ -1,9 +1,10 @@
 """Shared fixtures: real coco_tiny, small synthetic splits, random-init models, and the session's services:
 one Prefect test harness and one mongod per pytest process. No downloads, ever.
 
-Under xdist (`make test`: `-n 2 --dist loadgroup`) each worker is one pytest process. Tests that share an
-expensive fixture carry the same `xdist_group` mark, so that fixture is built once on one worker; the
-groups listed in `HEAVY_FIRST` are handed out first, so the long ones do not end up last on one worker.
+Under xdist (`make test`: `-n 2`, `--dist loadfile` from pyproject.toml) each worker is one pytest process
+and a module's tests run on one worker. Tests that share an expensive fixture carry the same `xdist_group`
+mark (one worker for them under `--dist loadgroup`, where the installed pytest and xdist agree on node ids);
+the units listed in `HEAVY_FIRST` are handed out first, so the long ones do not end up last on one worker.
 """
 
 from __future__ import annotations
