@@ -145,8 +145,9 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
     summary = _run("--coco", str(ann), "--images", str(coco_tiny / "val2017"), "--model", str(detr_r50_dir),
                    "--out", str(tmp_path / "store"), "--score-threshold", "0", "--max-detections", "10",
                    "--batch-size", "2", "--device", "cpu",
-                   # a random-init model's drops are noise and every forward at 800 px costs seconds on a CPU
-                   "--findings-localise-budget", "16")
+                   # every forward at 800 px costs seconds on a CPU and a random-init model's drops are noise: a
+                   # few verifications and windows show findings work at real size
+                   "--findings-verify-budget", "6", "--findings-localise-budget", "16")
     assert summary["images"] == n and summary["errors"] == 0
     store = tmp_path / "store"
     per_image = query(store, "SELECT image_id, count(*) FILTER (WHERE outcome != 'fn') AS kept FROM instances "
@@ -156,6 +157,8 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
     assert all(g["grid_h"] * 32 >= 800 - 32 for g in grids), "an 800 px input gives a stride-32 grid"
     masses = query(store, "SELECT min(mass_in_pred) AS lo, max(mass_in_pred) AS hi FROM instances").to_pylist()[0]
     assert 0.0 <= masses["lo"] <= masses["hi"] <= 1.0 + 1e-6
+    verified = query(store, "SELECT count(*) AS n FROM instances WHERE verification_drop IS NOT NULL").to_pylist()[0]
+    assert verified["n"] == 6, "findings re-scored the budgeted instances at real size"
 
 
 @SMALL_MODEL
