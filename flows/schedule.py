@@ -52,14 +52,11 @@ def require_server() -> str:
 
 
 def audit_deployment(config: AuditConfig, cron: str, name: str) -> RunnerDeployment:
-    """The audit flow as a deployment named `audit/<name>` that runs `config` on the `cron` schedule.
-
-    AuditConfig checks the parameters when a run starts; the server's own check is off because the JSON
-    schema it reads types every explainer's parameters as those of a parameterless explainer."""
+    """The audit flow as a deployment named `audit/<name>` that runs `config` on the `cron` schedule; the
+    server checks its parameters against AuditConfig's JSON schema, AuditConfig again when a run starts."""
     return audit.to_deployment(
         name=name, cron=check_cron(cron), parameters={"config": config.absolute().model_dump(mode="json")},
-        description=f"eive-audit of {config.images} into {config.out} (run id {config.run_id})",
-        enforce_parameter_schema=False)
+        description=f"eive-audit of {config.images} into {config.out} (run id {config.run_id})")
 
 
 def serve_audit(config: AuditConfig, cron: str, name: str) -> None:

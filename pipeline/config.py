@@ -137,7 +137,9 @@ class AuditConfig(_Part):
     coco: Path | None = _unhashed(default=None, description="COCO annotation json; none audits a plain image folder")
     out: Path = _unhashed(description="store root: Parquet tables and catalog.duckdb")
     model: str = _unhashed(default="default", description="model directory, hub id, or `default` (the shipped model)")
-    explainers: dict[str, SerializeAsAny[ExplainerSettings]] = Field(
+    # A union, so the JSON schema (which a Prefect server checks a deployment's parameters against) admits each
+    # explainer's parameters; `_explainer_settings` picks the class by name.
+    explainers: dict[str, SerializeAsAny[EiveSettings | DriseSettings | ExplainerSettings]] = Field(
         default_factory=lambda: {"eive": EiveSettings()},
         description="explainers to run, in order, each with its parameters")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring at least this")

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
 from cli import CLI, invoke as _invoke, run_ok as _run_ok
-from eive_audit.pipeline.config import AuditConfig, ConfigFileError, merge_settings
+from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, ConfigFileError, merge_settings
 from eive_audit.reports.artifacts import WORST_LIMIT, artifact_key
 from eive_audit.storage.catalog import query
 
@@ -237,3 +237,16 @@ def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Pat
     worst = query(out, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt "
                        "LIMIT 1", [summary["run_id"]]).column("instance_id")[0].as_py()
     assert worst in done.stdout, "the tp least on its object heads the first table"
+
+
+def test_the_config_schema_admits_every_explainers_parameters() -> None:
+    """A Prefect server checks a deployment's parameters against this schema before any run starts."""
+    import jsonschema
+
+    explainers = {name: kind().model_dump() for name, kind in EXPLAINER_SETTINGS.items()} | {"rollout": {}}
+    config = AuditConfig(images=Path("/data/images"), out=Path("/stores/audit"), explainers=explainers)
+    assert {type(config.explainers[name]) for name in EXPLAINER_SETTINGS} == set(EXPLAINER_SETTINGS.values())
+    jsonschema.validate(json.loads(config.model_dump_json()), AuditConfig.model_json_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**json.loads(config.model_dump_json()), "explainers": {"eive": {"fusion": "median"}}},
+                            AuditConfig.model_json_schema())
