@@ -248,9 +248,7 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     from eive_audit.pipeline.config import AuditConfig
 
     @register("test-empty")
-    class Empty:
-        needs_gradients = False
-
+    class Empty:  # no declared needs: gradient-free, any family
         def explain(self, model, batch, outputs, targets) -> torch.Tensor:  # noqa: ANN001
             return torch.zeros(len(targets), *outputs.grid)
 
