@@ -136,10 +136,9 @@ def run_findings(config: AuditConfig, rows: list[Row], maps: dict[Key, np.ndarra
 
 
 def finding_columns(found: Findings) -> dict[Key, Row]:
-    """The instances columns that findings fill, per (instance_id, explainer)."""
-    return {key: {"off_object_share": f.off_object_share, "spurious_score": f.spurious_score,
-                  "flag_off_object": f.flag_off_object, "flag_background_fp": f.flag_background_fp,
-                  "flag_miss_elsewhere": f.flag_miss_elsewhere, "cue_id": f.cue_id,
+    """The instances columns that findings fill, per (instance_id, explainer); the off-object share and flags
+    were written with the shard (pipeline.audit) and findings only read them."""
+    return {key: {"spurious_score": f.spurious_score, "cue_id": f.cue_id,
                   "verification_drop": f.verification_drop, "localised_drop": f.localised_drop,
                   "specificity": f.specificity, "peak_x": f.peak_xy[0] if f.peak_xy else None,
                   "peak_y": f.peak_xy[1] if f.peak_xy else None}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from eive_audit.storage.catalog import query
+from eive_audit.storage.schema import FLAGGED
 from eive_audit.storage.writer import write_table
 
 RUN_SHARD = "run"  # the shard name of the one-file-per-run tables (runs, findings)
@@ -52,7 +53,7 @@ def run_summary(root: Path, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "images": count("images"), "errors": count("errors"),
             "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
             "with_faithfulness": count("instances", "insertion_auc IS NOT NULL"),
-            "flagged": count("instances", "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"),
+            "flagged": count("instances", FLAGGED),
             "candidate_cues": count("findings")}
 
 

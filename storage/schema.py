@@ -12,6 +12,9 @@ import pyarrow as pa
 # and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step
 SCHEMA_VERSION = 5
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
+# An instances row that any off-object flag marks (the flags are written with each shard), as SQL: what the
+# `flagged` faithfulness budget selects and the run summary counts.
+FLAGGED = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {

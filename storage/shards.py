@@ -17,6 +17,7 @@ import numpy as np
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map, encode_map
 from eive_audit.storage.runs import RUN_SHARD
+from eive_audit.storage.schema import FLAGGED
 from eive_audit.storage.writer import mark_shard_done, read_table, write_table
 
 SHARD_TABLES = ("images", "instances", "maps", "errors")  # the tables every shard writes, one file each
@@ -89,7 +90,7 @@ def faithfulness_selection(root: Path, run_id: str, budget: str) -> dict[str, se
         return {}
     where, params = "TRUE", []
     if budget == "flagged":
-        where = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
+        where = FLAGGED
     elif budget.startswith("sample:"):
         where = (f"instance_id || '/' || explainer IN (SELECT instance_id || '/' || explainer FROM instances "
                  f"WHERE run_id = ? ORDER BY md5(instance_id || '/' || explainer) LIMIT {int(budget[7:])})")
