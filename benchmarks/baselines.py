@@ -47,9 +47,10 @@ from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
 from eive_audit.pipeline.models.detr import DetrAdapter, resolve_device
 from eive_audit.pipeline.models.families import write_random_model
-from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
+from eive_audit.pipeline.models.preprocess import PixelBatch
 from eive_audit.pipeline.models.targets import Targets
 from eive_audit.pipeline.sources import CocoSource
+from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic import generate
 
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
@@ -121,13 +122,14 @@ def shipped_quality(args: argparse.Namespace, device: torch.device, model: str =
         source = CocoSource(annotations, Path(tmp) / "images" / "val")
         label_map, _ = label_to_category(adapter.label_names, source.categories)
         stream = (item for image_id in source.image_ids for item in source.read(image_id))
-        batches = [item for item in iter_batches(stream, args.batch_size) if isinstance(item, ImageBatch)]
+        batches = [item for item in iter_batches(stream, args.batch_size, adapter.preprocess_config.longest_edge)
+                   if isinstance(item, ImageBatch)]
         audit_batch(adapter, measured, batches[0], label_map, args.score_threshold, args.max_detections,
                     findings=FindingsConfig())  # warm-up
         for m in measured:
             m.seconds, m.instances = 0.0, 0
         for item in batches:
-            pixels = adapter.preprocess(item.images)
+            pixels = adapter.preprocess(item.images, item.sizes)
             bare += _seconds(lambda: adapter.predict(pixels.pixel_values, pixels.pixel_mask), device)
             n_images += len(item.images)
             rows = audit_batch(adapter, measured, item, label_map, args.score_threshold, args.max_detections,
@@ -153,7 +155,8 @@ def random_init_cost(args: argparse.Namespace, device: torch.device, family: str
     size (DETR-R50 and Deformable DETR 800 px, RT-DETR 640 px)."""
     with tempfile.TemporaryDirectory() as tmp:
         adapter = DetrAdapter.load(write_random_model(family, [f"LABEL_{i}" for i in range(80)], Path(tmp)), device)
-    images = [load_image(p) for p in sorted(COCO_TINY_VAL.glob("*.jpg"))[:args.detr_images]]
+    images = [decode_rgb(p, adapter.preprocess_config.longest_edge)
+              for p in sorted(COCO_TINY_VAL.glob("*.jpg"))[:args.detr_images]]
     batch = adapter.preprocess(images)
     with torch.inference_mode():
         outputs = adapter.forward(batch)  # also installs transformers' lazy hooks: a warm-up

@@ -19,8 +19,8 @@ import torch
 
 from eive_audit.pipeline.evaluation import class_recall
 from eive_audit.pipeline.models.detr import DetrAdapter
-from eive_audit.pipeline.models.preprocess import load_image
 from eive_audit.pipeline.sources import CocoSource, ImageRecord
+from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
 
 
@@ -36,10 +36,10 @@ def measure(model: str, n_val: int, seed: int, batch_size: int = 32) -> dict[str
         totals = np.zeros((3, 2), dtype=int)  # rows: cued with cue, cued without cue, other classes; cols: found, total
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            originals = [load_image(r.path) for r in chunk]
+            originals = [decode_rgb(r.path, adapter.preprocess_config.longest_edge) for r in chunk]
             counterfactuals = [torch.from_numpy(np.asarray(render_counterfactual(ann, r.image_id))).permute(2, 0, 1)
                                for r in chunk]
-            with_cue = adapter.detect(originals, score_threshold=0.0)
+            with_cue = adapter.detect(originals, score_threshold=0.0, sizes=[(r.height, r.width) for r in chunk])
             without_cue = adapter.detect(counterfactuals, score_threshold=0.0)
             for record, det_with, det_without in zip(chunk, with_cue, without_cue):
                 is_cued = np.array([a in cued_anns for a in record.annotation_ids])

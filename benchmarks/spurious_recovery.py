@@ -32,7 +32,7 @@ from torchvision.ops import box_convert
 
 from eive_audit.pipeline.metrics.faithfulness import instance_scores
 from eive_audit.pipeline.models.detr import DetrAdapter
-from eive_audit.pipeline.models.preprocess import load_image
+from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
 
 KS = (10, 25, 100)
@@ -50,9 +50,10 @@ def counterfactual_ratios(adapter: DetrAdapter, rows: list[dict[str, Any]], ann:
     todo = sorted({row["image_id"] for row in rows if row["image_id"] in cued})
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        originals = [load_image(images / files[i]["file_name"]) for i in chunk]
+        originals = [decode_rgb(images / files[i]["file_name"], adapter.preprocess_config.longest_edge) for i in chunk]
         counterfactuals = [torch.from_numpy(np.array(render_counterfactual(ann, i))).permute(2, 0, 1) for i in chunk]
-        batch = adapter.preprocess(originals + counterfactuals)
+        batch = adapter.preprocess(originals + counterfactuals,
+                                   [(files[i]["height"], files[i]["width"]) for i in chunk] * 2)
         with torch.inference_mode():
             probs, boxes = adapter.predict(batch.pixel_values, batch.pixel_mask)
         for b, image_id in enumerate(chunk):

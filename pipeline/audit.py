@@ -152,7 +152,7 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
     `annotated` is False for a source without GT (an image folder); `findings` sets the off-object flags."""
     started = time.perf_counter()
     with torch.inference_mode():
-        batch = adapter.preprocess(item.images)
+        batch = adapter.preprocess(item.images, item.sizes)
         output = adapter.forward(batch)
         detections = adapter.postprocess(output, batch, score_threshold, max_detections)
     forward_s = time.perf_counter() - started
@@ -186,6 +186,7 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
     for i, (record, geometry) in enumerate(zip(item.records, geometries)):
         rows.images.append({
             "image_id": record.image_id, "file_path": str(record.path), **geometry.image_columns(),
+            "exif_orientation": record.exif_orientation,
             "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
             "status": "ok", "forward_ms": 1000 * forward_s / n, "explain_ms": 1000 * explain_s / n,
         })
@@ -221,7 +222,7 @@ def faithfulness_of_rows(adapter: DetrAdapter, item: ImageBatch, rows: list[dict
                          label_map: dict[int, int], config: FaithfulnessConfig) -> FaithfulnessResult:
     """Deletion / insertion AUC of stored instances (rows of the instances table, with their maps) whose
     images are in `item`: the instance box is the prediction's, or the GT box for a miss, as when explained."""
-    batch = adapter.preprocess(item.images)
+    batch = adapter.preprocess(item.images, item.sizes)
     position = {record.image_id: i for i, record in enumerate(item.records)}
     labels = model_labels(adapter, rows, label_map)
     boxes = []

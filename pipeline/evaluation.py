@@ -36,11 +36,11 @@ def predict(
     """Detections of every readable image (keyed by image id) and the number of images that failed."""
     results: dict[int, Detections] = {}
     failed_images = 0
-    for item in iter_batches(source, batch_size):
+    for item in iter_batches(source, batch_size, adapter.preprocess_config.longest_edge):
         if not isinstance(item, ImageBatch):
             failed_images += item.annotation_id is None  # a bad box alone does not fail its image
             continue
-        for record, dets in zip(item.records, adapter.detect(item.images, score_threshold, max_detections=100)):
+        for record, dets in zip(item.records, adapter.detect(item.images, score_threshold, 100, item.sizes)):
             results[record.image_id] = dets
         if progress is not None:
             progress(len(item.records))

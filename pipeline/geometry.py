@@ -8,7 +8,9 @@ between original pixels and grid cells goes through `Geometry`, so the scores, t
 the training losses read a map alike.
 
 Sizes are (height, width), as the `images` table stores them. Boxes are xyxy: in original pixels, or in grid
-units (cell (r, c) spans x in [c, c + 1), y in [r, r + 1)). This module imports no other project module (the
+units (cell (r, c) spans x in [c, c + 1), y in [r, r + 1)). A mask or map laid on the image may be drawn on any
+`raster` (h, w) that covers the whole image (the original pixels by default, or a smaller copy of them: a
+12000 x 9000 photo need not be drawn at full size), each raster pixel reading what lies under its centre. This module imports no other project module (the
 review layer uses it too) and no model code.
 """
 
@@ -88,11 +90,14 @@ class Geometry:
         sy, sx = self.cells_per_pixel
         return boxes.float() * boxes.new_tensor([sx, sy, sx, sy], dtype=torch.float32)
 
-    def cells_to_pixels(self, row: int, col: int, radius: int = 0, span: int = 1) -> tuple[int, int, int, int]:
-        """The pixel rectangle (x0, y0, x1, y1), end exclusive, of the original image under the `span` x
-        `span` cells from (row, col) and `radius` cells around them; clipped to the image, never empty."""
-        (oh, ow), (ih, iw), (ph, pw), (gh, gw) = self.original, self.input, self.padded, self.grid
-        sx, sy = (pw / gw) * (ow / iw), (ph / gh) * (oh / ih)  # original pixels per cell
+    def cells_to_pixels(self, row: int, col: int, radius: int = 0, span: int = 1,
+                        raster: Size | None = None) -> tuple[int, int, int, int]:
+        """The pixel rectangle (x0, y0, x1, y1), end exclusive, of the original image (or of `raster`) under
+        the `span` x `span` cells from (row, col) and `radius` cells around them; clipped to the image, never
+        empty."""
+        (oh, ow), (ih, iw) = _size("raster", raster or self.original), self.input
+        (ph, pw), (gh, gw) = self.padded, self.grid
+        sx, sy = (pw / gw) * (ow / iw), (ph / gh) * (oh / ih)  # raster pixels per cell
         x0, x1 = max(0, int((col - radius) * sx)), min(ow, math.ceil((col + span + radius) * sx))
         y0, y1 = max(0, int((row - radius) * sy)), min(oh, math.ceil((row + span + radius) * sy))
         return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
@@ -102,17 +107,26 @@ class Geometry:
         (oh, ow), (ih, iw), (ph, pw), (gh, gw) = self.original, self.input, self.padded, self.grid
         return min(int(y / oh * (ih / ph) * gh), gh - 1), min(int(x / ow * (iw / pw) * gw), gw - 1)
 
-    def cells_to_mask(self, cells: torch.Tensor) -> torch.Tensor:
-        """A cell mask [h, w] -> [H, W] on the original pixels: each pixel takes the cell under its centre,
-        so padding cells never reach the image."""
-        (oh, ow), (gh, gw) = self.original, self.grid
+    def cells_to_mask(self, cells: torch.Tensor, raster: Size | None = None) -> torch.Tensor:
+        """A cell mask [h, w] -> [H, W] on the original pixels (or on `raster`): each pixel takes the cell
+        under its centre, so padding cells never reach the image."""
+        (rh, rw), (gh, gw) = _size("raster", raster or self.original), self.grid
         valid_h, valid_w = self.extent
-        ys = np.minimum(((np.arange(oh, dtype=np.float32) + 0.5) / oh * np.float32(valid_h)).astype(np.int64), gh - 1)
-        xs = np.minimum(((np.arange(ow, dtype=np.float32) + 0.5) / ow * np.float32(valid_w)).astype(np.int64), gw - 1)
+        ys = np.minimum(((np.arange(rh, dtype=np.float32) + 0.5) / rh * np.float32(valid_h)).astype(np.int64), gh - 1)
+        xs = np.minimum(((np.arange(rw, dtype=np.float32) + 0.5) / rw * np.float32(valid_w)).astype(np.int64), gw - 1)
         return cells[ys][:, xs]
 
-    def map_to_image(self, values: np.ndarray, order: int = 1) -> np.ndarray:
-        """A map [h, w] on the grid -> float32 [H, W] on the original pixels.
+    def box_to_mask(self, box: Any, raster: Size | None = None) -> torch.Tensor:
+        """An xyxy box in original pixels -> bool [H, W] on the original pixels (or on `raster`): the pixels
+        whose centre lies in the box."""
+        (oh, ow), (rh, rw) = self.original, _size("raster", raster or self.original)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        ys = (torch.arange(rh, dtype=torch.float64) + 0.5) * (oh / rh)
+        xs = (torch.arange(rw, dtype=torch.float64) + 0.5) * (ow / rw)
+        return ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+
+    def map_to_image(self, values: np.ndarray, order: int = 1, raster: Size | None = None) -> np.ndarray:
+        """A map [h, w] on the grid -> float32 [H, W] on the original pixels (or [h', w'] on `raster`).
 
         order 1 interpolates bilinearly between cell centres (what a reviewer should look at); 0 keeps each
         cell constant over its area, which is how the localisation scores read a map. Only the cells the image
@@ -123,9 +137,11 @@ class Geometry:
         values = np.asarray(values, dtype=np.float32)
         if values.shape != self.grid:
             raise ValueError(f"map has shape {values.shape} but grid is {self.grid}")
+        (oh, ow), shape = self.original, _size("raster", raster or self.original)
         sy, sx = self.cells_per_pixel
+        sy, sx = sy * oh / shape[0], sx * ow / shape[1]  # grid cells per raster pixel
         valid_h, valid_w = self.extent
         covered = values[:math.ceil(valid_h - 1e-9), :math.ceil(valid_w - 1e-9)]
         # Output pixel centre y + 0.5 sits at (y + 0.5) * sy grid units; cell k's centre is at k + 0.5.
         return ndimage.affine_transform(covered, (sy, sx), offset=(0.5 * sy - 0.5, 0.5 * sx - 0.5),
-                                        output_shape=self.original, order=order, mode="nearest").astype(np.float32)
+                                        output_shape=shape, order=order, mode="nearest").astype(np.float32)

@@ -71,7 +71,7 @@ def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_id
     adapter, source, label_map = model_and_source(config)
     tables: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
     stream = (item for image_id in image_ids for item in source.read(image_id))
-    for item in iter_batches(stream, config.batch_size):
+    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge):
         if isinstance(item, SourceError):
             tables["errors"].append(_error_row(item, "source"))
             continue
@@ -116,7 +116,7 @@ def fill_faithfulness(config: AuditConfig, rows: list[Row], maps: dict[Key, np.n
     picked = [row for row in rows if (row["instance_id"], row["explainer"]) in chosen]
     settings = config.faithfulness
     stream = (item for image_id in sorted({row["image_id"] for row in picked}) for item in source.read(image_id))
-    for item in iter_batches(stream, config.batch_size):
+    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge):
         if not isinstance(item, ImageBatch):
             continue  # the audit read this image, so only its bad annotations come back here
         ids = {record.image_id for record in item.records}

@@ -32,8 +32,9 @@ from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.models.detr import load_hf_model, resolve_device
 from eive_audit.pipeline.models.families import FAMILIES, build_config, save_preprocessor
-from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, load_image, preprocess
+from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
 from eive_audit.pipeline.sources.coco import CocoSource
+from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.records import ImageRecord
 
 CHECKPOINT_DIR = "checkpoint"
@@ -80,10 +81,14 @@ def fine_tune_label_map(source: CocoSource, model_labels: dict[int, str]) -> dic
 
 
 class _TrainSet(torch.utils.data.Dataset):
-    """Decoded image and normalised cxcywh targets of each valid training record."""
+    """Decoded image (to fit `max_side`, the model's longest input edge; None: full size) and normalised
+    cxcywh targets of each valid training record: targets are fractions of the image, so they hold for the
+    decoded copy too."""
 
-    def __init__(self, records: list[ImageRecord], cat_to_label: dict[int, int], hflip: bool, seed: int) -> None:
+    def __init__(self, records: list[ImageRecord], cat_to_label: dict[int, int], hflip: bool, seed: int,
+                 max_side: int | None = None) -> None:
         self.records, self.cat_to_label, self.hflip, self.seed = records, cat_to_label, hflip, seed
+        self.max_side = max_side
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,7 +96,7 @@ class _TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index, step = key
         record = self.records[index]
-        image = load_image(record.path)
+        image = decode_rgb(record.path, self.max_side)
         boxes = torch.as_tensor(record.boxes).reshape(-1, 4).clone()
         flip = self.hflip and bool(np.random.default_rng([self.seed, step, index]).random() < 0.5)
         if flip:
@@ -183,7 +188,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
                              f"(checkpoint: {state['identity']})")
         optimizer.load_state_dict(state["optimizer"])
         start_step, elapsed = int(state["step"]), float(state["elapsed"])
-    dataset = _TrainSet(records, cat_to_label, config.hflip, config.seed)
+    dataset = _TrainSet(records, cat_to_label, config.hflip, config.seed, preprocess_config.longest_edge)
     started, logged = time.perf_counter() - elapsed, {"loss": math.nan}
     for keys in _batches(len(records), min(config.batch_size, len(records)), config.seed, start_step, config.steps):
         step = keys[0][1]

@@ -50,6 +50,7 @@ from fiftyone.core.view import DatasetView
 from PIL import Image
 
 from eive_audit.pipeline.geometry import Geometry
+from eive_audit.pipeline.sources.decode import fit_size
 from eive_audit.reports.overlay import map_to_image
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map
@@ -339,8 +340,11 @@ def _unit(grid: np.ndarray) -> np.ndarray:
 
 def _heatmap(path: Path, grid: np.ndarray, image: dict[str, Any]) -> fo.Heatmap:
     """Write the grid map laid over the original image of its `images` row (`reports.overlay`) as an 8-bit
-    PNG; its `fo.Heatmap`."""
-    values = map_to_image(_unit(grid), Geometry.from_image_row(image, grid.shape))
+    PNG; its `fo.Heatmap`. Drawn at the image's size, or at the model's input size where that is smaller (the
+    map holds no finer detail, and the App stretches a heatmap over its image): a 12000 x 9000 photo's map
+    is not a 100 MB raster."""
+    width, height = fit_size(image["width"], image["height"], max(image["input_width"], image["input_height"]))
+    values = map_to_image(_unit(grid), Geometry.from_image_row(image, grid.shape), raster=(height, width))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(path)
     return fo.Heatmap(map_path=str(path), range=[0, 255])

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from eive_audit.pipeline.geometry import Geometry
+from eive_audit.pipeline.sources.decode import decode_rgb, fit_size
 from eive_audit.reports.overlay import map_to_image
-from eive_audit.reports.plots import Panel, overlay, score_distribution
+from eive_audit.reports.plots import PANEL_PIXELS, Panel, overlay, score_distribution
 from eive_audit.storage.catalog import query
 
 # Scores plotted per class, in METHODS.md section 4 order; peak_in_gt is a yes/no and reads better in captions.
@@ -294,35 +293,38 @@ def _failures(store: Path, run_id: str, explainers: list[str], image_root: Path,
 
 
 def _read_image(file_path: str | None, root: Path) -> np.ndarray | None:
-    """The source image as uint8 RGB, or None if it is gone, unreadable, or outside the run's image root."""
+    """The source image as displayed, uint8 RGB at most PANEL_PIXELS a side (what a card shows; a 12000 x 9000
+    photo is never decoded whole), or None if it is gone, unreadable, or outside the run's image root."""
     if not file_path:
         return None
     path = Path(file_path).resolve()
     if not path.is_relative_to(root.resolve()):
         return None
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError:
+        return decode_rgb(path, PANEL_PIXELS).permute(1, 2, 0).numpy()
+    except Exception:  # Pillow raises several types for corrupt files, DecompressionBombError on a bomb
         return None
 
 
 def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
-    """One instance: its maps (one panel per explainer) over the image with both boxes, scores beneath."""
+    """One instance: its maps (one panel per explainer) over the image with both boxes, scores beneath.
+    Image and maps are drawn on the raster the image is decoded to; the boxes stay in original pixels."""
     first = rows[0]
     size = (first["height"], first["width"])
+    width, height = fit_size(first["width"], first["height"], PANEL_PIXELS)
     image = _read_image(first["file_path"], image_root)
-    missing_image = image is None or image.shape[:2] != size
+    missing_image = image is None or image.shape[:2] != (height, width)  # gone, or not the image audited
     if missing_image:
-        image = np.full((*size, 3), 128, np.uint8)
+        image = np.full((height, width, 3), 128, np.uint8)
     panels = [Panel(row["explainer"], map_to_image(row["map"], Geometry.from_image_row(row, (row["grid_h"],
-                                                                                                 row["grid_w"]))))
+                                                                                                 row["grid_w"])),
+                                                   raster=(height, width)))
               for row in rows]
     pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
     gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]
     is_miss = first["outcome"] == "fn"
     png = overlay(image, panels, pred, None if None in gt else gt,
-                  pred_label="best-overlapping query's box" if is_miss else "predicted box")
+                  pred_label="best-overlapping query's box" if is_miss else "predicted box", size=size)
     scores = _table(["score", *(row["explainer"] for row in rows)],
                     [(c, *(row[c] for row in rows)) for c in CAPTION_SCORES if any(row[c] is not None for row in rows)])
     note = '<br><span class="note">image unavailable: maps drawn on grey</span>' if missing_image else ""

@@ -23,6 +23,9 @@ from matplotlib.patches import Patch, Rectangle
 OUTCOME_COLOURS = {"tp": "#2e7d32", "fp": "#c62828", "dup": "#ef6c00", "fn": "#1565c0", "det": "#6a1b9a"}
 PRED_COLOUR, GT_COLOUR = "#00e5ff", "#76ff03"
 _DPI = 100
+PANEL_INCHES = 2.4  # the longer side of an overlay panel: four one-explainer cards per page row
+# An overlay panel's longer side in pixels: an image or map drawn finer than this is only resampled away.
+PANEL_PIXELS = round(PANEL_INCHES * _DPI)
 
 
 def _png(figure: Figure) -> bytes:
@@ -81,7 +84,7 @@ class Panel:
     """One explainer's map of an instance, already laid on the image's pixels (reports.overlay)."""
 
     explainer: str
-    heat: np.ndarray  # float [H, W]; negative values are not shown
+    heat: np.ndarray  # float [h, w] on the image's raster; negative values are not shown
 
 
 Box = Sequence[float]  # xyxy in original-image pixels
@@ -101,16 +104,18 @@ def _blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box, gt_box: Box | None,
-            pred_label: str = "predicted box") -> bytes:
+            pred_label: str = "predicted box", size: tuple[int, int] | None = None) -> bytes:
     """The uint8 RGB image with each panel's map over it, side by side, both boxes on each; PNG bytes.
 
     pred_label names the explained query's box in the legend (for a miss it is the best-overlapping query's).
-    Image and map are drawn with extent (0, W, H, 0): pixel i spans [i, i + 1], the continuous coordinates
-    the boxes are stored in, so nothing is off by half a pixel. Axes are placed by hand (no layout engine):
-    every size is known, and the layout pass would double the cost of the gallery.
+    size: the original image's (H, W), which the boxes are in, when `image` (and each heat map, on the same
+    raster) is a smaller copy of it (at most PANEL_PIXELS a side is ever shown); by default the image's own.
+    Image and map are drawn with extent (0, W, H, 0): original pixel i spans [i, i + 1], the continuous
+    coordinates the boxes are stored in, so nothing is off by half a pixel. Axes are placed by hand (no layout
+    engine): every size is known, and the layout pass would double the cost of the gallery.
     """
-    height, width = image.shape[:2]
-    scale = 2.4 / max(height, width)  # inches per pixel: 2.4 in per panel, four one-explainer cards per page row
+    height, width = size or image.shape[:2]
+    scale = PANEL_INCHES / max(height, width)  # inches per original pixel
     panel_w, panel_h, margin, gap, title, legend_band = width * scale, height * scale, 0.05, 0.1, 0.22, 0.3
     fig_w, fig_h = 2 * margin + len(panels) * panel_w + (len(panels) - 1) * gap, title + panel_h + legend_band
     figure = Figure(figsize=(fig_w, fig_h))

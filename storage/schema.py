@@ -66,6 +66,9 @@ IMAGES = _schema(
     _optional("input_width", pa.int32()),
     _optional("padded_height", pa.int32()),
     _optional("padded_width", pa.int32()),
+    # The EXIF orientation tag applied when reading the file (pipeline.sources.decode), null without one:
+    # width / height and every stored coordinate are of the image as displayed, after it.
+    _optional("exif_orientation", pa.int8()),
     _optional("n_gt", pa.int32()),
     _optional("n_detections", pa.int32()),
     _required("status", pa.string()),

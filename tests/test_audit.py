@@ -212,7 +212,8 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, tmp_
     adapter, source, label_map = model_and_source(config)
     generator = torch.Generator().manual_seed(0)
     random_deletion, random_insertion = [], []
-    for item in iter_batches((x for i in sorted({r["image_id"] for r in rows}) for x in source.read(i)), 8):
+    stream = (x for i in sorted({r["image_id"] for r in rows}) for x in source.read(i))
+    for item in iter_batches(stream, 8, adapter.preprocess_config.longest_edge):
         mine = [r for r in rows if r["image_id"] in {rec.image_id for rec in item.records}]
         noise = [torch.rand(r["grid_h"], r["grid_w"], generator=generator).numpy() for r in mine]
         assert all(decode_map(r["map"], r["grid_h"], r["grid_w"]).shape == n.shape for r, n in zip(mine, noise))

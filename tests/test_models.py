@@ -13,7 +13,8 @@ import torch
 from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
 from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.families import FAMILIES, build_config
-from eive_audit.pipeline.models.preprocess import PreprocessConfig, load_image
+from eive_audit.pipeline.models.preprocess import PreprocessConfig
+from eive_audit.pipeline.sources.decode import decode_rgb
 
 
 def _hook_counts(model: torch.nn.Module) -> list[int]:
@@ -58,7 +59,7 @@ def test_detr_r50_at_800px(detr_r50_dir: Path, coco_tiny: Path) -> None:
     adapter = DetrAdapter.load(detr_r50_dir, device="cpu")
     assert adapter.preprocess_config.shortest_edge == 800
     paths = sorted((coco_tiny / "val2017").glob("*.jpg"))[:2]
-    images = [load_image(p) for p in paths]
+    images = [decode_rgb(p, adapter.preprocess_config.longest_edge) for p in paths]
     batch = adapter.preprocess(images)
     assert min(batch.input_sizes[0].tolist()) == 800 and batch.pixel_mask.shape[0] == 2
     assert adapter.model.config.num_queries == 100 and adapter.num_layers == 6

@@ -37,24 +37,27 @@ def descriptor(image: torch.Tensor, features: torch.Tensor, geometry: Geometry, 
     """The off-object peak of one instance as a vector: the projected backbone feature at the peak (unit norm;
     `features` [D, h, w] of a batch whose image `geometry` puts the image on that grid), the peak's position
     relative to the instance box (in box widths / heights from its centre), and the colour mean and std of the
-    image under the peak window (in [0, 1])."""
+    image under the peak window (in [0, 1]; `image` is the decoded picture, possibly a smaller copy)."""
     r, c = case.finding.peak  # type: ignore[misc]
     x0, y0, x1, y1 = case.geometry.cells_to_pixels(r, c, span=case.finding.peak_span)
+    px0, py0, px1, py1 = case.geometry.cells_to_pixels(r, c, span=case.finding.peak_span, raster=tuple(image.shape[-2:]))
     fy, fx = geometry.pixel_to_cell((x0 + x1) / 2, (y0 + y1) / 2)
     feature = features[:, fy, fx].float()
     feature = (feature / feature.norm().clamp(min=1e-6)).cpu().numpy()
     bx0, by0, bx1, by1 = case.box
     position = [((x0 + x1) / 2 - (bx0 + bx1) / 2) / max(bx1 - bx0, 1.0),
                 ((y0 + y1) / 2 - (by0 + by1) / 2) / max(by1 - by0, 1.0)]
-    patch = image[:, y0:y1, x0:x1].float().flatten(1) / 255
+    patch = image[:, py0:py1, px0:px1].float().flatten(1) / 255
     colour = torch.cat([patch.mean(1), patch.std(1, correction=0)]).numpy()
     return np.concatenate([feature, position, colour]).astype(np.float32)
 
 
 def crop(image: torch.Tensor, case: Case, scale: int = 4) -> bytes:
-    """PNG bytes of the image around an instance's peak window and one cell around it, enlarged for viewing."""
+    """PNG bytes of the decoded picture around an instance's peak window and one cell around it, enlarged for
+    viewing."""
     r, c = case.finding.peak  # type: ignore[misc]
-    x0, y0, x1, y1 = case.geometry.cells_to_pixels(r, c, radius=1, span=case.finding.peak_span)
+    x0, y0, x1, y1 = case.geometry.cells_to_pixels(r, c, radius=1, span=case.finding.peak_span,
+                                                   raster=tuple(image.shape[-2:]))
     patch = Image.fromarray(image[:, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy())
     patch = patch.resize((patch.width * scale, patch.height * scale), Image.NEAREST)
     buffer = io.BytesIO()

@@ -9,6 +9,7 @@ budgeted (a forward costs seconds for a real-size detector on a CPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +23,8 @@ from eive_audit.pipeline.findings.flags import Case, InstanceKey
 from eive_audit.pipeline.metrics.faithfulness import instance_scores
 from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.detr import DetrAdapter
-from eive_audit.pipeline.models.preprocess import PixelBatch, load_image
+from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.sources.decode import decode_rgb
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,10 @@ class Job:
 
 @dataclass(frozen=True)
 class CaseBatch:
-    """Images the cases belong to, preprocessed anew: the batch, the decoded pictures and each one's cases.
+    """Images the cases belong to, preprocessed anew: the batch, the decoded pictures (each at most the model's
+    longest input edge on a side, so a large image is a smaller copy of its original) and each one's cases.
     The batch need not pad like the audit's did, so regions travel between the two geometries through the
-    original pixels."""
+    original image's frame (`Geometry` rasters)."""
 
     batch: PixelBatch
     pictures: list[torch.Tensor]
@@ -71,9 +74,9 @@ def image_batches(adapter: DetrAdapter, cases: list[Case], images: dict[int, dic
     ids = sorted(by_image)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        pictures = [load_image(images[i]["file_path"]) for i in chunk]
+        pictures = [decode_rgb(Path(images[i]["file_path"]), adapter.preprocess_config.longest_edge) for i in chunk]
         with torch.inference_mode():
-            batch = adapter.preprocess(pictures)
+            batch = adapter.preprocess(pictures, [(images[i]["height"], images[i]["width"]) for i in chunk])
         yield CaseBatch(batch, pictures, [by_image[i] for i in chunk])
 
 
@@ -158,26 +161,27 @@ def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], blur_sigma
     return drops
 
 
-def _box_mask(case: Case) -> torch.Tensor:
-    """The case's box as a boolean mask of the original image."""
-    inside = torch.zeros(case.geometry.original, dtype=torch.bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in case.box)
-    inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-    return inside
+def _input_size(batch: PixelBatch, b: int) -> tuple[int, int]:
+    return int(batch.input_sizes[b][0]), int(batch.input_sizes[b][1])
 
 
-def _to_input(mask: torch.Tensor, batch: PixelBatch, b: int) -> torch.Tensor:
-    """A boolean mask of image `b`'s original pixels, resized to its input size and padded like the batch."""
-    ih, iw = (int(v) for v in batch.input_sizes[b])
-    pad = (0, batch.pixel_values.shape[-1] - iw, 0, batch.pixel_values.shape[-2] - ih)
-    return F.pad(F.interpolate(mask[None, None].float(), size=(ih, iw), mode="nearest")[0, 0], pad).bool()
+def _padded(mask: torch.Tensor, batch: PixelBatch) -> torch.Tensor:
+    """A boolean mask at an image's input size, padded like the batch (the image sits top-left)."""
+    pad = (0, batch.pixel_values.shape[-1] - mask.shape[-1], 0, batch.pixel_values.shape[-2] - mask.shape[-2])
+    return F.pad(mask, pad)
+
+
+def _box_mask(batch: PixelBatch, job: Job) -> torch.Tensor:
+    """The case's box as a boolean mask of the batch's padded input (drawn at input size: a mask of the
+    original pixels would be 100 M entries for a 12000 x 9000 photo)."""
+    return _padded(job.case.geometry.box_to_mask(job.case.box, _input_size(batch, job.image)), batch)
 
 
 def _blurred_region(batch: PixelBatch, job: Job) -> torch.Tensor:
     """The job's cells to blur as a mask of the batch's padded input, the case's box left out (cells are
     coarse: spare the object)."""
-    region = job.case.geometry.cells_to_mask(job.cells)
-    return _to_input(region & ~_box_mask(job.case), batch, job.image)
+    region = _padded(job.case.geometry.cells_to_mask(job.cells, _input_size(batch, job.image)), batch)
+    return region & ~_box_mask(batch, job)
 
 
 def _targets(jobs: list[Job], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +203,7 @@ def _fills(batch: PixelBatch, jobs: list[Job], sigma: float) -> dict[InstanceKey
         for job in jobs:
             if job.case.key in fills:
                 continue
-            inside = _to_input(_box_mask(job.case), batch, job.image).to(batch.pixel_values.device)
+            inside = _box_mask(batch, job).to(batch.pixel_values.device)
             kept = (~inside & batch.pixel_mask[job.image].bool())[None, None].float()
             source = batch.pixel_values[job.image:job.image + 1] * kept
             fills[job.case.key] = (gaussian_blur(source, [kernel, kernel], [sigma, sigma])

@@ -140,8 +140,9 @@ class DetrAdapter:
     def num_layers(self) -> int:
         return int(self.model.config.decoder_layers)
 
-    def preprocess(self, images: list[torch.Tensor]) -> PixelBatch:
-        return preprocess(images, self.preprocess_config, self.device)
+    def preprocess(self, images: list[torch.Tensor], sizes: list[tuple[int, int]] | None = None) -> PixelBatch:
+        """`models.preprocess.preprocess` on this model's device; `sizes`: the images' original (h, w)."""
+        return preprocess(images, self.preprocess_config, self.device, sizes)
 
     def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-class probabilities [..., C]: sigmoid for focal-loss heads, softmax minus no-object for DETR."""
@@ -250,10 +251,11 @@ class DetrAdapter:
         return self.class_probs(out.logits), out.pred_boxes.float()
 
     @torch.inference_mode()
-    def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5,
-               max_detections: int = 100) -> list[Detections]:
-        """Preprocess, forward and postprocess a list of uint8 [3, h, w] images."""
-        batch = self.preprocess(images)
+    def detect(self, images: list[torch.Tensor], score_threshold: float = 0.5, max_detections: int = 100,
+               sizes: list[tuple[int, int]] | None = None) -> list[Detections]:
+        """Preprocess, forward and postprocess a list of uint8 [3, h, w] images; boxes in pixels of `sizes`
+        (the images' original (h, w); by default their own shapes)."""
+        batch = self.preprocess(images, sizes)
         return self.postprocess(self.forward(batch), batch, score_threshold, max_detections)
 
 

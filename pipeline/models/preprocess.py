@@ -1,5 +1,9 @@
 """Batched DETR preprocessing on the model's device: resize, normalise, pad, pixel mask.
 
+Images arrive decoded by `pipeline.sources.decode.decode_rgb`, at most `longest_edge` on a side (no input
+side is ever longer), so a large image may come as a smaller copy of itself: the input size is computed from
+its original (display) size, which is what boxes are given and returned in.
+
 The parameters (input size, mean, std) come from the checkpoint's `preprocessor_config.json`, the file
 every transformers detection checkpoint ships, so a model is always fed the way it was trained.
 """
@@ -12,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image
 
 from eive_audit.pipeline.models.families import IMAGENET_MEAN, IMAGENET_STD
 
@@ -59,21 +62,22 @@ class PixelBatch:
     original_sizes: torch.Tensor
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 RGB [3, h, w]; raises on a missing or corrupt file."""
-    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.RGB)
+def preprocess(images: list[torch.Tensor], config: PreprocessConfig, device: torch.device | str = "cpu",
+               sizes: list[tuple[int, int]] | None = None) -> PixelBatch:
+    """Resize each uint8 [3, h, w] image, normalise, and pad the batch to its largest size.
 
-
-def preprocess(images: list[torch.Tensor], config: PreprocessConfig, device: torch.device | str = "cpu") -> PixelBatch:
-    """Resize each uint8 [3, h, w] image, normalise, and pad the batch to its largest size."""
+    sizes: each image's original (height, width) when it was decoded smaller (the record's display size);
+    by default its own shape. Input sizes follow the original, and `original_sizes` are these."""
     if not images:
         raise ValueError("preprocess needs at least one image")
+    originals = sizes if sizes is not None else [tuple(image.shape[-2:]) for image in images]
+    if len(originals) != len(images):
+        raise ValueError(f"{len(originals)} sizes for {len(images)} images")
     mean = torch.tensor(config.mean, device=device).view(3, 1, 1)
     std = torch.tensor(config.std, device=device).view(3, 1, 1)
     resized = []
-    for image in images:
-        h, w = config.resized_shape(image.shape[-2], image.shape[-1])
+    for image, (height, width) in zip(images, originals):
+        h, w = config.resized_shape(height, width)
         x = image.to(device=device, dtype=torch.float32).div_(255.0)
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -89,5 +93,5 @@ def preprocess(images: list[torch.Tensor], config: PreprocessConfig, device: tor
         pixel_values=pixels,
         pixel_mask=mask,
         input_sizes=torch.tensor([x.shape[-2:] for x in resized], device=device),
-        original_sizes=torch.tensor([img.shape[-2:] for img in images], device=device),
+        original_sizes=torch.tensor([tuple(size) for size in originals], device=device),
     )

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 from pycocotools.coco import COCO
 
+from eive_audit.pipeline.sources.decode import display_size
 from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
 
 # Real COCO boxes overshoot the image by rounding; this much is clipped instead of rejected.
@@ -86,8 +86,7 @@ class CocoSource:
             yield SourceError(image_id, ErrorReason.MISSING_FILE, f"image file not found: {path}", path=str(path))
             return
         try:
-            with Image.open(path) as image:
-                width, height = image.size
+            width, height, orientation = display_size(path)
         except Exception as exc:  # PIL raises several types for corrupt files
             yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", path=str(path))
             return
@@ -105,6 +104,7 @@ class CocoSource:
             image_id=int(image_id), path=path, width=width, height=height,
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(labels, dtype=np.int64), names=tuple(names), annotation_ids=tuple(ann_ids),
+            exif_orientation=orientation,
         )
 
     def _check_annotation(self, ann: dict[str, Any], width: int, height: int) -> list[float] | SourceError:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
-
+from eive_audit.pipeline.sources.decode import display_size
 from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -41,9 +40,8 @@ class FolderSource:
         """The record of one image, or the error that stops it."""
         path = self.paths[image_id - 1]
         try:
-            with Image.open(path) as image:
-                width, height = image.size
+            width, height, orientation = display_size(path)
         except Exception as exc:  # PIL raises several types for corrupt files
             yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", str(path))
             return
-        yield ImageRecord(image_id=image_id, path=path, width=width, height=height)
+        yield ImageRecord(image_id=image_id, path=path, width=width, height=height, exif_orientation=orientation)

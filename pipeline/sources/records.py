@@ -57,7 +57,9 @@ class ImageRecord:
     """One image to audit.
 
     Boxes are absolute pixel xyxy, float32 [n, 4]; `labels` are the dataset's category ids [n];
-    `names` the matching category names. A folder source yields records with no boxes.
+    `names` the matching category names. A folder source yields records with no boxes. `width` and `height`
+    are the display size (`decode.display_size`: EXIF orientation applied), the frame of the boxes and of
+    every stored coordinate; `exif_orientation` is the EXIF tag applied (None without one).
     """
 
     image_id: int
@@ -68,6 +70,7 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=_empty_labels)
     names: tuple[str, ...] = ()
     annotation_ids: tuple[int, ...] = ()
+    exif_orientation: int | None = None
 
     def __post_init__(self) -> None:
         if self.boxes.shape != (len(self.labels), 4):
