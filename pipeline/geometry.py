@@ -10,8 +10,8 @@ the training losses read a map alike.
 Sizes are (height, width), as the `images` table stores them. Boxes are xyxy: in original pixels, or in grid
 units (cell (r, c) spans x in [c, c + 1), y in [r, r + 1)). A mask or map laid on the image may be drawn on any
 `raster` (h, w) that covers the whole image (the original pixels by default, or a smaller copy of them: a
-12000 x 9000 photo need not be drawn at full size), each raster pixel reading what lies under its centre. This module imports no other project module (the
-review layer uses it too) and no model code.
+12000 x 9000 photo need not be drawn at full size), each raster pixel reading what lies under its centre.
+This module imports no other project module (the review layer uses it too) and no model code.
 """
 
 from __future__ import annotations

@@ -262,7 +262,8 @@ def test_a_large_image_is_audited_in_original_coordinates(synth: Path, tmp_path:
             canvas.resize(size, Image.Resampling.BICUBIC).save(tmp_path / name / f"{entry['id']}.jpg", quality=95)
             entries.append({**entry, "file_name": f"{entry['id']}.jpg", "width": size[0], "height": size[1]})
         factor = size[0] / 192
-        annotations = [{**a, "bbox": [v * factor for v in a["bbox"]]} for a in data["annotations"] if a["image_id"] in ids]
+        annotations = [{**a, "bbox": [v * factor for v in a["bbox"]]}
+                       for a in data["annotations"] if a["image_id"] in ids]
         (tmp_path / f"{name}.json").write_text(json.dumps({**data, "images": entries, "annotations": annotations}))
     runs = {}
     for name in ("small", "large"):
@@ -288,5 +289,6 @@ def test_a_large_image_is_audited_in_original_coordinates(synth: Path, tmp_path:
     assert sizes.to_pylist() == [{"width": 4000, "height": 3000, "input_width": 128, "input_height": 96}]
     report = (tmp_path / "store-large" / "reports" / f"{runs['large']}.html").read_text()
     assert 'class="failure"' in report and "image unavailable" not in report
-    verified = query(tmp_path / "store-large", "SELECT count(*) AS n FROM instances WHERE verification_drop IS NOT NULL")
-    assert verified.column("n")[0].as_py() > 0, "findings re-scored the large images"
+    verified = query(tmp_path / "store-large", "SELECT count(*) AS n FROM instances "
+                                               "WHERE verification_drop IS NOT NULL").column("n")[0].as_py()
+    assert verified > 0, "findings re-scored the large images"

@@ -47,6 +47,26 @@ def test_every_conversion_against_hand_computed_values() -> None:
     assert image.shape == (60, 120) and np.array_equal(image > 0, GEOMETRY.cells_to_mask(cells).numpy())
 
 
+def test_a_smaller_raster_of_the_image_reads_the_same_cells() -> None:
+    """A 30 x 60 raster is the 60 x 120 image at half size: a cell is 6 raster pixels a side."""
+    half = (30, 60)
+    assert GEOMETRY.cells_to_pixels(1, 2, raster=half) == (12, 6, 18, 12)
+    assert GEOMETRY.cells_to_pixels(4, 9, radius=1, raster=half) == (48, 18, 60, 30)
+    cells = torch.zeros(10, 12, dtype=torch.bool)
+    cells[1, 2] = True
+    cells[5:, :] = True  # padding: reaches no pixel
+    ys, xs = np.nonzero(GEOMETRY.cells_to_mask(cells, half).numpy())
+    assert (ys.min(), ys.max(), xs.min(), xs.max(), len(ys)) == (6, 11, 12, 17, 36)
+    hot = cells.numpy().astype(np.float32)
+    image = GEOMETRY.map_to_image(hot, order=0, raster=half)
+    assert image.shape == half and np.array_equal(image > 0, GEOMETRY.cells_to_mask(cells, half).numpy())
+    # box x 24..84, y 12..48 px: pixel centres inside are original x 24..83, y 12..47; half of that at half size
+    box = [24.0, 12.0, 84.0, 48.0]
+    for raster, (y0, y1, x0, x1) in ((None, (12, 47, 24, 83)), (half, (6, 23, 12, 41))):
+        ys, xs = np.nonzero(GEOMETRY.box_to_mask(box, raster).numpy())
+        assert (ys.min(), ys.max(), xs.min(), xs.max()) == (y0, y1, x0, x1)
+
+
 def test_the_grid_follows_resize_and_padding_on_both_axes() -> None:
     # 200 x 100 (w x h) image resized to 400 x 200, padded to 416 x 224, grid 13 x 7 (stride 32): x px * 2 / 32.
     geometry = Geometry(original=(100, 200), input=(200, 400), padded=(224, 416), grid=(7, 13))

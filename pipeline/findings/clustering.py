@@ -40,7 +40,8 @@ def descriptor(image: torch.Tensor, features: torch.Tensor, geometry: Geometry, 
     image under the peak window (in [0, 1]; `image` is the decoded picture, possibly a smaller copy)."""
     r, c = case.finding.peak  # type: ignore[misc]
     x0, y0, x1, y1 = case.geometry.cells_to_pixels(r, c, span=case.finding.peak_span)
-    px0, py0, px1, py1 = case.geometry.cells_to_pixels(r, c, span=case.finding.peak_span, raster=tuple(image.shape[-2:]))
+    px0, py0, px1, py1 = case.geometry.cells_to_pixels(r, c, span=case.finding.peak_span,
+                                                       raster=tuple(image.shape[-2:]))  # on the picture
     fy, fx = geometry.pixel_to_cell((x0 + x1) / 2, (y0 + y1) / 2)
     feature = features[:, fy, fx].float()
     feature = (feature / feature.norm().clamp(min=1e-6)).cpu().numpy()

@@ -11,9 +11,9 @@ picture always has the record's shape.
 Memory: a JPEG is never decoded at full size when a smaller one is asked for. Pillow's draft mode decodes
 it at 1/2, 1/4 or 1/8 scale straight from the file (the smallest that still covers the requested size), so
 `decode_rgb(path, max_side)` of a W x H JPEG holds at most max((2 * max_side)^2, W * H / 64) decoded pixels
-(3 bytes each) before the final resize: 1.7 M pixels (5 MB) for 12000 x 9000 at any max_side up to 750,
-(2 * 1333)^2 = 7.1 M pixels (21 MB) at DETR's 1333. Other formats have no such mode and are decoded whole,
-then resized (a few full-size copies of the image). Pillow's decompression-bomb limit stays in force: a file
+(3 bytes each) before the final resize: for a 12000 x 9000 photo 1500 x 1125 pixels (5 MB) at any max_side up
+to 1500 (DETR's 1333 included), against 324 MB decoded whole. Other formats have no such mode and are decoded
+whole, then resized (a few full-size copies of the image). Pillow's decompression-bomb limit stays in force: a file
 over 2 * MAX_IMAGE_PIXELS pixels raises `DecompressionBombError` at open, which the callers record as an
 unreadable image.
 
