@@ -256,6 +256,30 @@ def test_heatmap_pngs_exist_at_the_image_size(run: tuple[Path, str], pushed: dic
                 assert heatmap.size == size and heatmap.mode == "L"
 
 
+_LARGE_HEATMAP = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from eive_audit.reports.fiftyone_push import _heatmap
+row = {"width": 12000, "height": 9000, "input_height": 96, "input_width": 128, "padded_height": 128,
+       "padded_width": 128}
+grid = np.zeros((4, 4), np.float32)
+grid[0, 0] = 1.0
+heatmap = _heatmap(Path(sys.argv[1]), grid, row)
+with Image.open(heatmap.map_path) as image:
+    print(json.dumps({"size": image.size, "corner": int(np.asarray(image)[0, 0])}))
+"""
+
+
+def test_a_large_image_s_heatmap_is_drawn_at_the_model_input_size(fiftyone_env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """A 12000 x 9000 photo's map holds no more than the 128 x 96 input the model saw (and the App stretches
+    a heatmap over its image): drawn at that size, not as a 108 M-pixel raster."""
+    drawn = _python(_LARGE_HEATMAP, str(tmp_path / "map.png"), env=fiftyone_env)
+    assert drawn == {"size": [128, 96], "corner": 255}
+
+
 def test_saved_views_hold_the_instances_the_tables_name(run: tuple[Path, str], pushed: dict) -> None:
     store, run_id = run
 

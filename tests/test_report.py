@@ -23,8 +23,9 @@ from PIL import Image
 
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import localization_scores
-from eive_audit.reports.html_report import CSP, PLOTTED_SCORES, write_report
+from eive_audit.reports.html_report import CAPTION_SCORES, CSP, PLOTTED_SCORES, _card, _read_image, write_report
 from eive_audit.reports.overlay import map_to_image
+from eive_audit.reports.plots import PANEL_PIXELS
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map, encode_map
 
@@ -106,6 +107,28 @@ def test_overlay_and_scores_read_a_map_with_the_same_geometry() -> None:
     expected = localization_scores(grid[None], to_grid, torch.tensor([0]), to_grid)["mass_in_gt"].item()
     image_map = map_to_image(grid.numpy(), GEOMETRY, order=0)
     assert image_map[_inside(image_map.shape, box)].sum() / image_map.sum() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_large_image_is_read_for_a_card_at_panel_size(tmp_path: Path) -> None:
+    """A card shows at most PANEL_PIXELS a side: a 4000 x 3000 photo is decoded that small (the report once
+    decoded each card's image whole, and drew its maps at that size), its map drawn on the same raster and its
+    boxes still in original pixels."""
+    pixels = np.zeros((3000, 4000, 3), np.uint8)
+    pixels[:, 2000:] = 255
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)
+    image = _read_image(str(tmp_path / "big.jpg"), tmp_path)
+    assert image is not None and image.shape == (180, PANEL_PIXELS, 3)
+    assert image[:, :100].max() < 20 and image[:, -100:].min() > 235, "the same picture, smaller"
+    grid = np.zeros((4, 4), np.float32)
+    grid[1, 1] = 1.0
+    row = {"file_path": str(tmp_path / "big.jpg"), "width": 4000, "height": 3000, "input_height": 96,
+           "input_width": 128, "padded_height": 128, "padded_width": 128, "grid_h": 4, "grid_w": 4,
+           "map": encode_map(grid), "explainer": "eive", "instance_id": "1-q0", "label_name": "thing",
+           "outcome": "tp", "score": 0.9, "iou": 0.8, "pred_x0": 1000.0, "pred_y0": 750.0, "pred_x1": 2000.0,
+           "pred_y1": 1500.0, "gt_x0": 1000.0, "gt_y0": 750.0, "gt_x1": 2000.0, "gt_y1": 1500.0,
+           **{score: None for score in CAPTION_SCORES}}
+    card = _card([row], tmp_path)
+    assert 'data-instance="1-q0"' in card and "image unavailable" not in card
 
 
 # ---------------------------------------------------------------- a real run and its report
