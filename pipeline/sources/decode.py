@@ -72,7 +72,7 @@ def _to_rgb8(image: Image.Image) -> Image.Image:
         values = np.rint(np.nan_to_num(np.asarray(image, dtype=np.float32)).clip(0.0, 1.0) * 255)
     else:
         return image if image.mode == "RGB" else image.convert("RGB")
-    return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+    return Image.fromarray(values.astype(np.uint8)).convert("RGB")  # a 2-D uint8 array is mode L
 
 
 def decode_rgb(path: Path, max_side: int | None) -> torch.Tensor:
