@@ -252,7 +252,16 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML file of AuditConf
     command line wins over the file."""
     audit_config = _load_config(config, _given(RUN_FLAGS, given))
     _preflight(audit_config)
-    typer.echo(json.dumps(_audit(audit_config)))
+    summary = _audit(audit_config)
+    typer.echo(json.dumps(summary))
+    _fail_if_nothing_audited(summary, audit_config.out)
+
+
+def _fail_if_nothing_audited(summary: dict, store: Path) -> None:
+    """A run whose every image failed wrote its errors but audited nothing: say so, and do not exit 0."""
+    if summary["images"] and not summary["audited"]:
+        _fail(f"no image could be audited: all {summary['images']} failed ({summary['errors']} errors); "
+              f"see them with: eive-audit sql --store {store} \"SELECT type, message FROM errors\"")
 
 
 app.command()(_with_flags(run, RUN_FLAGS))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity; 5: off_object_share
-# and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step
-SCHEMA_VERSION = 5
+# and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step;
+# 6: runs.error and the failed status, the crowd outcome, images.exif_orientation
+SCHEMA_VERSION = 6
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 # An instances row that any off-object flag marks (the flags are written with each shard), as SQL: what the
 # `flagged` faithfulness budget selects and the run summary counts.
@@ -19,6 +20,7 @@ FLAGGED = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn", "det"}),
+    ("runs", "status"): frozenset({"running", "finished", "failed"}),
 }
 
 
@@ -50,6 +52,7 @@ RUNS = _schema(
     _required("n_instances", pa.int64()),
     _required("n_errors", pa.int64()),
     _required("seconds", pa.float64()),
+    _optional("error", pa.string()),  # why a `failed` run stopped: "<exception type>: <message>"
 )
 
 # One row per image of the source: its size, counts, status and timings. An image that failed
@@ -159,6 +162,10 @@ FINDINGS = _schema(
     _optional("verification_drop", pa.float32()),  # mean relative score drop with the peak region blurred
     _required("confirmed", pa.bool_()),
 )
+
+# The tables written as one file per run (shard "run", replaced whole); the others have one file per shard,
+# which counts once the shard's done-marker exists (storage.catalog).
+RUN_TABLES = frozenset({"runs", "findings"})
 
 SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,
