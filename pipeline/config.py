@@ -257,6 +257,8 @@ class TrainConfig(_Part):
     lr_drop_fraction: float = Field(0.8, gt=0.0, le=1.0,
                                     description="share of the steps after which the learning rate drops tenfold")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(20, ge=1, description="steps between progress lines (step, losses, elapsed time, rate) "
+                                                 "when stderr is not a terminal; a terminal gets a progress bar")
     hflip: bool = Field(True, description="random horizontal flips (seeded per step and image)")
     seed: int = Field(0, description="seed of the initialisation, data order and flips")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -41,8 +41,8 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 # Settings that may change between an interrupted run and its resumption: where and how fast it runs, how
-# often it checkpoints, and how long it goes on (the schedule is a function of the final step count).
-RESUMABLE_CHANGES = frozenset({"out", "device", "threads", "checkpoint_every", "steps"})
+# often it checkpoints and logs, and how long it goes on (the schedule is a function of the final step count).
+RESUMABLE_CHANGES = frozenset({"out", "device", "threads", "checkpoint_every", "log_every", "steps"})
 
 
 def run_identity(config: TrainConfig) -> str:

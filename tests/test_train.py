@@ -4,11 +4,12 @@ exactly the weights of an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from cli import invoke_ok
+from cli import invoke, invoke_ok
 from safetensors.torch import load_file
 
 from eive_audit.pipeline.models.detr import DetrAdapter
@@ -88,3 +89,14 @@ def test_a_checkpoint_resumes_only_under_the_settings_that_wrote_it(synth: Path,
     longer = config.model_copy(update={"steps": 4, "checkpoint_every": 5})
     train(longer, on_step=lambda step, _losses: seen.append(step))
     assert seen == [3, 4], "a longer schedule, or other checkpoint spacing, may resume the same run"
+
+
+def test_training_without_a_terminal_prints_a_progress_line_every_log_every_steps(synth: Path,
+                                                                                   tmp_path: Path) -> None:
+    result = invoke("train", "--coco", synth / "annotations" / "train.json", "--images", synth / "images" / "train",
+                    "--out", tmp_path / "m", "--init", "default", "--steps", "5", "--batch-size", "2",
+                    "--log-every", "2", "--device", "cpu", "--threads", "1")
+    assert result.code == 0, result.stderr[-4000:]
+    lines = re.findall(r"step (\d+)/5 loss (\d+\.\d+) elapsed (\d+\.\d)s rate (\d[\d.e+-]*) steps/s", result.stderr)
+    assert [int(step) for step, *_ in lines] == [2, 4, 5], result.stderr[-2000:]
+    assert all(float(elapsed) > 0 and float(rate) > 0 for _, _, elapsed, rate in lines)
