@@ -247,7 +247,9 @@ class TrainConfig(_Part):
     images: Path = Field(description="image root of the training split")
     out: Path = Field(description="model directory to write (its checkpoint/ folder resumes an interrupted run)")
     family: str = Field("conditional-detr-small", description="architecture when training from scratch")
-    init: Path | None = Field(None, description="fine-tune this model directory instead of a random init")
+    init: Path | None = Field(None, description="fine-tune this model directory (or `default`) instead of a random "
+                                                "init; onto other category names, with a class head relabelled to "
+                                                "the dataset's categories")
     steps: int = Field(6000, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="images per step")
     lr: float = Field(5e-4, gt=0.0, description="AdamW learning rate after warm-up")
