@@ -19,7 +19,7 @@ FLAGGED = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
-    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn", "det"}),
+    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "crowd", "fn", "det"}),
     ("runs", "status"): frozenset({"running", "finished", "failed"}),
 }
 
@@ -82,7 +82,7 @@ INSTANCES = _schema(
     _required("image_id", pa.int64()),
     _required("shard", pa.string()),
     _required("explainer", pa.string()),
-    _required("outcome", pa.string()),  # tp, fp, dup, fn; det in a source without GT (ALLOWED_VALUES)
+    _required("outcome", pa.string()),  # tp, fp, dup, crowd, fn; det in a source without GT (ALLOWED_VALUES)
     _required("query", pa.int32()),
     _optional("label", pa.int64()),  # dataset category id
     _required("label_name", pa.string()),
@@ -96,7 +96,7 @@ INSTANCES = _schema(
     _optional("gt_y0", pa.float32()),
     _optional("gt_x1", pa.float32()),
     _optional("gt_y1", pa.float32()),
-    _optional("iou", pa.float32()),
+    _optional("iou", pa.float32()),  # with the GT box; for crowd, the share of the prediction inside the region
     _optional("mass_in_pred", pa.float32()),  # null when the map has no mass at all (nothing to locate)
     _optional("mass_in_gt", pa.float32()),
     _optional("mass_on_other_gt", pa.float32()),

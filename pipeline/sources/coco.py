@@ -91,7 +91,7 @@ class CocoSource:
         except Exception as exc:  # PIL raises several types for corrupt files
             yield SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", path=str(path))
             return
-        boxes, labels, names, ann_ids = [], [], [], []
+        boxes, labels, names, ann_ids, crowd = [], [], [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             checked = self._check_annotation(ann, width, height)
             if isinstance(checked, SourceError):
@@ -101,10 +101,12 @@ class CocoSource:
             labels.append(ann["category_id"])
             names.append(self.categories[ann["category_id"]])
             ann_ids.append(int(ann["id"]))
+            crowd.append(bool(ann.get("iscrowd", 0)))
         yield ImageRecord(
             image_id=int(image_id), path=path, width=width, height=height,
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(labels, dtype=np.int64), names=tuple(names), annotation_ids=tuple(ann_ids),
+            crowd=np.asarray(crowd, dtype=bool),
         )
 
     def _check_annotation(self, ann: dict[str, Any], width: int, height: int) -> list[float] | SourceError:

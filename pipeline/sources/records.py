@@ -52,12 +52,18 @@ def _empty_labels() -> np.ndarray:
     return np.zeros((0,), dtype=np.int64)
 
 
+def _empty_flags() -> np.ndarray:
+    return np.zeros((0,), dtype=bool)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image to audit.
 
     Boxes are absolute pixel xyxy, float32 [n, 4]; `labels` are the dataset's category ids [n];
-    `names` the matching category names. A folder source yields records with no boxes.
+    `names` the matching category names; `crowd` [n] marks COCO crowd regions (`iscrowd`: one box over many
+    objects, which evaluation ignores rather than counts), all False when not given. A folder source yields
+    records with no boxes.
     """
 
     image_id: int
@@ -68,8 +74,13 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=_empty_labels)
     names: tuple[str, ...] = ()
     annotation_ids: tuple[int, ...] = ()
+    crowd: np.ndarray = field(default_factory=_empty_flags)
 
     def __post_init__(self) -> None:
+        if len(self.crowd) == 0:  # not given: no crowd regions
+            object.__setattr__(self, "crowd", np.zeros(len(self.labels), dtype=bool))
+        if self.crowd.shape != (len(self.labels),):
+            raise ValueError(f"crowd flags {self.crowd.shape} do not match {len(self.labels)} labels")
         if self.boxes.shape != (len(self.labels), 4):
             raise ValueError(f"boxes {self.boxes.shape} do not match {len(self.labels)} labels")
         if len(self.names) != len(self.labels):
