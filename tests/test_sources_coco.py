@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from eive_audit.pipeline.sources import CocoSource, ErrorReason, ImageRecord, SourceError, SourceFormatError
 
@@ -94,3 +95,50 @@ def test_folder_source_yields_images_without_gt(coco_tiny: Path, tmp_path: Path)
     errors = [e for e in items if isinstance(e, SourceError)]
     assert len(records) == 80 and all(len(r.labels) == 0 for r in records)
     assert [e.reason for e in errors] == [ErrorReason.UNREADABLE_IMAGE]
+
+
+# --- Validation of ids, references and boxes (issue 15); the whole-run view is tests/test_bad_inputs.py ---
+
+OK_IMAGE = {"id": 1, "file_name": "ok.png", "width": 64, "height": 48}
+GOOD_BOX = {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8]}
+
+
+def _dataset(tmp_path: Path, images: list[dict], annotations: list[dict],
+             categories: list[dict] | None = None) -> tuple[Path, Path]:
+    """An annotation file and its image root, which holds one 64x48 `ok.png` (and `ok2.png`, the same)."""
+    root = tmp_path / "images"
+    root.mkdir(exist_ok=True)
+    for name in ("ok.png", "ok2.png"):
+        Image.new("RGB", (64, 48), "gray").save(root / name)
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                    "categories": categories or [{"id": 1, "name": "thing"}]}))
+    return ann_file, root
+
+
+def _read(ann_file: Path, root: Path) -> tuple[list[tuple[int | None, int | None, ErrorReason]], dict[int, ImageRecord]]:
+    """(image id, annotation id, reason) of every error of a full pass, sorted, and the records by image id."""
+    items = list(CocoSource(ann_file, root))
+    errors = sorted(((e.image_id, e.annotation_id, e.reason) for e in items if isinstance(e, SourceError)),
+                    key=lambda e: (e[0] is None, e[0] or 0, e[1] or 0))
+    return errors, {r.image_id: r for r in items if isinstance(r, ImageRecord)}
+
+
+@pytest.mark.parametrize(("bbox", "reason"), [
+    ([float("nan"), 10, 30, 30], ErrorReason.NON_FINITE_BOX),  # json's NaN: every comparison with it is false
+    ([1, 1, float("inf"), 5], ErrorReason.NON_FINITE_BOX),
+    ([float("-inf"), 1, 5, 5], ErrorReason.NON_FINITE_BOX),
+    ([1, 1, 10 ** 400, 5], ErrorReason.NON_FINITE_BOX),  # a json integer too large for a float
+    ([True, 1, 5, 5], ErrorReason.MALFORMED_ANNOTATION),  # json's true is an int to Python, not a number
+    ([1, 1, 5, False], ErrorReason.MALFORMED_ANNOTATION),
+    ({"x": 1, "y": 1, "w": 5, "h": 5}, ErrorReason.MALFORMED_ANNOTATION),
+    ([1, 2, 3], ErrorReason.MALFORMED_ANNOTATION),
+    (["1", 1, 5, 5], ErrorReason.MALFORMED_ANNOTATION),
+    (None, ErrorReason.MALFORMED_ANNOTATION),
+])
+def test_a_box_that_is_not_four_finite_numbers_is_an_annotation_error(tmp_path: Path, bbox: object,
+                                                                      reason: ErrorReason) -> None:
+    bad = {"id": 10, "image_id": 1, "category_id": 1, "bbox": bbox}
+    errors, records = _read(*_dataset(tmp_path, [OK_IMAGE], [bad, GOOD_BOX]))
+    assert errors == [(1, 10, reason)]
+    assert records[1].annotation_ids == (11,), "the image is still audited with its good box"

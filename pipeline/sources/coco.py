@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,19 @@ from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, Source
 
 # Real COCO boxes overshoot the image by rounding; this much is clipped instead of rejected.
 EDGE_TOLERANCE_PX = 1.0
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float; json's `true` is an int to Python, but not a number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_float(value: int | float) -> float:
+    """`value` as a float; an integer too large for one is infinite (json integers have no size limit)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -114,10 +128,15 @@ class CocoSource:
             return SourceError(image_id, ErrorReason.UNKNOWN_CATEGORY,
                                f"annotation {ann_id}: unknown category id {ann['category_id']}", annotation_id=ann_id)
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            return SourceError(image_id, ErrorReason.DEGENERATE_BOX, f"annotation {ann_id}: malformed bbox {bbox!r}",
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            return SourceError(image_id, ErrorReason.MALFORMED_ANNOTATION,
+                               f"annotation {ann_id}: bbox {bbox!r:.200} is not four numbers [x, y, w, h]",
                                annotation_id=ann_id)
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = (_to_float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            return SourceError(image_id, ErrorReason.NON_FINITE_BOX,
+                               f"annotation {ann_id}: box {bbox!r:.200} has a coordinate that is not finite",
+                               annotation_id=ann_id)
         if not (w > 0 and h > 0):
             return SourceError(image_id, ErrorReason.DEGENERATE_BOX,
                                f"annotation {ann_id}: box {bbox} has non-positive size", annotation_id=ann_id)

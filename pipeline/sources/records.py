@@ -19,14 +19,20 @@ class SourceFormatError(ValueError):
 
 
 class ErrorReason(str, enum.Enum):
-    """Why a source could not yield (part of) an image. Stored as text in the `errors` table."""
+    """Why a source could not yield (part of) an image. Stored as text in the `errors` table.
+
+    degenerate_box: a non-positive size; non_finite_box: a NaN or infinite coordinate (every comparison
+    with NaN is false, so no bounds check can catch it); malformed_annotation: a bbox that is not four numbers.
+    """
 
     MISSING_FILE = "missing_file"
     UNREADABLE_IMAGE = "unreadable_image"
     PATH_ESCAPES_ROOT = "path_escapes_root"
     BOX_OUT_OF_BOUNDS = "box_out_of_bounds"
     DEGENERATE_BOX = "degenerate_box"
+    NON_FINITE_BOX = "non_finite_box"
     UNKNOWN_CATEGORY = "unknown_category"
+    MALFORMED_ANNOTATION = "malformed_annotation"
 
 
 @dataclass(frozen=True)
