@@ -116,7 +116,10 @@ def _dataset(tmp_path: Path, images: list[dict], annotations: list[dict],
     return ann_file, root
 
 
-def _read(ann_file: Path, root: Path) -> tuple[list[tuple[int | None, int | None, ErrorReason]], dict[int, ImageRecord]]:
+Found = tuple[int | None, int | None, ErrorReason]  # (image id, annotation id, reason) of an error
+
+
+def _read(ann_file: Path, root: Path) -> tuple[list[Found], dict[int, ImageRecord]]:
     """(image id, annotation id, reason) of every error of a full pass, sorted, and the records by image id."""
     items = list(CocoSource(ann_file, root))
     errors = sorted(((e.image_id, e.annotation_id, e.reason) for e in items if isinstance(e, SourceError)),

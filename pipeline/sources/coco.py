@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -130,9 +131,10 @@ def _screen(data: dict[str, Any]) -> tuple[dict[str, Any], dict[int | None, list
 
 
 def safe_join(root: Path, relative: str) -> Path | None:
-    """`root / relative` resolved, or None when it would escape `root` (absolute paths, `..`, symlinks)."""
+    """`root / relative` resolved, or None when it would escape `root` (absolute paths, `..`, symlinks).
+    A symlink loop stays unresolved (os.path.realpath; Path.resolve raises on one) and is then no file."""
     root = root.resolve()
-    candidate = (root / relative).resolve()
+    candidate = Path(os.path.realpath(root / relative))
     return candidate if candidate.is_relative_to(root) else None
 
 
