@@ -315,13 +315,21 @@ def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
 
 def _preflight(config: AuditConfig, data: bool = True) -> None:
     """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
-    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder."""
+    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder,
+    or an annotation file that is no COCO dataset (opened here once; the flow reuses it)."""
     if data:
         _require_data(config.coco, config.images)
     try:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
         _fail(str(exc))
+    if data:
+        from eive_audit.pipeline.sources import SourceFormatError, open_source
+
+        try:
+            open_source(config.images, config.coco)
+        except SourceFormatError as exc:
+            _fail(str(exc))
 
 
 def _audit(config: AuditConfig) -> dict:

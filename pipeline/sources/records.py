@@ -2,7 +2,7 @@
 
 A source never raises on bad content: a broken image or annotation becomes a `SourceError`, which the
 audit writes to its `errors` table while the stream goes on. Only input that is not a dataset at all
-(a json that is not COCO) raises, at once, with `SourceFormatError`.
+(a json that is not COCO, or whose ids are not int64 integers) raises, at once, with `SourceFormatError`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,32 @@ class SourceFormatError(ValueError):
 
 
 class ErrorReason(str, enum.Enum):
-    """Why a source could not yield (part of) an image. Stored as text in the `errors` table."""
+    """Why a source could not yield (part of) an image. Stored as text in the `errors` table.
+
+    Image-level reasons (the image is not audited; the row has no annotation id): missing_file,
+    unreadable_image, path_escapes_root, bad_file_name (null, empty or not a string), size_mismatch (the
+    declared width/height are not the file's displayed size, so its boxes cannot be placed), and
+    duplicate_image_id (one row per entry sharing the id: no box can be attributed to one of them).
+    Annotation-level reasons (the row has the annotation id; its image is audited with its other boxes):
+    box_out_of_bounds, degenerate_box (non-positive size), non_finite_box (NaN or infinite coordinate),
+    unknown_category, malformed_annotation (a bbox that is not four numbers, a category or image id that is
+    not an int64 integer), duplicate_annotation_id (every copy), and orphan_annotation (an image id that no
+    entry of `images` has; the row keeps that image id).
+    """
 
     MISSING_FILE = "missing_file"
     UNREADABLE_IMAGE = "unreadable_image"
     PATH_ESCAPES_ROOT = "path_escapes_root"
+    BAD_FILE_NAME = "bad_file_name"
+    SIZE_MISMATCH = "size_mismatch"
+    DUPLICATE_IMAGE_ID = "duplicate_image_id"
     BOX_OUT_OF_BOUNDS = "box_out_of_bounds"
     DEGENERATE_BOX = "degenerate_box"
+    NON_FINITE_BOX = "non_finite_box"
     UNKNOWN_CATEGORY = "unknown_category"
+    MALFORMED_ANNOTATION = "malformed_annotation"
+    DUPLICATE_ANNOTATION_ID = "duplicate_annotation_id"
+    ORPHAN_ANNOTATION = "orphan_annotation"
 
 
 @dataclass(frozen=True)
