@@ -3,7 +3,8 @@
 Renders a small synthetic val split (`eive-audit synth`), audits it once uninterrupted with the shipped model
 (findings on), then N times: starts the same command on a fresh store, kills it with SIGKILL at a random
 moment spread over the uninterrupted run's duration (kill i falls in the i-th of N equal slices, in a
-random order of slices), alternating the whole process group and the CLI process alone (as the OOM killer
+random order of slices; a run that ends before its kill is started again, at most three times, with the
+slices rescaled to the length it took), alternating the whole process group and the CLI process alone (as the OOM killer
 does), checks that no process it had started (Prefect's uvicorn server, anything else) outlives it, and
 reruns the same command to completion. Each resumed store is compared with the uninterrupted one through
 DuckDB (the store's catalog): per table, the rows of the run as a multiset of their contents, timing
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from eive_audit.storage.schema import SCHEMAS
 CLI = [sys.executable, "-m", "eive_audit"]
 TIMING_COLUMNS = {"forward_ms", "explain_ms", "seconds", "created_at", "finished_at"}
 ORPHAN_WAIT_S = 10.0
+ATTEMPTS = 3  # starts per kill at most, when a run ends before its kill moment
 
 
 def _run_args(data: Path, store: Path) -> list[str]:
@@ -76,13 +79,14 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def _kill_at(args: list[str], env: dict[str, str], log: Path, at: float, group: bool) -> dict[str, Any]:
-    """Start `args`, SIGKILL it (its group, or the CLI process alone) `at` seconds later; what happened."""
+def _kill_at(args: list[str], env: dict[str, str], log: Path, store: Path, at: float, group: bool) -> dict[str, Any]:
+    """Start `args`, SIGKILL it (its group, or the CLI process alone) `at` seconds later; what happened, with
+    the done-markers the store held at the kill (how far the run had come) and the seconds it ran."""
+    started = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seen: set[psutil.Process] = set()
-    deadline = time.monotonic() + at
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() - started < at and proc.poll() is None:
         seen.update(_descendants(proc.pid))  # every process it starts, however briefly, so none escapes the count
         time.sleep(0.05)
     landed = proc.poll() is None
@@ -93,6 +97,8 @@ def _kill_at(args: list[str], env: dict[str, str], log: Path, at: float, group: 
         else:
             os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    ran = time.monotonic() - started
+    markers = len(list((store / "_done").glob("*/[!.]*")))
     wait_until = time.monotonic() + ORPHAN_WAIT_S
     while _alive(list(seen)) and time.monotonic() < wait_until:
         time.sleep(0.1)
@@ -101,7 +107,8 @@ def _kill_at(args: list[str], env: dict[str, str], log: Path, at: float, group: 
     for orphan in orphans:  # the campaign goes on clean
         orphan.kill()
     return {"at_s": round(at, 1), "target": "group" if group else "cli", "landed_mid_run": landed,
-            "orphans": len(orphans), "orphan_commands": names}
+            "ran_s": round(ran, 1), "done_markers_at_kill": markers, "orphans": len(orphans),
+            "orphan_commands": names}
 
 
 def _normalise(value: Any, store: str) -> Any:
@@ -149,7 +156,13 @@ def campaign(n: int, seed: int, n_val: int, work: Path) -> dict[str, Any]:
     runs = []
     for i, part in enumerate(slices):
         store = work / f"killed-{i}"
-        kill = _kill_at(_run_args(data, store), env, log, duration * (part + rng.random()) / n, group=i % 2 == 0)
+        for _ in range(ATTEMPTS):  # the machine's load changes a run's length: one that ends first is redone
+            shutil.rmtree(store, ignore_errors=True)
+            kill = _kill_at(_run_args(data, store), env, log, store, duration * (part + rng.random()) / n,
+                            group=i % 2 == 0)
+            if kill["landed_mid_run"]:
+                break
+            duration = kill["ran_s"]  # the latest whole run's length, for the next attempt
         code, seconds = _run_to_end(_run_args(data, store), env, log)
         kill |= {"rerun_exit": code, "rerun_s": round(seconds, 1)}
         if code == 0:

@@ -6,4 +6,4 @@ paths and small configs, never tensors. May import `pipeline`, `explainers`, `st
 # Prefect starts its ephemeral server as flows.ephemeral says (a start-up limit for a busy machine, one start
 # per PREFECT_HOME at a time, a server that dies with its parent) once that module is imported: here, so that
 # every flow of this package, run from the CLI or from Python, gets it.
-from eive_audit.flows import ephemeral  # noqa: F401, E402
+from eive_audit.flows import ephemeral  # noqa: F401
