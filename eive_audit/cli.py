@@ -22,7 +22,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,55 @@ def progress_bar(description: str, total: int | None) -> Iterator:
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+TERMINATION_GRACE_S = 5.0  # after SIGTERM or Ctrl-C, a flow's process has this long to unwind, then it exits
+_TERMINATING = (signal.SIGTERM, signal.SIGINT)
+# Set by main(): only the command's own process may be ended by the deadline below, not a process that runs
+# the app in-process (tests/cli.py, a user's Python), whose own shutdown is its business.
+_OWN_PROCESS = threading.Event()
+
+
+@contextmanager
+def exit_soon_after_termination() -> Iterator[None]:
+    """While the block runs a flow in this process, SIGTERM or SIGINT leaves the process
+    TERMINATION_GRACE_S to unwind (Prefect marks the flow run crashed, finally blocks run), then it exits
+    with 128 + the signal's number, whatever is still running.
+
+    Why a deadline: during a flow run, Prefect's engine owns SIGTERM (its handler replaces any other and
+    raises TerminationSignal), then reports the crash to its API, retrying for ~150 s when that API is gone
+    (a SIGTERM or Ctrl-C to the process group stops the ephemeral server too), and interpreter exit waits
+    for the task runner's threads. Nothing it leaves half done is lost: a shard's files are written
+    atomically and the done-marker last, so a rerun resumes, and the server dies with its parent
+    (flows.ephemeral). How it sees the signal under Prefect's handler: the interpreter's C-level handler
+    writes each caught signal's number to the wakeup fd, whichever Python handler is installed; a watcher
+    thread reads it. Only the main thread may set that fd; elsewhere, and in-process, the block runs unguarded."""
+    if not _OWN_PROCESS.is_set() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # the C handler must never block
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_exit_after_grace, args=(read,), name="eive-audit-termination", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # the watcher reads end-of-file and ends, unless a signal has armed it already
+
+
+def _exit_after_grace(read: int) -> None:
+    """The watcher: on the first SIGTERM or SIGINT read from the wakeup pipe, wait TERMINATION_GRACE_S and
+    end the process (os._exit: no atexit, no thread joins left to wait on)."""
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(64):
+            caught = [number for number in chunk if number in _TERMINATING]
+            if caught:
+                time.sleep(TERMINATION_GRACE_S)
+                name = signal.Signals(caught[0]).name
+                os.write(2, f"eive-audit: still stopping {TERMINATION_GRACE_S:g} s after {name}; exiting now. "
+                            "What finished is kept: rerun the same command to resume.\n".encode())
+                os._exit(128 + caught[0])
 
 
 def _fail(message: str) -> NoReturn:
@@ -206,7 +258,8 @@ def train(**given: Any) -> None:
     from eive_audit.flows.train import train_flow
 
     try:
-        summary = train_flow(config)
+        with exit_soon_after_termination():
+            summary = train_flow(config)
     except ValueError as exc:  # a dataset or model the run cannot use, e.g. AAJTS on a deformable model
         _fail(str(exc))
     typer.echo(json.dumps(summary))
@@ -252,7 +305,16 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML file of AuditConf
     command line wins over the file."""
     audit_config = _load_config(config, _given(RUN_FLAGS, given))
     _preflight(audit_config)
-    typer.echo(json.dumps(_audit(audit_config)))
+    summary = _audit(audit_config)
+    typer.echo(json.dumps(summary))
+    _fail_if_nothing_audited(summary, audit_config.out)
+
+
+def _fail_if_nothing_audited(summary: dict, store: Path) -> None:
+    """A run whose every image failed wrote its errors but audited nothing: say so, and do not exit 0."""
+    if summary["images"] and not summary["audited"]:
+        _fail(f"no image could be audited: all {summary['images']} failed ({summary['errors']} errors); "
+              f"see them with: eive-audit sql --store {store} \"SELECT type, message FROM errors\"")
 
 
 app.command()(_with_flags(run, RUN_FLAGS))
@@ -306,13 +368,21 @@ def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
 
 def _preflight(config: AuditConfig, data: bool = True) -> None:
     """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
-    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder."""
+    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder,
+    or an annotation file that is no COCO dataset (opened here once; the flow reuses it)."""
     if data:
         _require_data(config.coco, config.images)
     try:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
         _fail(str(exc))
+    if data:
+        from eive_audit.pipeline.sources import SourceFormatError, open_source
+
+        try:
+            open_source(config.images, config.coco)
+        except SourceFormatError as exc:
+            _fail(str(exc))
 
 
 def _audit(config: AuditConfig) -> dict:
@@ -322,7 +392,8 @@ def _audit(config: AuditConfig) -> dict:
     from eive_audit.storage.versions import SchemaVersionError
 
     try:
-        return audit(config)
+        with exit_soon_after_termination():
+            return audit(config)
     except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError, SchemaVersionError) as exc:
         _fail(str(exc))
 
@@ -497,11 +568,10 @@ def schedule(
 
 def main() -> None:
     # Offline by design: no telemetry from Prefect's temporary server or FiftyOne unless the user asks.
+    # (Its start-up limit and its lifetime are set where flows start it: eive_audit.flows.ephemeral.)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    # Prefect's temporary server gives up after 20 s by default; a busy machine needs longer, and a run should
-    # wait for it rather than fail.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+    _OWN_PROCESS.set()
     app()
 
 

@@ -2,3 +2,8 @@
 runner the config names, and gather; a task glues `pipeline` work to `storage` reads and writes, passing
 paths and small configs, never tensors. May import `pipeline`, `explainers`, `storage` and `reports`.
 """
+
+# Prefect starts its ephemeral server as flows.ephemeral says (a start-up limit for a busy machine, one start
+# per PREFECT_HOME at a time, a server that dies with its parent) once that module is imported: here, so that
+# every flow of this package, run from the CLI or from Python, gets it.
+from eive_audit.flows import ephemeral  # noqa: F401

@@ -1,9 +1,9 @@
-"""The audit flow, as the run's outline: refuse a store of another schema version; plan the shards; submit
-one audit task per shard to the configured task runner and gather them; refresh the catalog; within the
-faithfulness budget, submit one faithfulness task per shard and gather (they rewrite files the views already
-glob, so no refresh); then the findings over the whole run, once every shard is done, and a refresh for
-their table; last, the review outputs: the HTML report, the FiftyOne push when asked, and the run's Prefect
-artifacts.
+"""The audit flow, as the run's outline: refuse a store of another schema version; mark the run `running`;
+plan the shards; submit one audit task per shard to the configured task runner and gather them (each shard
+shows in the catalog once written); within the faithfulness budget, submit one faithfulness task per shard
+and gather; then the findings over the whole run, once every shard is done; mark the run `finished`; last,
+the review outputs: the HTML report, the FiftyOne push when asked, and the run's Prefect artifacts. A run
+that raises, or is interrupted, is marked `failed` with its error.
 
 Tasks here only glue: the work is in `pipeline.shard` (rows in, rows out, each worker thread on its own
 model), the reads and writes in `storage`. A shard's tables are written first and its done-marker last, so
@@ -29,7 +29,7 @@ from eive_audit.pipeline.models.families import family_of_model
 from eive_audit.pipeline.shard import audit_images, fill_faithfulness, finding_columns, plan_shards, run_findings
 from eive_audit.reports.artifacts import publish_run_artifacts
 from eive_audit.storage.catalog import refresh_catalog
-from eive_audit.storage.runs import RunInfo, report_path, run_summary, summary_counts, write_run_row
+from eive_audit.storage.runs import RunInfo, fail_run, finish_run, report_path, run_summary, start_run, summary_counts
 from eive_audit.storage.shards import (faithfulness_selection, read_run, read_shard_instances, rewrite_instances,
                                        write_findings, write_shard)
 from eive_audit.storage.versions import check_schema_versions
@@ -123,18 +123,27 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     check_supported(config.explainers, family_of_model(config.model))  # before any image is read
     info = RunInfo(config.run_id, config.config_hash, config.model_dump_json(), config.model,
                    tuple(config.explainers), datetime.now(timezone.utc))
-    write_run_row(config.out, info, "running", 0.0, {})
+    start_run(config.out, info)
+    try:
+        summary = _run(config)
+        finish_run(config.out, info, time.perf_counter() - started, summary_counts(summary))
+        review = _review(config)
+    except BaseException as exc:  # an interrupt too: the run is `failed` with its error, and a rerun resumes it
+        fail_run(config.out, info, time.perf_counter() - started, exc)
+        raise
+    return {**summary, "seconds": round(time.perf_counter() - started, 1), **review}
+
+
+def _run(config: AuditConfig) -> dict[str, Any]:
+    """Every step that writes the run's rows, on the configured task runner; returns the run summary."""
     with TASK_RUNNERS[config.runner](config.workers) as runner:
         counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
-                          for shard, ids in plan_shards(config).items()])
-        refresh_catalog(config.out)  # the map step's new files become views; later steps query them
+                          for shard, ids in plan_shards(config).items()])  # each shard refreshes the catalog
         selection = faithfulness_selection(config.out, config.run_id, config.faithfulness.instances)
         _gather([runner.submit(faithfulness_shard, {"config": config, "shard": shard, "chosen": chosen})
-                 for shard, chosen in selection.items()])  # rewrites files the views already glob: no refresh
+                 for shard, chosen in selection.items()])  # rewrites files the views already list: no refresh
         if config.findings.enabled:  # the reduce: starts once every shard is gathered
             _gather([runner.submit(findings_task, {"config": config})])  # on a worker that holds the model
             refresh_catalog(config.out)
-    summary = run_summary(config.out, config.run_id)
-    write_run_row(config.out, info, "finished", time.perf_counter() - started, summary_counts(summary))
     skipped = sum(part.get("skipped", 0) for part in counts)
-    return {**summary, "seconds": round(time.perf_counter() - started, 1), "shards_skipped": skipped, **_review(config)}
+    return {**run_summary(config.out, config.run_id), "shards_skipped": skipped}

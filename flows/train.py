@@ -2,24 +2,59 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass, field
+
 from prefect import flow, task
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.train import train
 
 
+def _losses_text(losses: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.3f}" for name, value in losses.items())
+
+
+@dataclass
+class ProgressLines:
+    """`on_step` for a log or a pipe, where a progress bar shows nothing until it ends: every `every` steps,
+    and at the last, one line `step S/N loss L [AAJTS parts] elapsed Ts rate R steps/s` on stderr. Elapsed
+    is the wall time of this process (loading included); the rate is over the steps since the previous line,
+    so it follows the current speed."""
+
+    total: int
+    every: int
+    started: float = field(default_factory=time.perf_counter)
+    _previous: tuple[int, float] | None = field(default=None, init=False)  # (step, time) of the last line
+
+    def __call__(self, step: int, losses: dict[str, float]) -> None:
+        if self._previous is None:  # a resumed run starts after its checkpoint
+            self._previous = (step - 1, self.started)
+        if step % self.every and step != self.total:
+            return
+        now = time.perf_counter()
+        rate = (step - self._previous[0]) / max(now - self._previous[1], 1e-9)
+        print(f"step {step}/{self.total} {_losses_text(losses)} elapsed {now - self.started:.1f}s "
+              f"rate {rate:.3g} steps/s", file=sys.stderr, flush=True)
+        self._previous = (step, now)
+
+
 @task(name="train-detector-steps")
 def train_task(config: TrainConfig) -> dict[str, float]:
-    """Run the training loop with a progress bar showing the step and the current losses (with AAJTS, its
-    concentration and stability terms too)."""
+    """Run the training loop showing its progress on stderr: on a terminal a bar with the step and the
+    current losses (with AAJTS, its concentration and stability terms too), else `ProgressLines`."""
+    if not sys.stderr.isatty():
+        return train(config, on_step=ProgressLines(config.steps, config.log_every))
     columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("train", total=config.steps, losses="")
 
         def show(step: int, losses: dict[str, float]) -> None:
-            progress.update(bar, completed=step, losses=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+            progress.update(bar, completed=step, losses=_losses_text(losses))
 
         return train(config, on_step=show)
 

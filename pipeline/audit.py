@@ -1,6 +1,7 @@
 """The audit of one batch: forward, postprocess, match, explain every instance, score, emit table rows.
 
-Explained instances are the kept detections (tp / fp / dup) and every missed GT box (fn), the latter
+Explained instances are the kept detections (tp / fp / dup, or crowd where a COCO crowd region absorbed
+one, which COCO counts as neither tp nor fp) and every missed GT box (fn; never a crowd region), the latter
 through the query whose final box overlaps it most: "why was it missed". All instances of a batch go
 to each explainer in one call. Each row carries its localisation scores and the off-object flags
 (`pipeline.findings.flags`), so every later step reads the same flags. Rows are plain dicts in the column
@@ -98,7 +99,8 @@ def _image_instances(i: int, record: ImageRecord, output: DetectorOutput, batch:
     cat_to_label = {c: l for l, c in label_map.items()}
     categories = torch.tensor([label_map.get(int(l), -1) for l in detections.labels], dtype=torch.long)
     gt_boxes = torch.as_tensor(record.boxes)
-    match = match_image(detections.boxes, detections.scores, categories, gt_boxes, torch.as_tensor(record.labels))
+    match = match_image(detections.boxes, detections.scores, categories, gt_boxes, torch.as_tensor(record.labels),
+                        torch.as_tensor(record.crowd))
     outcomes = match.outcome if annotated else [DET] * len(match.outcome)
     instances = [
         Instance(i, f"{record.image_id}-q{int(q)}", outcome, int(q), int(l), int(c) if c >= 0 else None,

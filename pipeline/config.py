@@ -247,7 +247,9 @@ class TrainConfig(_Part):
     images: Path = Field(description="image root of the training split")
     out: Path = Field(description="model directory to write (its checkpoint/ folder resumes an interrupted run)")
     family: str = Field("conditional-detr-small", description="architecture when training from scratch")
-    init: Path | None = Field(None, description="fine-tune this model directory instead of a random init")
+    init: Path | None = Field(None, description="fine-tune this model directory (or `default`) instead of a random "
+                                                "init; onto other category names, with a class head relabelled to "
+                                                "the dataset's categories")
     steps: int = Field(6000, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="images per step")
     lr: float = Field(5e-4, gt=0.0, description="AdamW learning rate after warm-up")
@@ -257,6 +259,8 @@ class TrainConfig(_Part):
     lr_drop_fraction: float = Field(0.8, gt=0.0, le=1.0,
                                     description="share of the steps after which the learning rate drops tenfold")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(20, ge=1, description="steps between progress lines (step, losses, elapsed time, rate) "
+                                                 "when stderr is not a terminal; a terminal gets a progress bar")
     hflip: bool = Field(True, description="random horizontal flips (seeded per step and image)")
     seed: int = Field(0, description="seed of the initialisation, data order and flips")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -10,8 +10,8 @@ run on one.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from eive_audit.pipeline.config import AuditConfig
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.findings import Findings, find_spurious
 from eive_audit.pipeline.models.detr import DetrAdapter
-from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError
+from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError, open_source
 
 Key = tuple[str, str]  # (instance_id, explainer)
 Row = dict[str, Any]
@@ -42,23 +42,18 @@ def worker_model(model: str, device: str) -> DetrAdapter:
     return _worker.adapter
 
 
-@lru_cache(maxsize=2)
-def _source(images: Path, coco: Path | None) -> Source:
-    """The run's source, shared by the threads: reading a record only reads the parsed annotations."""
-    return CocoSource(coco, images) if coco is not None else FolderSource(images)
-
-
 def plan_shards(config: AuditConfig) -> dict[str, list[int]]:
-    """Shard name -> image ids, in id order; names are stable for a given source and shard size."""
-    ids = _source(config.images, config.coco).image_ids
+    """Shard name -> image ids, in id order; names are stable for a given source and shard size. A source
+    without images still gets one shard, empty, which stores the errors found when it was opened."""
+    ids = open_source(config.images, config.coco).image_ids
     return {f"s{n:05d}": ids[start:start + config.shard_size]
-            for n, start in enumerate(range(0, len(ids), config.shard_size))}
+            for n, start in enumerate(range(0, max(len(ids), 1), config.shard_size))}
 
 
 def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int, int]]:
     """This thread's model, the source, and the map model label -> dataset category id."""
     adapter = worker_model(config.model, config.device)
-    source = _source(config.images, config.coco)
+    source = open_source(config.images, config.coco)
     label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
     return adapter, source, label_map
 
@@ -66,11 +61,13 @@ def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int
 def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_ids: list[int]) -> dict[str, list[Row]]:
     """The rows of one shard's tables (images, instances, maps with float maps, errors) for `image_ids`.
 
-    A source error becomes an `errors` row; a batch that fails is retried image by image so only the
+    A source error becomes an `errors` row (those found when the source was opened go with the shard of
+    its first image, so each is stored once a run); a batch that fails is retried image by image so only the
     culprit becomes one; an image that never got audited still has its `images` row, status `error`."""
     adapter, source, label_map = model_and_source(config)
     tables: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
-    stream = (item for image_id in image_ids for item in source.read(image_id))
+    opened = source.open_errors if image_ids[:1] == source.image_ids[:1] else ()
+    stream = itertools.chain(opened, (item for image_id in image_ids for item in source.read(image_id)))
     for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge):
         if isinstance(item, SourceError):
             tables["errors"].append(_error_row(item, "source"))
@@ -79,8 +76,12 @@ def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_id
             for name in ("images", "instances", "maps"):
                 tables[name].extend(getattr(part, name))
     audited = {row["image_id"] for row in tables["images"]}
-    tables["images"] += [{"image_id": e["image_id"], "status": "error", "file_path": e["path"]}
-                         for e in tables["errors"] if e["annotation_id"] is None and e["image_id"] not in audited]
+    failed: dict[int, str | None] = {}  # one row per image, though entries that share its id fail apiece
+    for error in tables["errors"]:
+        if error["annotation_id"] is None and error["image_id"] not in audited:
+            failed.setdefault(error["image_id"], error["path"])
+    tables["images"] += [{"image_id": image_id, "status": "error", "file_path": path}
+                         for image_id, path in failed.items()]
     return tables
 
 

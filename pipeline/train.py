@@ -8,12 +8,22 @@ Training from scratch needs trainable batch norm: transformers freezes the backb
 for pretrained backbones, fatal for random ones), so `trainable_batch_norm` swaps in real BatchNorm
 while training; the saved state dict keeps the frozen layout, so checkpoints load with the stock class.
 
+Fine-tuning (`init`) onto a dataset whose category names are all labels of the model keeps the model's
+head and maps categories by name. Onto any other label set, the model is relabelled first (`relabel`): its
+labels become the dataset's categories, and its class head gains a row per category, copied from the old
+head where the names agree (those classes are detected from the first step, and a fine-tune that adds one
+class does not unlearn the others) and freshly initialised, as transformers initialises a new head, for the
+rest. That is transformers' `ignore_mismatched_sizes=True` made to work by name: that option re-initialises
+a head only when its size changes, so a dataset with as many categories as the model under other names
+would keep the old rows under the new names, and it never carries a row over.
+
 With `aajts` the loss gains the attention terms of `pipeline.aajts` (METHODS.md 1d); without it the step is
 exactly transformers' set loss.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -25,13 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import box_convert
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from eive_audit.pipeline.aajts import joint_loss, require_dense_attention
 from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.models.detr import load_hf_model, resolve_device
 from eive_audit.pipeline.models.families import FAMILIES, build_config, save_preprocessor
+from eive_audit.pipeline.models.locate import resolve_model_path
 from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
 from eive_audit.pipeline.sources.coco import CocoSource
 from eive_audit.pipeline.sources.decode import decode_rgb
@@ -42,8 +53,8 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 # Settings that may change between an interrupted run and its resumption: where and how fast it runs, how
-# often it checkpoints, and how long it goes on (the schedule is a function of the final step count).
-RESUMABLE_CHANGES = frozenset({"out", "device", "threads", "checkpoint_every", "steps"})
+# often it checkpoints and logs, and how long it goes on (the schedule is a function of the final step count).
+RESUMABLE_CHANGES = frozenset({"out", "device", "threads", "checkpoint_every", "log_every", "steps"})
 
 
 def run_identity(config: TrainConfig) -> str:
@@ -78,6 +89,49 @@ def fine_tune_label_map(source: CocoSource, model_labels: dict[int, str]) -> dic
         missing = sorted(set(source.categories.values()) - set(model_labels.values()))
         raise ValueError(f"the model has no label for the dataset categories {missing}")
     return {category: label for label, category in mapping.items()}
+
+
+def _with_labels(config: PretrainedConfig, names: list[str]) -> PretrainedConfig:
+    """A copy of `config` whose labels are `names`, in that order (the label count follows)."""
+    config = copy.deepcopy(config)
+    config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
+    return config
+
+
+def _label_axes(model: PreTrainedModel) -> dict[str, int]:
+    """The state-dict tensors that hold one slice per label, and the axis of those slices: the tensors
+    whose shape changes in a twin of the model with one label more. Found by shape rather than by name, so
+    every family's heads are covered (DETR's classifier with its no-object row, Deformable DETR's per-layer
+    heads, RT-DETR's encoder head and denoising embedding); the twin is built on the meta device, so it
+    costs neither memory nor an initialisation."""
+    config = _with_labels(model.config, [*model.config.id2label.values(), "(one more)"])
+    with torch.device("meta"):
+        shapes = {key: tensor.shape for key, tensor in type(model)(config).state_dict().items()}
+    return {key: next(axis for axis, (a, b) in enumerate(zip(tensor.shape, shapes[key])) if a != b)
+            for key, tensor in model.state_dict().items() if tensor.shape != shapes[key]}
+
+
+def relabel(model: PreTrainedModel, names: list[str]) -> PreTrainedModel:
+    """`model` with the labels `names`: every weight kept but the label slices, which are copied where the
+    old label of the same name had one and freshly initialised (the library's own init of a new model)
+    otherwise. Slices past the labels (DETR's no-object class, RT-DETR's padding embedding) are kept."""
+    axes, old_count = _label_axes(model), len(model.config.id2label)
+    old_index = {name: int(i) for i, name in model.config.id2label.items()}
+    fresh = type(model)(_with_labels(model.config, names))
+    kept = [(i, old_index[name]) for i, name in enumerate(names) if name in old_index]
+    state = fresh.state_dict()
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key not in axes:
+                state[key] = value
+                continue
+            axis = axes[key]
+            extra = [(len(names) + e, old_count + e) for e in range(value.shape[axis] - old_count)]
+            if pairs := kept + extra:
+                new, old = (torch.tensor(index) for index in zip(*pairs))
+                state[key].index_copy_(axis, new, value.index_select(axis, old))
+    fresh.load_state_dict(state)
+    return fresh
 
 
 class _TrainSet(torch.utils.data.Dataset):
@@ -128,7 +182,10 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 def _build_model(config: TrainConfig, source: CocoSource) -> tuple[PreTrainedModel, dict[int, int], PreprocessConfig]:
     if config.init is not None:
         model = load_hf_model(config.init)
-        return model, fine_tune_label_map(source, model.config.id2label), PreprocessConfig.from_dir(config.init)
+        if not set(source.categories.values()) <= set(model.config.id2label.values()):
+            model = relabel(model, [source.categories[c] for c in sorted(source.categories)])
+        preprocess_config = PreprocessConfig.from_dir(Path(resolve_model_path(config.init)))
+        return model, fine_tune_label_map(source, model.config.id2label), preprocess_config
     cat_ids = sorted(source.categories)  # from scratch: one label per category, in id order
     names, cat_to_label = [source.categories[c] for c in cat_ids], {c: i for i, c in enumerate(cat_ids)}
     family = FAMILIES[config.family]

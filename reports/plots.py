@@ -20,7 +20,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 # One fixed colour per outcome, so every figure of a report reads the same way.
-OUTCOME_COLOURS = {"tp": "#2e7d32", "fp": "#c62828", "dup": "#ef6c00", "fn": "#1565c0", "det": "#6a1b9a"}
+OUTCOME_COLOURS = {"tp": "#2e7d32", "fp": "#c62828", "dup": "#ef6c00", "crowd": "#757575", "fn": "#1565c0",
+                   "det": "#6a1b9a"}
 PRED_COLOUR, GT_COLOUR = "#00e5ff", "#76ff03"
 _DPI = 100
 PANEL_INCHES = 2.4  # the longer side of an overlay panel: four one-explainer cards per page row

@@ -6,7 +6,7 @@ Imports none of the other project packages.
 
 from eive_audit.storage.catalog import CATALOG_NAME, ReadOnlyQueryError, load_map, query, refresh_catalog
 from eive_audit.storage.maps import decode_map, encode_map
-from eive_audit.storage.runs import RunInfo, report_path, run_summary, write_run_row
+from eive_audit.storage.runs import RunInfo, fail_run, finish_run, report_path, run_summary, start_run
 from eive_audit.storage.schema import SCHEMA_VERSION, SCHEMAS
 from eive_audit.storage.versions import SchemaVersionError, check_schema_versions
 from eive_audit.storage.writer import mark_shard_done, read_table, remove_run, shard_done, write_table
@@ -21,6 +21,8 @@ __all__ = [
     "check_schema_versions",
     "decode_map",
     "encode_map",
+    "fail_run",
+    "finish_run",
     "load_map",
     "mark_shard_done",
     "query",
@@ -30,6 +32,6 @@ __all__ = [
     "report_path",
     "run_summary",
     "shard_done",
-    "write_run_row",
+    "start_run",
     "write_table",
 ]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity; 5: off_object_share
-# and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step
-SCHEMA_VERSION = 5
+# and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step;
+# 6: runs.error and the failed status, the crowd outcome, images.exif_orientation
+SCHEMA_VERSION = 6
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 # An instances row that any off-object flag marks (the flags are written with each shard), as SQL: what the
 # `flagged` faithfulness budget selects and the run summary counts.
@@ -18,7 +19,8 @@ FLAGGED = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
-    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "fn", "det"}),
+    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "crowd", "fn", "det"}),
+    ("runs", "status"): frozenset({"running", "finished", "failed"}),
 }
 
 
@@ -50,6 +52,7 @@ RUNS = _schema(
     _required("n_instances", pa.int64()),
     _required("n_errors", pa.int64()),
     _required("seconds", pa.float64()),
+    _optional("error", pa.string()),  # why a `failed` run stopped: "<exception type>: <message>"
 )
 
 # One row per image of the source: its size, counts, status and timings. An image that failed
@@ -82,7 +85,7 @@ INSTANCES = _schema(
     _required("image_id", pa.int64()),
     _required("shard", pa.string()),
     _required("explainer", pa.string()),
-    _required("outcome", pa.string()),  # tp, fp, dup, fn; det in a source without GT (ALLOWED_VALUES)
+    _required("outcome", pa.string()),  # tp, fp, dup, crowd, fn; det in a source without GT (ALLOWED_VALUES)
     _required("query", pa.int32()),
     _optional("label", pa.int64()),  # dataset category id
     _required("label_name", pa.string()),
@@ -96,7 +99,7 @@ INSTANCES = _schema(
     _optional("gt_y0", pa.float32()),
     _optional("gt_x1", pa.float32()),
     _optional("gt_y1", pa.float32()),
-    _optional("iou", pa.float32()),
+    _optional("iou", pa.float32()),  # with the GT box; for crowd, the share of the prediction inside the region
     _optional("mass_in_pred", pa.float32()),  # null when the map has no mass at all (nothing to locate)
     _optional("mass_in_gt", pa.float32()),
     _optional("mass_on_other_gt", pa.float32()),
@@ -162,6 +165,10 @@ FINDINGS = _schema(
     _optional("verification_drop", pa.float32()),  # mean relative score drop with the peak region blurred
     _required("confirmed", pa.bool_()),
 )
+
+# The tables written as one file per run (shard "run", replaced whole); the others have one file per shard,
+# which counts once the shard's done-marker exists (storage.catalog).
+RUN_TABLES = frozenset({"runs", "findings"})
 
 SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,

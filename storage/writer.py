@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -53,19 +53,22 @@ def write_table(root: Path, table: str, run_id: str, shard: str, rows: list[dict
         raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
     _check_name("shard", shard)
     data = _to_schema(table, rows)
-    directory = _partition_dir(root, table, run_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{shard}.parquet"
+    path = table_path(root, table, run_id, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _replace_atomically(path, lambda handle: pq.write_table(data, handle))
     return path
+
+
+def table_path(root: Path, table: str, run_id: str, shard: str) -> Path:
+    """Where one shard of one table lives: `<root>/<table>/run_id=<run_id>/<shard>.parquet`."""
+    return _partition_dir(root, table, run_id) / f"{_check_name('shard', shard)}.parquet"
 
 
 def read_table(root: Path, table: str, run_id: str, shard: str) -> pa.Table:
     """One shard of one table as written (no run_id column), e.g. to rewrite it with more columns filled."""
     if table not in SCHEMAS:
         raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
-    path = _partition_dir(root, table, run_id) / f"{_check_name('shard', shard)}.parquet"
-    return pq.read_table(path, schema=SCHEMAS[table], partitioning=None)
+    return pq.read_table(table_path(root, table, run_id, shard), schema=SCHEMAS[table], partitioning=None)
 
 
 def _to_schema(table: str, rows: list[dict[str, Any]] | pa.Table) -> pa.Table:
@@ -172,9 +175,11 @@ def _marker(root: Path, run_id: str, shard: str) -> Path:
 def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(handle)` on a temp file beside `path`, fsync it, then os.replace it over `path`.
 
-    The temp name starts with '.' and ends with '.tmp', so the catalog's `*.parquet` glob never sees it.
+    The temp name starts with '.' and ends with '.tmp', so the catalog's `*.parquet` glob never sees it. It is
+    created with mode 0666 less the umask, as any file the user writes (mkstemp would make it 0600).
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -182,5 +187,5 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -348,3 +348,52 @@ def test_a_store_of_another_schema_version_is_refused_before_any_image_is_read(
                       f"this version writes {SCHEMA_VERSION}: rerun into a new store or remove those runs with "
                       f"`python -c \"{removal}\"`"]
     assert sorted(p.name for p in tmp_path.glob("*/run_id=*")) == ["run_id=oldrun"], "nothing of the new run written"
+
+
+@SMALL_MODEL
+def test_a_run_where_every_image_failed_keeps_its_rows_and_exits_2(broken: tuple[Path, Path], small_model: Path,
+                                                                     tmp_path: Path) -> None:
+    ann, images = broken
+    data = json.loads(ann.read_text())
+    data["images"] = [image for image in data["images"] if image["id"] in (2, 3, 4)]  # the unreadable ones
+    ann.write_text(json.dumps(data))
+    result = invoke("run", "--coco", str(ann), "--images", str(images), "--model", str(small_model),
+                    "--out", str(tmp_path), "--device", "cpu")
+    assert result.code == 2
+    assert result.stderr.endswith(f"error: no image could be audited: all 3 failed (3 errors); see them with: "
+                                  f"eive-audit sql --store {tmp_path} \"SELECT type, message FROM errors\"")
+    assert result.stderr.count("error:") == 1
+    assert json.loads(result.stdout.strip().splitlines()[-1])["audited"] == 0
+    assert query(tmp_path, "SELECT count(*) AS n FROM errors").column("n").to_pylist() == [3]
+
+
+@SMALL_MODEL
+def test_a_failed_run_is_failed_with_its_error_and_a_rerun_finishes_it(synth: Path, small_model: Path,
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that raises is `failed` with its error, not `running` for ever; the same command then resumes it,
+    and a later rerun that fails in its review step leaves the finished run finished."""
+    from eive_audit.flows import audit as flow
+
+    args = [*_synth_args(synth, small_model, tmp_path), "--no-report"]
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(flow, "faithfulness_selection", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        invoke("run", *args)
+    runs = query(tmp_path, "SELECT status, error, finished_at FROM runs").to_pylist()
+    assert runs == [{"status": "failed", "error": "RuntimeError: disk on fire", "finished_at": None}]
+    monkeypatch.undo()
+
+    run_id = _run(*args)["run_id"]
+    finished = query(tmp_path, "SELECT status, error, created_at, finished_at FROM runs").to_pylist()
+    assert [(r["status"], r["error"]) for r in finished] == [("finished", None)]
+
+    monkeypatch.setattr(flow, "_review", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        invoke("run", *args)
+    assert query(tmp_path, "SELECT status, error, created_at, finished_at FROM runs").to_pylist() == finished
+    assert invoke_ok("report", "--store", str(tmp_path), "--out", str(tmp_path / "r.html"))
+    assert run_id in (tmp_path / "r.html").read_text()

@@ -84,7 +84,8 @@ def test_demo_takes_the_run_flags_but_the_data_ones() -> None:
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[AuditConfig]:
     """The configs `run` would audit; the audit itself (Prefect) is not started."""
     configs: list[AuditConfig] = []
-    monkeypatch.setattr(cli, "_audit", lambda config: configs.append(config) or {"run_id": config.run_id})
+    summary = {"images": 1, "audited": 1}  # one image, audited: the run exits 0
+    monkeypatch.setattr(cli, "_audit", lambda config: configs.append(config) or {"run_id": config.run_id, **summary})
     return configs
 
 

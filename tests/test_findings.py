@@ -69,6 +69,14 @@ def test_a_miss_whose_query_looked_elsewhere_is_flagged() -> None:
     assert finding.flag_miss_elsewhere and not finding.flag_off_object
 
 
+def test_a_detection_on_a_crowd_region_is_measured_against_the_region_and_never_flagged() -> None:
+    row = _row("crowd", [16, 16, 24, 24], [0, 0, 32, 32])  # in a crowd region over cells 0..3
+    inside = _describe(row, _map([(0, 0), (3, 3)]), torch.zeros(0, 4))
+    outside = _describe(row, _map([(6, 6), (7, 7)]), torch.zeros(0, 4))
+    assert inside.off_object_share == 0.0 and outside.off_object_share == 1.0
+    assert not inside.flagged and not outside.flagged
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0, 1, width=32), min_size=64, max_size=64),
        st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(4, 14), st.integers(4, 14)))

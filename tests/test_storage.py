@@ -40,8 +40,8 @@ MAP = encode_map(np.array([[0.0, 0.5], [1.0, 0.25]]))
 # Floats are exact in float32 so values compare equal after the round trip.
 SAMPLES: dict[str, list[dict[str, Any]]] = {
     "runs": [
-        dict(config_hash="h1", config_json="{}", created_at=T0, finished_at=T0, status="done", model="detr",
-             explainers="eive,chefer", n_images=2, n_instances=3, n_errors=0, seconds=1.5),
+        dict(config_hash="h1", config_json="{}", created_at=T0, finished_at=T0, status="failed", model="detr",
+             explainers="eive,chefer", n_images=2, n_instances=3, n_errors=0, seconds=1.5, error="RuntimeError: boom"),
         dict(config_hash="h2", config_json="{}", created_at=T0, status="running", model="detr", explainers="eive",
              n_images=0, n_instances=0, n_errors=0, seconds=0.0),
     ],
@@ -98,6 +98,7 @@ def test_samples_cover_every_table_and_column() -> None:
 @pytest.mark.parametrize("table", sorted(SCHEMAS))
 def test_table_round_trip(tmp_path: Path, table: str) -> None:
     path = write_table(tmp_path, table, "run-1", "s0", SAMPLES[table])
+    mark_shard_done(tmp_path, "run-1", "s0")
     assert path == tmp_path / table / "run_id=run-1" / "s0.parquet"
     assert pq.read_schema(path).metadata[b"eive_audit_schema_version"] == str(SCHEMA_VERSION).encode()
     refresh_catalog(tmp_path)
@@ -115,6 +116,7 @@ def test_empty_view_has_the_columns_of_a_written_one(tmp_path: Path, table: str)
     empty, written = tmp_path / "empty", tmp_path / "written"
     refresh_catalog(empty)
     write_table(written, table, "r", "s0", SAMPLES[table])
+    mark_shard_done(written, "r", "s0")
     refresh_catalog(written)
     assert query(empty, f"SELECT count(*) AS n FROM {table}").column("n").to_pylist() == [0]
     assert query(empty, f"DESCRIBE {table}").to_pylist() == query(written, f"DESCRIBE {table}").to_pylist()
@@ -124,6 +126,8 @@ def test_rewriting_a_shard_replaces_it(tmp_path: Path) -> None:
     for _ in range(2):
         write_table(tmp_path, "images", "r", "s0", SAMPLES["images"])
     write_table(tmp_path, "images", "r", "s1", SAMPLES["images"][:1])
+    for shard in ("s0", "s1"):
+        mark_shard_done(tmp_path, "r", shard)
     refresh_catalog(tmp_path)
     counts = query(tmp_path, "SELECT count(*) AS n FROM images").column("n").to_pylist()
     assert counts == [3]  # 2 rows in s0 (written twice) + 1 in s1
@@ -186,6 +190,7 @@ def catalog(tmp_path: Path) -> Path:
     root = tmp_path / "out"
     for table, rows in SAMPLES.items():
         write_table(root, table, "r", "s0", rows)
+    mark_shard_done(root, "r", "s0")
     refresh_catalog(root)
     return root
 
@@ -215,10 +220,44 @@ def test_writes_through_query_are_refused(catalog: Path, sql: str) -> None:
 
 
 @pytest.mark.parametrize("sql", ["DROP VIEW images", "COPY (SELECT 1) TO '{tmp}/copy.csv'"])
-def test_read_only_connection_is_a_backstop(catalog: Path, sql: str) -> None:
-    """Below the SELECT-only check, DuckDB itself refuses catalog changes and files outside the tables."""
-    with _connect_read_only(catalog) as con, pytest.raises(duckdb.Error, match="read-only|disabled by configuration"):
-        con.execute(sql.format(tmp=catalog.parent))
+def test_the_query_connection_is_a_backstop(catalog: Path, sql: str) -> None:
+    """Below the SELECT-only check: the views live in a throw-away in-memory database, so even a statement run
+    on the connection itself changes nothing the next query sees, and files outside the tables are refused."""
+    before = _files(catalog.parent)
+    with _connect_read_only(catalog) as con:
+        try:
+            con.execute(sql.format(tmp=catalog.parent))
+        except duckdb.Error as exc:
+            assert "disabled by configuration" in str(exc)
+    assert _files(catalog.parent) == before
+    assert query(catalog, "SELECT count(*) AS n FROM images").column("n").to_pylist() == [2]
+
+
+def test_unfinished_shards_are_invisible_until_marked(catalog: Path) -> None:
+    """A shard's tables are written before its marker: a reader during a run sees only finished shards."""
+    write_table(catalog, "images", "r", "s1", SAMPLES["images"][:1])
+    refresh_catalog(catalog)
+    assert query(catalog, "SELECT count(*) AS n FROM images").column("n").to_pylist() == [2]
+    mark_shard_done(catalog, "r", "s1")
+    assert query(catalog, "SELECT count(*) AS n FROM images").column("n").to_pylist() == [3], \
+        "query reads the shards as they are now, without waiting for a refresh"
+
+
+def test_a_moved_store_is_read_where_it_is_and_only_there(catalog: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in a store names an absolute path: a copy reads its own files, from any working directory,
+    even one holding another store's files under the same relative names; DuckDB opens the moved catalog
+    file by itself from inside the store."""
+    import shutil
+
+    moved = shutil.copytree(catalog, tmp_path / "moved")
+    shutil.rmtree(catalog / "images")  # the original's files are gone: nothing may still point at them
+    write_table(tmp_path / "decoy", "images", "r", "s0", SAMPLES["images"] * 5)
+    monkeypatch.chdir(tmp_path / "decoy")
+    assert query(moved, "SELECT count(*) AS n FROM images").column("n").to_pylist() == [2]
+    monkeypatch.chdir(moved)
+    with duckdb.connect("catalog.duckdb", read_only=True) as con:
+        assert con.sql("SELECT count(*) FROM images").fetchall() == [(2,)]
 
 
 def test_query_cannot_read_files_outside_the_tables(catalog: Path) -> None:
@@ -241,6 +280,7 @@ def test_query_without_a_catalog_names_the_path(tmp_path: Path) -> None:
 def test_load_map(catalog: Path) -> None:
     np.testing.assert_array_equal(load_map(catalog, "1-q7"), [[0.0, 0.5], [1.0, 0.25]])
     write_table(catalog, "maps", "r", "s1", [SAMPLES["maps"][0] | {"explainer": "chefer", "map": encode_map(np.zeros((2, 2)))}])
+    mark_shard_done(catalog, "r", "s1")
     refresh_catalog(catalog)
     with pytest.raises(ValueError, match="2 maps"):
         load_map(catalog, "1-q7")
@@ -326,3 +366,43 @@ def test_encode_refuses_bad_maps(array: np.ndarray) -> None:
 def test_decode_refuses_a_size_mismatch() -> None:
     with pytest.raises(ValueError, match="2 x 3 float16 grid needs 12"):
         decode_map(encode_map(np.zeros((2, 2))), 2, 3)
+
+
+def test_files_follow_the_umask(tmp_path: Path) -> None:
+    """Shards, markers and the catalog get 0666 less the umask, as every other file the user writes."""
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        write_table(tmp_path, "images", "r", "s0", SAMPLES["images"])
+        mark_shard_done(tmp_path, "r", "s0")
+        refresh_catalog(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_file()}
+    assert modes == {"s0.parquet": 0o640, "s0": 0o640, "catalog.duckdb": 0o640}
+
+
+def test_a_rerun_never_turns_a_finished_run_back(tmp_path: Path) -> None:
+    """The runs row of a rerun (same id) stays `finished` through its start and a failure; a failed run is
+    `failed` with its error, and resumes to `finished` keeping its first start time."""
+    from eive_audit.storage import RunInfo, fail_run, finish_run, start_run
+
+    def info(at: datetime) -> RunInfo:
+        return RunInfo("r", "h", "{}", "detr", ("eive",), at)
+
+    def row() -> dict[str, Any]:
+        return query(tmp_path, "SELECT status, error, created_at, n_images FROM runs").to_pylist()[0]
+
+    later = datetime(2024, 5, 2, tzinfo=timezone.utc)
+    start_run(tmp_path, info(T0))
+    assert row() == {"status": "running", "error": None, "created_at": T0, "n_images": 0}
+    fail_run(tmp_path, info(T0), 1.0, KeyboardInterrupt())
+    assert row() == {"status": "failed", "error": "KeyboardInterrupt", "created_at": T0, "n_images": 0}
+    start_run(tmp_path, info(later))
+    finish_run(tmp_path, info(later), 2.0, {"images": 4})
+    finished = row()
+    assert finished == {"status": "finished", "error": None, "created_at": T0, "n_images": 4}
+    start_run(tmp_path, info(later))
+    fail_run(tmp_path, info(later), 3.0, ValueError("report broke"))
+    assert row() == finished

@@ -1,10 +1,12 @@
 """The one off-object rule: the share of an instance's map that lies off its object, the flags it raises, and
 its off-object peak.
 
-The object is the matched GT box for a correct detection, duplicate or miss; every GT box of the image for a
-false positive (its map should sit on some real object, anything else is background); its own box where there
-is no GT. The flags are computed once, when a shard is audited (`pipeline.audit`), and written with it, so the
-faithfulness budget, the findings step, the report and the FiftyOne views all read the same columns.
+The object is the matched GT box for a correct detection, duplicate or miss, and the crowd region for a
+detection one absorbed; every GT box of the image for a false positive (its map should sit on some real
+object, anything else is background); its own box where there is no GT. A crowd instance raises no flag:
+COCO ignores it, and a region's loose box says little about where its one object is. The flags are computed
+once, when a shard is audited (`pipeline.audit`), and written with it, so the faithfulness budget, the
+findings step, the report and the FiftyOne views all read the same columns.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import box_coverage
 
-OBJECT_OUTCOMES = ("tp", "dup", "fn")
+OBJECT_OUTCOMES = ("tp", "dup", "crowd", "fn")
 
 
 class InstanceKey(NamedTuple):
@@ -73,7 +75,8 @@ class InstanceFinding(Flags):
 
 def object_cells(outcome: str, box: torch.Tensor, gt_boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Cells [h, w] (coverage in [0, 1]) that count as an instance's object. box [4]: the instance's box (its
-    GT box for tp / dup / fn, else its prediction); gt_boxes [G, 4]: the GT objects of its image; grid units."""
+    GT box for tp / dup / crowd / fn, else its prediction); gt_boxes [G, 4]: the GT objects of its image;
+    grid units."""
     boxes = gt_boxes if outcome == "fp" and len(gt_boxes) else box[None]
     return box_coverage(boxes, grid).amax(0)
 
@@ -106,7 +109,7 @@ def row_box(row: dict[str, Any], prefix: str) -> list[float] | None:
 
 
 def instance_box(row: dict[str, Any]) -> list[float]:
-    """The box an instance is about: its GT box for tp / dup / fn, else its predicted box."""
+    """The box an instance is about: its GT box for tp / dup / crowd / fn, else its predicted box."""
     gt = row_box(row, "gt")
     if row["outcome"] in OBJECT_OUTCOMES and gt is not None:
         return gt

@@ -12,18 +12,17 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 
 
 class FolderSource:
-    """Images under `root` (recursively, sorted by relative path); ids are 1-based positions in that order."""
+    """Images under `root` (recursively, sorted by relative path); ids are 1-based positions in that order.
+
+    A file that links outside `root` keeps its position and becomes an error, not a silent gap."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder not found: {self.root}")
-        resolved = self.root.resolve()
-        self.paths = sorted(
-            p for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve().is_relative_to(resolved)
-        )
+        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         self.categories: dict[int, str] = {}
+        self.open_errors: tuple[SourceError, ...] = ()  # a folder has no annotations to screen
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -39,6 +38,10 @@ class FolderSource:
     def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
         """The record of one image, or the error that stops it."""
         path = self.paths[image_id - 1]
+        if not path.resolve().is_relative_to(self.root.resolve()):  # a symlink out of the folder
+            yield SourceError(image_id, ErrorReason.PATH_ESCAPES_ROOT,
+                              f"{path} links outside the image folder {self.root}", str(path))
+            return
         try:
             width, height, orientation = display_size(path)
         except Exception as exc:  # PIL raises several types for corrupt files

@@ -2,7 +2,7 @@
 
 A source never raises on bad content: a broken image or annotation becomes a `SourceError`, which the
 audit writes to its `errors` table while the stream goes on. Only input that is not a dataset at all
-(a json that is not COCO) raises, at once, with `SourceFormatError`.
+(a json that is not COCO, or whose ids are not int64 integers) raises, at once, with `SourceFormatError`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,32 @@ class SourceFormatError(ValueError):
 
 
 class ErrorReason(str, enum.Enum):
-    """Why a source could not yield (part of) an image. Stored as text in the `errors` table."""
+    """Why a source could not yield (part of) an image. Stored as text in the `errors` table.
+
+    Image-level reasons (the image is not audited; the row has no annotation id): missing_file,
+    unreadable_image, path_escapes_root, bad_file_name (null, empty or not a string), size_mismatch (the
+    declared width/height are not the file's displayed size, so its boxes cannot be placed), and
+    duplicate_image_id (one row per entry sharing the id: no box can be attributed to one of them).
+    Annotation-level reasons (the row has the annotation id; its image is audited with its other boxes):
+    box_out_of_bounds, degenerate_box (non-positive size), non_finite_box (NaN or infinite coordinate),
+    unknown_category, malformed_annotation (a bbox that is not four numbers, a category or image id that is
+    not an int64 integer), duplicate_annotation_id (every copy), and orphan_annotation (an image id that no
+    entry of `images` has; the row keeps that image id).
+    """
 
     MISSING_FILE = "missing_file"
     UNREADABLE_IMAGE = "unreadable_image"
     PATH_ESCAPES_ROOT = "path_escapes_root"
+    BAD_FILE_NAME = "bad_file_name"
+    SIZE_MISMATCH = "size_mismatch"
+    DUPLICATE_IMAGE_ID = "duplicate_image_id"
     BOX_OUT_OF_BOUNDS = "box_out_of_bounds"
     DEGENERATE_BOX = "degenerate_box"
+    NON_FINITE_BOX = "non_finite_box"
     UNKNOWN_CATEGORY = "unknown_category"
+    MALFORMED_ANNOTATION = "malformed_annotation"
+    DUPLICATE_ANNOTATION_ID = "duplicate_annotation_id"
+    ORPHAN_ANNOTATION = "orphan_annotation"
 
 
 @dataclass(frozen=True)
@@ -52,14 +70,20 @@ def _empty_labels() -> np.ndarray:
     return np.zeros((0,), dtype=np.int64)
 
 
+def _empty_flags() -> np.ndarray:
+    return np.zeros((0,), dtype=bool)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image to audit.
 
     Boxes are absolute pixel xyxy, float32 [n, 4]; `labels` are the dataset's category ids [n];
-    `names` the matching category names. A folder source yields records with no boxes. `width` and `height`
-    are the display size (`decode.display_size`: EXIF orientation applied), the frame of the boxes and of
-    every stored coordinate; `exif_orientation` is the EXIF tag applied (None without one).
+    `names` the matching category names; `crowd` [n] marks COCO crowd regions (`iscrowd`: one box over many
+    objects, which evaluation ignores rather than counts), all False when not given. A folder source yields
+    records with no boxes. `width` and `height` are the display size (`decode.display_size`: EXIF orientation
+    applied), the frame of the boxes and of every stored coordinate; `exif_orientation` is the EXIF tag
+    applied (None without one).
     """
 
     image_id: int
@@ -70,9 +94,14 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=_empty_labels)
     names: tuple[str, ...] = ()
     annotation_ids: tuple[int, ...] = ()
+    crowd: np.ndarray = field(default_factory=_empty_flags)
     exif_orientation: int | None = None
 
     def __post_init__(self) -> None:
+        if len(self.crowd) == 0:  # not given: no crowd regions
+            object.__setattr__(self, "crowd", np.zeros(len(self.labels), dtype=bool))
+        if self.crowd.shape != (len(self.labels),):
+            raise ValueError(f"crowd flags {self.crowd.shape} do not match {len(self.labels)} labels")
         if self.boxes.shape != (len(self.labels), 4):
             raise ValueError(f"boxes {self.boxes.shape} do not match {len(self.labels)} labels")
         if len(self.names) != len(self.labels):
