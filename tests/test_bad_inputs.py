@@ -8,7 +8,7 @@ files that are no COCO dataset at all: each must stop `eive-audit run` with exit
 anything is written.
 
 Adding a kind is one entry: a builder that adds its files and entries to a `Corpus` and returns the
-`Outcome` it must leave. (The decoding work adds its 16-bit PNG and EXIF-orientation kinds here.)
+`Outcome` it must leave.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cli import run_ok
 from PIL import Image
+from pictures import png16
 from typer.testing import CliRunner
 
 from eive_audit.cli import app
@@ -136,11 +138,21 @@ def _png_header(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def _sixteen_bit(c: Corpus, mode: str) -> int:
+    """The base picture as a 16-bit PNG in `mode`'s colour type (each value v stored as 257 v)."""
+    pixels = np.asarray(c.base.convert(mode), dtype=np.uint16) * 257
+    return c.image(c.file(f"deep_{mode.lower()}.png", png16(pixels)))
+
+
+def _orientation_6() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter
+    return exif
+
+
 def _exif_turned(c: Corpus) -> int:
     """A JPEG whose EXIF shows its 128x96 pixels a quarter turned: it declares the 96x128 it displays."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return c.image(c.file("turned.jpg", c.base.resize((128, 96)), exif=exif), (96, 128))
+    return c.image(c.file("turned.jpg", c.base.resize((128, 96)), exif=_orientation_6()), (96, 128))
 
 
 def _duplicate_image_id(c: Corpus) -> Outcome:
@@ -230,6 +242,17 @@ ROW_KINDS: dict[str, Callable[[Corpus], Outcome]] = {
     "tiny_1x1": lambda c: audited(c.picture("tiny.png", c.base.resize((1, 1)))),
     "odd_aspect_1x500": lambda c: audited(c.picture("thin.png", c.base.resize((1, 500)))),
     "exif_turned_declares_displayed_size": lambda c: audited(_exif_turned(c)),
+    "png_16_bit_gray": lambda c: audited(_sixteen_bit(c, "L")),
+    "png_16_bit_gray_alpha": lambda c: audited(_sixteen_bit(c, "LA")),
+    "png_16_bit_rgb": lambda c: audited(_sixteen_bit(c, "RGB")),
+    "png_16_bit_rgba": lambda c: audited(_sixteen_bit(c, "RGBA")),
+    "gray_alpha_png": lambda c: audited(c.picture("la.png", c.base.convert("LA"))),
+    "tiff_32_bit_integer": lambda c: audited(c.picture("int.tif", Image.fromarray(
+        np.asarray(c.base.convert("L"), dtype=np.int32) * 257))),
+    "tiff_float": lambda c: audited(c.picture("float.tif", Image.fromarray(
+        np.asarray(c.base.convert("L"), dtype=np.float32) / 255))),
+    "exif_turned_png": lambda c: audited(c.image(c.file("turned.png", c.base.resize((128, 96)),
+                                                        exif=_orientation_6()), (96, 128))),
 }
 
 

@@ -5,9 +5,7 @@ all the same, decompression bombs still refused. The audits run the shipped mode
 from __future__ import annotations
 
 import json
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import torch
 from cli import run_ok
 from PIL import ExifTags, Image, ImageOps
+from pictures import png16
 
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.sources import CocoSource, ErrorReason, FolderSource, ImageRecord, SourceError
@@ -22,22 +21,6 @@ from eive_audit.pipeline.sources.decode import decode_rgb, display_size, fit_siz
 from eive_audit.storage.catalog import query
 
 ORIENTATION = ExifTags.Base.Orientation
-
-
-def _png16(pixels: np.ndarray) -> bytes:
-    """A 16-bit PNG of uint16 pixels [h, w] (gray), [h, w, 2] (gray + alpha), [h, w, 3] or [h, w, 4]: Pillow
-    writes no 16-bit colour PNG, so the chunks are written here (PNG spec: IHDR, one IDAT, IEND)."""
-    h, w = pixels.shape[:2]
-    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = pixels.astype(">u2").reshape(h, w * channels)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def _exif(orientation: int) -> Image.Exif:
@@ -70,7 +53,7 @@ def test_16_bit_pngs_keep_their_top_8_bits_in_every_colour_type(tmp_path: Path) 
     for channels, name in ((1, "gray"), (2, "gray_alpha"), (3, "rgb"), (4, "rgba")):
         shape = (6, 8) if channels == 1 else (6, 8, channels)
         path = tmp_path / f"{name}.png"
-        path.write_bytes(_png16(np.full(shape, value, np.uint16)))
+        path.write_bytes(png16(np.full(shape, value, np.uint16)))
         pixels = _hwc(decode_rgb(path, None))
         assert pixels.shape == (6, 8, 3)
         assert np.abs(pixels.astype(int) - value // 257).max() <= 1, (name, Image.open(path).mode, pixels[0, 0])
@@ -112,7 +95,7 @@ def test_an_audit_of_16_bit_pngs_finds_what_the_8_bit_audit_finds(synth: Path, t
     deep.mkdir()
     for entry in keep:
         pixels = np.asarray(Image.open(synth / "images" / "val" / entry["file_name"]).convert("RGB"))
-        (deep / entry["file_name"]).write_bytes(_png16(pixels.astype(np.uint16) * 257))
+        (deep / entry["file_name"]).write_bytes(png16(pixels.astype(np.uint16) * 257))
     ids = {entry["id"] for entry in keep}
     ann = tmp_path / "val.json"
     ann.write_text(json.dumps({**data, "images": keep, "annotations": [a for a in data["annotations"]
