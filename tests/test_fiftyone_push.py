@@ -162,7 +162,7 @@ def run(synth: Path, annotations: Path, fiftyone_env: dict[str, str],
 def _copy_run(store: Path, run_id: str, cue_ids: list[str]) -> None:
     """SECOND_RUN: the run's partitions copied under another id, its annotation file gone (so its GT comes
     from the instance rows), and `cue_ids` given CUE as findings would."""
-    for table in ("runs", "images", "instances", "maps", "errors"):
+    for table in ("runs", "images", "instances", "maps", "errors", "_done"):  # the shards' markers too
         shutil.copytree(store / table / f"run_id={run_id}", store / table / f"run_id={SECOND_RUN}")
     (row,) = read_table(store, "runs", SECOND_RUN, "run").to_pylist()
     config = {**json.loads(row["config_json"]), "coco": str(store / "moved-away.json")}

@@ -48,7 +48,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
     "images": [
         dict(image_id=1, shard="s0", file_path="a.jpg", width=640, height=480, input_height=600, input_width=800,
              padded_height=608, padded_width=800, n_gt=2, n_detections=3, status="ok",
-             forward_ms=12.5, explain_ms=0.75),
+             forward_ms=12.5, explain_ms=0.75, exif_orientation=6),
         dict(image_id=2, shard="s0", status="error"),
     ],
     "instances": [
