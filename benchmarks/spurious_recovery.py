@@ -1,18 +1,26 @@
-"""The planted-cue benchmark: does the audit rank the predictions that depend on the cue above the others?
+"""The planted-cue benchmark suite: does the audit rank the predictions that depend on a cue above the others,
+on planted-cue worlds it was not tuned on?
 
-Renders a fresh synthetic val split (with lone-cue images and cued-class objects drawn without their cue),
-audits it with the model (the audit's findings step fills `spurious_score`), then builds the ground truth
-the audit never sees: every instance of an image with a cue is re-scored on the generator's counterfactual
-(the same image re-rendered without its cues, identical elsewhere); an instance is positive when its score
-falls to half or less. Instances of images without cues are negatives (their counterfactual is the image).
+Each generator of `pipeline.sources.synthetic.GENERATORS` is a planted-cue world (object shapes, cue kind, cue
+rate). For each: a fresh val split (with lone-cue images and cued-class objects drawn without their cue) is
+audited by that world's model (the shipped model for `compact-patch`; for the others a detector fine-tuned
+from it by `eive-audit train` on the world's own train split, `TRAIN_RECIPE`, trained on first use and kept
+under `--models`). Ground truth the audit never sees: every instance of an image with a cue is re-scored on
+the generator's counterfactual (the same image re-rendered without its cues, identical elsewhere); an instance
+is positive when its score falls to half or less. Instances of images without cues are negatives.
 
-All instances are ranked by our `spurious_score` and by baselines: random, 1 - confidence, and FiftyOne
-Brain's mistakenness. Prints JSON:
-  {"rankings": {"ours": {"auroc", "precision@10", "precision@25", "precision@100", "recall@100"}, ...},
-   "n_instances", "n_positive", "top_cue": {...}, ...}
+Rankings: ours (`spurious_score`), random, 1 - confidence, FiftyOne Brain's mistakenness and the normalised
+off-object share (1 - the resolution-aware mass on the object). Also per class: the flag rate of correct
+detections without reliance, by the normalised rule the audit uses and by the raw rule it replaced (raw
+share >= the same threshold).
 
-    python benchmarks/spurious_recovery.py --n-val 500 --seed 1234      # the full run of the README
-    python benchmarks/spurious_recovery.py --quick                      # ~2 minutes on 2 CPU cores
+    python benchmarks/spurious_recovery.py --quick                    # compact-patch, 120 images, ~1 minute
+    python benchmarks/spurious_recovery.py --suite --models M         # every generator: the README's figures
+    python benchmarks/spurious_recovery.py --suite --models M --fit   # refit pipeline/findings/ranking.py
+
+`--fit` audits with a budget that verifies and localises every instance, then fits the two logistic models
+of `pipeline.findings.ranking` leave-one-generator-out (each generator scored by the models fitted on the
+others: held-out figures) and on all generators (the coefficients to ship), and prints both as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +43,7 @@ from torchvision.ops import box_convert
 from eive_audit.pipeline.metrics.faithfulness import instance_scores
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.sources.decode import decode_rgb
-from eive_audit.pipeline.sources.synthetic import CUED_CATEGORY, generate, render_counterfactual
+from eive_audit.pipeline.sources.synthetic import generate, render_counterfactual
 
 KS = (10, 25, 100)
 
@@ -142,18 +152,19 @@ def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float
 
 def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
     """Where the cued class's largest candidate cue sits: the share of its exemplars, and of all its
-    members, whose off-object peak cell overlaps a planted cue box of the same image."""
+    members, whose peak window centre lies within half a grid cell of a planted cue box of the same image."""
     from eive_audit.storage.catalog import query
 
+    raw = json.loads(ann.read_text())
     cue = query(store, "SELECT cue_id, support, verification_drop, exemplar_ids FROM findings WHERE run_id = ? "
                        "AND label_name = ? AND explainer = 'eive' ORDER BY support DESC, cue_id LIMIT 1",
-                [run_id, CUED_CATEGORY]).to_pylist()
+                [run_id, raw["synthetic"]["cued_category"]]).to_pylist()
     if not cue:
         return {"cue_id": None}
     members = query(store, "SELECT instance_id, image_id, peak_x, peak_y FROM instances WHERE run_id = ? AND cue_id = ?",
                     [run_id, cue[0]["cue_id"]]).to_pylist()
     boxes: dict[int, list[list[float]]] = {}
-    for c in json.loads(ann.read_text())["cues"]:
+    for c in raw["cues"]:
         boxes.setdefault(c["image_id"], []).append(c["bbox"])
     half = 4.0  # half a grid cell of the shipped model (stride 8) in pixels of the 128-px images
 
@@ -167,50 +178,246 @@ def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
             "members_on_cue": round(float(np.mean([on_cue(r) for r in members])), 4)}
 
 
-def run(model: str, n_val: int, seed: int, work: Path) -> dict[str, Any]:
+# How each world's model is made: fine-tuned from the shipped model on 2000 train images of the world
+# (seed 11), relabelled to its categories. About 8 minutes a model on 2 CPU cores.
+TRAIN_RECIPE = {"n_train": 2000, "seed": 11, "steps": 1200, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100}
+SHIPPED_WORLD = "compact-patch"  # the world the shipped model was trained on
+FULL_BUDGET = {"forward_budget": 1000.0, "verify_share": 0.5}  # verifies and localises every instance
+
+
+def world_model(generator: str, models: Path | None) -> str:
+    """The model of a world: the shipped one for its own world, else `models/<generator>`, trained there by
+    `eive-audit train` (`TRAIN_RECIPE`) when missing."""
+    if generator == SHIPPED_WORLD:
+        return "default"
+    if models is None:
+        raise SystemExit(f"the {generator} world needs --models DIR (its model is trained there on first use)")
+    out = models / generator
+    if not (out / "model.safetensors").is_file():
+        data = models / f"{generator}-train"
+        r = TRAIN_RECIPE
+        eive = [sys.executable, "-m", "eive_audit"]
+        subprocess.run([*eive, "synth", "--out", str(data), "--generator", generator, "--n-train", str(r["n_train"]),
+                        "--n-val", "0", "--seed", str(r["seed"])], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*eive, "train", "--coco", str(data / "annotations" / "train.json"),
+                        "--images", str(data / "images" / "train"), "--out", str(out), "--init", "default",
+                        "--steps", str(r["steps"]), "--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]),
+                        "--warmup-steps", str(r["warmup_steps"]), "--seed", "0"], check=True, stdout=subprocess.DEVNULL)
+    return str(out)
+
+
+def audit_world(generator: str, model: str, n_val: int, seed: int, work: Path,
+                findings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Audit a fresh val split of one world; returns its instances rows (eive) with their ground truth
+    (`cf_ratio`, `positive`), the run summary and the paths."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.pipeline.sources.synthetic import GENERATORS
     from eive_audit.storage.catalog import query
 
-    started = time.perf_counter()
-    ann = generate(work / "data", 0, n_val, seed)["val"]
+    ann = generate(work / "data", 0, n_val, seed, GENERATORS[generator])["val"]
     images = work / "data" / "images" / "val"
-    summary = audit(AuditConfig(images=images, coco=ann, out=work / "store", model=model, review={"report": False}))
+    config = AuditConfig(images=images, coco=ann, out=work / "store", model=model, review={"report": False},
+                         findings=findings or {})
+    started = time.perf_counter()
+    summary = audit(config)
+    seconds = time.perf_counter() - started
     rows = query(work / "store", "SELECT * FROM instances WHERE run_id = ? AND explainer = 'eive' ORDER BY instance_id",
                  [summary["run_id"]]).to_pylist()
     ratios = counterfactual_ratios(DetrAdapter.load(model), rows, ann, images)
-    positive = np.array([ratios[row["instance_id"]] <= 0.5 for row in rows])
+    for row in rows:
+        row["cf_ratio"] = ratios[row["instance_id"]]
+        row["positive"] = ratios[row["instance_id"]] <= 0.5
+    timing = query(work / "store", "SELECT sum(forward_ms) / 1000 AS forward_s FROM images WHERE run_id = ?",
+                   [summary["run_id"]]).to_pylist()[0]
+    return {"rows": rows, "summary": summary, "ann": ann, "images": images, "seconds": seconds,
+            "forward_s": timing["forward_s"], "threshold": config.score_threshold, "config": config}
+
+
+def flag_rates(world: dict[str, Any], reaches: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """Per class, the share of correct detections without reliance that are flagged off-object, by the raw
+    share (the rule the normalised one replaced) and by the normalised share at each reach (the audit's rule at
+    its `reach_cells`), recomputed from the stored maps; and the same share among correct detections that do
+    rely on the cue (a flag should still catch some of those)."""
+    from eive_audit.pipeline.config import FindingsConfig
+    from eive_audit.pipeline.findings.flags import flag_map, object_region, row_box
+    from eive_audit.pipeline.geometry import Geometry
+    from eive_audit.storage.catalog import query
+    from eive_audit.storage.maps import decode_map
+
+    store, run_id = world["config"].out, world["summary"]["run_id"]
+    maps = {m["instance_id"]: decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in query(
+        store, "SELECT instance_id, grid_h, grid_w, \"map\" FROM maps WHERE run_id = ? AND explainer = 'eive'",
+        [run_id]).to_pylist()}
+    images = {r["image_id"]: r for r in query(store, "SELECT * FROM images WHERE run_id = ?", [run_id]).to_pylist()}
+    default = FindingsConfig()
+    tps = [row for row in world["rows"] if row["outcome"] == "tp"]
+    flagged: dict[str, list[bool]] = {"raw": [row["off_object_share"] >= default.off_object for row in tps]}
+    for reach in reaches:
+        config = FindingsConfig(reach_cells=reach)
+        marks = []
+        for row in tps:
+            saliency = torch.from_numpy(np.asarray(maps[row["instance_id"]], dtype=np.float32))
+            geometry = Geometry.from_image_row(images[row["image_id"]], tuple(saliency.shape))
+            cells = object_region(row, torch.tensor([row_box(row, "gt")], dtype=torch.float32), geometry)
+            marks.append(flag_map("tp", saliency, cells, config).flag_off_object)
+        flagged[f"reach {reach}"] = marks
+    rates: dict[str, Any] = {}
+    for name in sorted({row["label_name"] for row in tps}):
+        for group, wanted in (("clean", False), ("reliant", True)):
+            chosen = [i for i, row in enumerate(tps) if row["label_name"] == name and row["positive"] == wanted]
+            if chosen:
+                rates.setdefault(name, {})[group] = {"n": len(chosen), **{
+                    rule: round(float(np.mean([marks[i] for i in chosen])), 4) for rule, marks in flagged.items()}}
+    return rates
+
+
+def world_metrics(world: dict[str, Any], seed: int, with_mistakenness: bool = True) -> dict[str, Any]:
+    """Rankings, positives and flag rates of one audited world."""
+    rows = world["rows"]
+    positive = np.array([row["positive"] for row in rows])
     rng = np.random.default_rng(seed)
-    mistaken = mistakenness(rows, ann, images)
     rankings = {
         "ours": np.array([row["spurious_score"] for row in rows], dtype=float),
         "random": rng.random(len(rows)),
         "1-confidence": np.array([1 - row["score"] for row in rows]),
-        "mistakenness": np.array([mistaken[row["instance_id"]] for row in rows]),
+        "off-object (normalised)": np.array([row["off_object_norm"] for row in rows], dtype=float),
     }
+    if with_mistakenness:
+        mistaken = mistakenness(rows, world["ann"], world["images"])
+        rankings["mistakenness"] = np.array([mistaken[row["instance_id"]] for row in rows])
     by_outcome: dict[str, int] = {}
-    for row, p in zip(rows, positive):
-        if p:
+    for row in rows:
+        if row["positive"]:
             by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + 1
-    return {"rankings": {name: ranking_metrics(scores, positive) for name, scores in rankings.items()},
-            "n_instances": len(rows), "n_positive": int(positive.sum()), "positives_by_outcome": by_outcome,
-            "top_cue": top_cue_on_cue(work / "store", summary["run_id"], ann), "model": model, "n_val": n_val,
-            "seed": seed, "seconds": round(time.perf_counter() - started, 1)}
+    summary = world["summary"]
+    result: dict[str, Any] = {
+        "n_instances": len(rows), "n_positive": int(positive.sum()), "positives_by_outcome": by_outcome,
+        "flag_rates": flag_rates(world),
+        "verified": summary["verified"], "localised": summary["localised"],
+        "audit_seconds": round(world["seconds"], 1)}
+    if 0 < positive.sum() < len(rows):
+        result["rankings"] = {name: ranking_metrics(scores, positive) for name, scores in rankings.items()}
+    result["top_cue"] = top_cue_on_cue(world["config"].out, summary["run_id"], world["ann"])
+    return result
+
+
+def _finding(row: dict[str, Any], verified: bool = True, localised: bool = True) -> Any:
+    """The finding of a stored row, as the ranking reads it; without verification (or localisation) when the
+    default budget would not have reached it."""
+    from eive_audit.pipeline.findings.flags import InstanceFinding
+
+    return InstanceFinding(row["off_object_share"], row["off_object_norm"], row["flag_off_object"],
+                           row["flag_background_fp"], row["flag_miss_elsewhere"],
+                           verification_drop=row["verification_drop"] if verified else None,
+                           specificity=row["specificity"] if verified and localised else None)
+
+
+def default_budget_scores(world: dict[str, Any], prior: Any, full: Any) -> np.ndarray:
+    """The scores a world's instances get at the default forward budget under the models `prior` and `full`,
+    from a run that verified and localised everything: the budget's verification share goes to the instances
+    `prior` ranks first, and localisation to the largest confirmed drops while an average case's forwards
+    (its tiles plus one tile's windows, measured on the shipped model: 16) fit in the rest."""
+    from eive_audit.pipeline.config import FindingsConfig
+    from eive_audit.pipeline.findings.ranking import features
+
+    config, rows, threshold = FindingsConfig(), world["rows"], world["threshold"]
+    budget = round(config.forward_budget * world["summary"]["audited"])
+    n_verify = min(len(rows), int(budget * config.verify_share))
+    priors = np.array([prior(features(r, _finding(r, False), threshold)) for r in rows])
+    chosen = set(np.argsort(-priors, kind="stable")[:n_verify].tolist())
+    confirmed = sorted((i for i in chosen if rows[i]["verification_drop"] >= config.confirm_drop),
+                       key=lambda i: -rows[i]["verification_drop"])
+    localised = set(confirmed[:max(budget - n_verify, 0) // 16])
+    return np.array([full(features(r, _finding(r, True, i in localised), threshold)) if i in chosen else priors[i]
+                     for i, r in enumerate(rows)])
+
+
+def fit_rankings(worlds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Fit `ranking.PRIOR` (on every instance) and `ranking.FULL` on all worlds (the coefficients to ship), and
+    score each world at the default budget by the models fitted on the others (leave-one-generator-out: the
+    held-out figures). `worlds` were audited with a budget that verified and localised every instance."""
+    from sklearn.linear_model import LogisticRegression
+
+    from eive_audit.pipeline.findings.ranking import FULL_FEATURES, PRIOR_FEATURES, Logistic, features
+
+    def design(world: dict[str, Any], names: tuple[str, ...], verified: bool) -> tuple[np.ndarray, np.ndarray]:
+        x = [[features(r, _finding(r, verified), world["threshold"])[n] for n in names] for r in world["rows"]]
+        return np.array(x, dtype=float), np.array([r["positive"] for r in world["rows"]])
+
+    def fit(names: tuple[str, ...], parts: list[str], verified: bool) -> Logistic:
+        xs, ys = zip(*(design(worlds[g], names, verified) for g in parts))
+        model = LogisticRegression(C=1.0, max_iter=5000).fit(np.concatenate(xs), np.concatenate(ys))
+        return Logistic({n: round(float(w), 3) for n, w in zip(names, model.coef_[0])}, round(float(model.intercept_[0]), 3))
+
+    held_out = {}
+    for g, world in worlds.items():
+        positive = np.array([r["positive"] for r in world["rows"]])
+        if not 0 < positive.sum() < len(positive):
+            continue
+        others = [o for o in worlds if o != g]
+        scores = default_budget_scores(world, fit(PRIOR_FEATURES, others, False), fit(FULL_FEATURES, others, True))
+        confidence = np.array([1 - r["score"] for r in world["rows"]])
+        held_out[g] = {"n_positive": int(positive.sum()), "ours": ranking_metrics(scores, positive),
+                       "1-confidence": ranking_metrics(confidence, positive)}
+    prior, full = fit(PRIOR_FEATURES, list(worlds), False), fit(FULL_FEATURES, list(worlds), True)
+    return {"prior": {"weights": dict(prior.weights), "bias": prior.bias},
+            "full": {"weights": dict(full.weights), "bias": full.bias}, "held_out": held_out}
+
+
+def run(model: str, n_val: int, seed: int, work: Path) -> dict[str, Any]:
+    """The shipped world alone (the quick mode and the AAJTS comparison): its metrics as one JSON object."""
+    world = audit_world(SHIPPED_WORLD, model, n_val, seed, work)
+    return {**world_metrics(world, seed), "model": model, "n_val": n_val, "seed": seed,
+            "seconds": round(world["seconds"], 1)}
+
+
+def suite(generators: list[str], models: Path | None, n_val: int, seed: int, work: Path, fit: bool) -> dict[str, Any]:
+    """Every world: its metrics, and the averages over the worlds where reliance exists; with `fit`, the
+    refitted ranking instead (audited with a budget that covers every instance)."""
+    from eive_audit.pipeline.config import FindingsConfig
+
+    worlds, results = {}, {}
+    for g in generators:
+        worlds[g] = audit_world(g, world_model(g, models), n_val, seed, work / g, FULL_BUDGET if fit else None)
+        if not fit:
+            results[g] = world_metrics(worlds[g], seed)
+            print(json.dumps({g: results[g]}), file=sys.stderr)
+    if fit:
+        return fit_rankings(worlds)
+    reliant = [g for g, r in results.items() if "rankings" in r and r["n_positive"] >= 5]
+    mean = {name: round(float(np.mean([results[g]["rankings"][name]["auroc"] for g in reliant])), 4)
+            for name in ("ours", "1-confidence", "mistakenness", "off-object (normalised)", "random")} if reliant else {}
+    reach = f"reach {FindingsConfig().reach_cells}"
+    worst_flag_rate = {rule: max((rates["clean"][rule] for r in results.values() for rates in r["flag_rates"].values()
+                                  if "clean" in rates), default=0.0) for rule in ("raw", reach)}
+    return {"worlds": results, "with_reliance": reliant, "mean_auroc": mean, "worst_flag_rate": worst_flag_rate,
+            "n_val": n_val, "seed": seed}
 
 
 def main() -> None:
+    from eive_audit.pipeline.sources.synthetic import GENERATORS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", default="default", help="the model of the single-world run")
     parser.add_argument("--n-val", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--quick", action="store_true", help="120 images: a couple of minutes on CPU")
-    parser.add_argument("--work", type=Path, default=None, help="keep data and store here (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="the shipped world, 120 images: a minute on CPU")
+    parser.add_argument("--suite", action="store_true", help="every generator (or those of --generators)")
+    parser.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, with --suite")
+    parser.add_argument("--models", type=Path, default=None, help="where the worlds' models are kept and trained")
+    parser.add_argument("--fit", action="store_true", help="with --suite: refit the ranking, print coefficients")
+    parser.add_argument("--work", type=Path, default=None, help="keep data and stores here (default: a temp dir)")
     args = parser.parse_args()
     n_val = 120 if args.quick else args.n_val
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(work / "fiftyone-db"))
-        print(json.dumps(run(args.model, n_val, args.seed, work)))
+        if args.suite:
+            result = suite(args.generators.split(","), args.models, n_val, args.seed, work, args.fit)
+        else:
+            result = run(args.model, n_val, args.seed, work)
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ missing model, image folder or annotation file, an unknown explainer, or one the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -217,14 +218,23 @@ def synth(
     n_train: int = typer.Option(2000, help="train images"),
     n_val: int = typer.Option(200, help="val images"),
     seed: int = typer.Option(0),
-    image_size: int = typer.Option(128),
-    cue_rate: float = typer.Option(0.95, help="share of cued-class objects drawn with the cue"),
+    generator: str = typer.Option("compact-patch", help="planted-cue world, a name of GENERATORS in "
+                                                        "pipeline/sources/synthetic.py"),
+    image_size: Optional[int] = typer.Option(None, help="image side in pixels; none: the generator's"),
+    cue_rate: Optional[float] = typer.Option(None, help="share of cued-class objects drawn with the cue; "
+                                                         "none: the generator's"),
     val_cue_alone_rate: float = typer.Option(0.1, help="share of val images with a lone cue"),
 ) -> None:
     """Render a synthetic planted-cue dataset in COCO format."""
-    from eive_audit.pipeline.sources.synthetic import SynthParams, generate
+    from eive_audit.pipeline.sources.synthetic import GENERATORS, generate
 
-    params = SynthParams(image_size=image_size, cue_rate=cue_rate)
+    if generator not in GENERATORS:
+        _fail(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    changes = {k: v for k, v in (("image_size", image_size), ("cue_rate", cue_rate)) if v is not None}
+    try:
+        params = dataclasses.replace(GENERATORS[generator], **changes)
+    except ValueError as exc:
+        _fail(f"bad synth settings: {exc}")
     with progress_bar("rendering", n_train + n_val) as advance:
         written = generate(out, n_train, n_val, seed, params, val_cue_alone_rate, advance)
     typer.echo(json.dumps({split: str(path) for split, path in written.items()}))
@@ -460,10 +470,12 @@ def demo(
     summary = _audit(config)
     fiftyone_dataset = config.review.fiftyone_dataset
     typer.echo(json.dumps(summary))
-    worst = query(out, "SELECT instance_id, label_name, round(score, 3) AS score, round(iou, 3) AS iou, "
-                       "round(mass_in_gt, 3) AS mass_in_gt, peak_in_gt FROM instances "
-                       "WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt LIMIT 10", [summary["run_id"]])
-    err.print("[bold]Correct detections with the least saliency on their object[/bold] (read back through DuckDB):")
+    worst = query(out, "SELECT instance_id, label_name, outcome, round(score, 3) AS score, "
+                       "round(off_object_norm, 3) AS off_object_norm, round(verification_drop, 3) AS drop_when_blurred, "
+                       "round(spurious_score, 3) AS spurious_score FROM instances WHERE run_id = ? "
+                       "ORDER BY spurious_score DESC NULLS LAST, instance_id LIMIT 10", [summary["run_id"]])
+    err.print("[bold]Detections most likely right or wrong for the wrong reason[/bold] (spurious_score, read back "
+              "through DuckDB):")
     _print_table(worst, "table")
     cues = query(out, "SELECT cue_id, support, round(mean_spurious_score, 3) AS mean_score, "
                       "round(verification_drop, 3) AS drop_when_blurred, confirmed, exemplar_ids[1:3] AS exemplars "

@@ -100,19 +100,23 @@ class FaithfulnessConfig(_Part):
 
 
 class FindingsConfig(_Part):
-    """Flags, candidate cues and their verification (pipeline.findings); defaults chosen on the planted-cue
-    benchmark."""
+    """Flags, candidate cues and their verification (pipeline.findings); defaults chosen on the tuning
+    generators of the planted-cue benchmark suite (benchmarks/spurious_recovery.py)."""
 
     enabled: bool = Field(True, description="flag spurious attention, cluster candidate cues, verify them")
-    off_object: float = Field(0.4, ge=0.0, le=1.0,
-                              description="flag a tp / dup / fn with at least this map share off its object")
-    background: float = Field(0.5, ge=0.0, le=1.0,
-                              description="flag an fp with at least this map share off every GT box")
+    reach_cells: int = Field(1, ge=0, description="cells around the ones an object's box touches that still count "
+                             "as on the object (a cell's receptive field), for the normalised off-object share")
+    off_object: float = Field(0.4, gt=0.0, le=1.0, description="flag a tp / dup / fn with at least this "
+                              "normalised map share off its object")
+    background: float = Field(0.5, gt=0.0, le=1.0,
+                              description="flag an fp with at least this normalised map share off every GT box")
     min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
-    verify_budget: int = Field(5000, ge=0,
-                               description="instances re-scored with their surroundings blurred (flagged first)")
-    localise_budget: int = Field(15000, ge=0, description="forwards (one per window) spent localising confirmed "
-                                 "reliance, largest drops first")
+    forward_budget: float = Field(2.0, ge=0.0, description="perturbed forwards per audited image that "
+                                  "verification and localisation may spend together (each costs about what the "
+                                  "audit's forward of an image cost); the rest is counted as skipped")
+    verify_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the forward budget that verification "
+                                "may take, most suspicious instances first; localisation of the largest confirmed "
+                                "drops has the rest")
     context_cells: int = Field(2, ge=1, description="width of the ring around the box that verification blurs, in cells")
     blur_sigma: float = Field(10.0, gt=0.0, description="of the blur that fills a verified region, in input pixels")
     confirm_drop: float = Field(0.5, ge=0.0, le=1.0, description="relative score drop that confirms reliance")

@@ -133,7 +133,8 @@ def run_findings(config: AuditConfig, rows: list[Row], maps: dict[Key, np.ndarra
     """Findings of the whole run from its stored rows (instances in a fixed order, maps, audited images)."""
     adapter, _, label_map = model_and_source(config)
     labels = dict(zip(((r["instance_id"], r["explainer"]) for r in rows), model_labels(adapter, rows, label_map)))
-    return find_spurious(adapter, rows, maps, images, labels, config.findings, config.batch_size)
+    return find_spurious(adapter, rows, maps, images, labels, config.findings, config.batch_size,
+                         config.score_threshold)
 
 
 def finding_columns(found: Findings) -> dict[Key, Row]:

@@ -134,17 +134,18 @@ def review_views() -> list[_View]:
 
     The off-object views take the flags the audit wrote with each shard (`pipeline.findings.flags`, the run's
     `findings.off_object` and `findings.background` thresholds), so a view holds exactly the instances the
-    flag marks, as the report and the findings count them. An fp has no GT box, so its `mass_on_other_gt` is
-    1 as soon as its map touches any GT box and cannot tell background from another object, while its
-    `off_object_share` is the share of the map off every GT box. On the image dataset, the first explainer's
+    flag marks, as the report and the findings count them; each flagged instance's `flag_reason` says why. An fp
+    has no GT box, so its `mass_on_other_gt` is 1 as soon as its map touches any GT box and cannot tell
+    background from another object, while its `off_object_norm` is the share of the map off every GT box. On the image dataset, the first explainer's
     flags decide.
     """
     return [
-        _View("tp-off-object", "correct detections the audit flags as looking off their object (flag_off_object; "
-                               "lowest mass_in_gt first): right, maybe for the wrong reason",
+        _View("tp-off-object", "correct detections the audit flags as looking off their object (flag_off_object, "
+                               "from the resolution-aware off_object_norm; flag_reason says why; lowest mass_in_gt "
+                               "first): right, maybe for the wrong reason",
               (F("outcome") == "tp") & (F("flag_off_object") == True), "mass_in_gt"),  # noqa: E712 (a MongoDB test)
         _View("fp-background", "false positives driven by background: flag_background_fp (enough of the map off "
-                               "every GT box, off_object_share)",
+                               "the cells every GT box reaches, off_object_norm; flag_reason says why)",
               (F("outcome") == "fp") & (F("flag_background_fp") == True)),  # noqa: E712 (a MongoDB test)
         _View("missed", "missed GT objects (fn), explained through the query that overlaps them most",
               F("outcome") == "fn"),
@@ -192,10 +193,11 @@ def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait:
 
 
 def _score_columns(schema: pa.Schema) -> list[str]:
-    """The `instances` columns pushed as scores: numeric and boolean ones, less box corners and `label`."""
+    """The `instances` columns pushed as scores: numeric and boolean ones, less box corners and `label`, and
+    `flag_reason` (why an instance is flagged, in words, to read beside its heatmap)."""
     return [f.name for f in schema
-            if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))
-            and f.name not in _BOX_COLUMNS and f.name != "label"]
+            if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type)
+                or f.name == "flag_reason") and f.name not in _BOX_COLUMNS and f.name != "label"]
 
 
 def field_name(text: str) -> str:

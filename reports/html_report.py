@@ -89,7 +89,8 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
     explainers = run["explainers"].split(",")
     sections = [
         ("summary", "Run", _summary(store, run)),
-        ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"]) + _findings(store, run_id)),
+        ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"])
+         + _findings(store, run_id, config["findings"])),
         ("failures", "Failure gallery", _failures(store, run_id, explainers, Path(config["images"]), top_failures)),
         ("plots", "Score distributions", _plots(store, run_id)),
         ("config", "Configuration", _table(["key", "value"], _config_rows(config))),
@@ -193,41 +194,53 @@ def _flags(store: Path, run_id: str, findings: dict[str, Any]) -> str:
                         "count(*) FILTER (flag_background_fp) AS background_fp, "
                         "count(*) FILTER (flag_miss_elsewhere) AS miss_elsewhere, count(*) AS n "
                         "FROM instances WHERE run_id = ? GROUP BY explainer ORDER BY explainer", [run_id]).to_pylist()
-    rule = (f"<p>Flags: a correct detection or duplicate with at least {_format(findings['off_object'])} of its "
-            f"map off its object (flag_off_object), a false positive with at least "
-            f"{_format(findings['background'])} of it off every GT box (flag_background_fp), a miss whose query "
-            f"put at least {_format(findings['off_object'])} of it off the missed object (flag_miss_elsewhere).</p>")
+    reach = ("the cells its box touches" if findings["reach_cells"] == 0
+             else f"{findings['reach_cells']} cell(s) around the cells its box touches")
+    rule = (f"<p>Flags read the normalised off-object share (off_object_norm): the share of a map beyond {reach} "
+            "at the attention grid, so a map on a small or thin object's cells is not off it (the raw share off "
+            f"the box, off_object_share, is kept beside it). A correct detection or duplicate is flagged from "
+            f"{_format(findings['off_object'])} (flag_off_object), a false positive from "
+            f"{_format(findings['background'])} off every GT object (flag_background_fp), a miss whose query put "
+            f"{_format(findings['off_object'])} off the missed object (flag_miss_elsewhere).</p>")
     return rule + _table(["explainer", "flag_off_object", "flag_background_fp", "flag_miss_elsewhere", "instances"],
                          [tuple(row.values()) for row in rows])
 
 
-def _findings(store: Path, run_id: str) -> str:
+def _findings(store: Path, run_id: str, findings: dict[str, Any]) -> str:
     """One row per candidate cue (a cluster of flagged instances of one class whose off-object peaks look
     alike), largest first, with its verification and exemplar crops; then the most spurious instances."""
     cues = query(store, "SELECT * FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC, cue_id",
                  [run_id]).to_pylist()
-    flagged = query(store, "SELECT instance_id, explainer, outcome, label_name, score, off_object_share, "
-                           "verification_drop, spurious_score, cue_id FROM instances WHERE run_id = ? AND "
-                           "spurious_score IS NOT NULL ORDER BY spurious_score DESC, instance_id LIMIT 15",
-                    [run_id]).to_pylist()
+    flagged = query(store, "SELECT instance_id, explainer, outcome, label_name, score, off_object_norm, "
+                           "off_object_share, verification_drop, spurious_score, cue_id, flag_reason FROM instances "
+                           "WHERE run_id = ? AND spurious_score IS NOT NULL ORDER BY spurious_score DESC, instance_id "
+                           "LIMIT 15", [run_id]).to_pylist()
     if not flagged:
         return "<p>No findings for this run (the findings step was off).</p>"
-    intro = ("<p>Each flagged instance's surroundings are blurred and the detection re-scored; where that halves "
-             "its score, a small window slides over the surroundings and the window whose blur hurts most becomes "
-             "its peak. Each peak is described by the detector's feature there, its position relative to the box "
-             "and its colour; peaks of one class that cluster are a candidate cue, confirmed when its members' "
-             "mean drop is half or more. The spurious score is the drop times how specific it is to one "
-             "window.</p>")
+    budget = query(store, "SELECT count(*) AS n, count(verification_drop) AS verified, count(specificity) AS localised, "
+                          "count(*) FILTER (verification_drop >= ?) AS confirmed FROM instances WHERE run_id = ?",
+                   [findings["confirm_drop"], run_id]).to_pylist()[0]
+    intro = ("<p>The most suspicious instances first (by their margin over the score threshold, their normalised "
+             "off-object share and outcome), within the forward budget, have their surroundings blurred and the "
+             "detection re-scored; the largest drops are then localised, tile by tile and window by window, and "
+             "the window whose blur hurts most becomes the peak. Each peak is described by the detector's feature "
+             "there, its position relative to the box and its colour; peaks of one class that cluster are a "
+             "candidate cue, confirmed when its members' mean drop is half or more. The spurious score is the "
+             "probability that the detection relies on something besides its object, from all of that.</p>"
+             f"<p>Forward budget: {budget['verified']} of {budget['n']} instances verified "
+             f"({budget['n'] - budget['verified']} skipped), {budget['localised']} of {budget['confirmed']} "
+             "confirmed ones localised.</p>")
     cue_rows = [(c["cue_id"], c["label_name"], f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
                  f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], c["confirmed"])
                 for c in cues]
-    table = _table(["cue", "class", "support (of flagged)", "mean spurious score", "peak offset (box w, h)",
-                    "verification drop", "confirmed"], cue_rows) if cues else "<p>No candidate cue: no cluster of flagged peaks.</p>"
+    table = _table(["cue", "class", "support (of described)", "mean spurious score", "peak offset (box w, h)",
+                    "verification drop", "confirmed"], cue_rows) if cues else "<p>No candidate cue: no cluster of described peaks.</p>"
     crops = "".join(f'<figure class="cue"><figcaption>{html.escape(c["cue_id"])}</figcaption>'
                     + "".join(_img(crop, f"exemplar {i}", "crop") for crop, i in zip(c["exemplar_crops"], c["exemplar_ids"]))
                     + "</figure>" for c in cues)
-    top = _table(["instance", "explainer", "outcome", "class", "score", "off-object share", "verification drop",
-                  "spurious score", "cue"], [tuple(r.values()) for r in flagged])
+    top = _table(["instance", "explainer", "outcome", "class", "score", "off-object (normalised)", "off-object (raw)",
+                  "verification drop", "spurious score", "cue", "why flagged"],
+                 [tuple(r.values()) for r in flagged])
     return f"{intro}{table}{crops}<h3>Most spurious instances</h3>{top}"
 
 

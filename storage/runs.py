@@ -76,7 +76,8 @@ def _write_row(root: Path, info: RunInfo, status: str, seconds: float, counts: M
 
 def run_summary(root: Path, run_id: str) -> dict[str, Any]:
     """Counts of the run read back through DuckDB: images, errors, instances by outcome, instances with
-    faithfulness, flagged instances and candidate cues."""
+    faithfulness, flagged instances, the instances the findings' forward budget verified and localised (the
+    rest it skipped) and candidate cues."""
     outcomes = query(root, "SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome "
                            "ORDER BY outcome", [run_id])
 
@@ -89,6 +90,8 @@ def run_summary(root: Path, run_id: str) -> dict[str, Any]:
             "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
             "with_faithfulness": count("instances", "insertion_auc IS NOT NULL"),
             "flagged": count("instances", FLAGGED),
+            "verified": count("instances", "verification_drop IS NOT NULL"),
+            "localised": count("instances", "specificity IS NOT NULL"),
             "candidate_cues": count("findings")}
 
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 
 # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity; 5: off_object_share
 # and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step;
-# 6: runs.error and the failed status, the crowd outcome, images.exif_orientation
-SCHEMA_VERSION = 6
+# 6: runs.error and the failed status, the crowd outcome, images.exif_orientation; 7: instances.off_object_norm and
+# flag_reason (resolution-aware flags)
+SCHEMA_VERSION = 7
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 # An instances row that any off-object flag marks (the flags are written with each shard), as SQL: what the
 # `flagged` faithfulness budget selects and the run summary counts.
@@ -111,15 +112,17 @@ INSTANCES = _schema(
     # off_object_share and flag_*: the off-object rule (pipeline.findings.flags), written with the shard by the
     # audit and read by the faithfulness budget, the findings step, the report and the FiftyOne views alike.
     # The rest is filled by the findings step at the end of the run (pipeline.findings); null until then.
-    _optional("off_object_share", pa.float32()),
+    _optional("off_object_share", pa.float32()),  # raw: mass outside the object's box
+    _optional("off_object_norm", pa.float32()),  # on cells out of the object's reach at the grid: what flags read
     _optional("spurious_score", pa.float32()),
     _optional("flag_off_object", pa.bool_()),
     _optional("flag_background_fp", pa.bool_()),
     _optional("flag_miss_elsewhere", pa.bool_()),
+    _optional("flag_reason", pa.string()),  # why the instance is flagged, in words; null when it is not
     _optional("cue_id", pa.string()),
     _optional("verification_drop", pa.float32()),  # relative score drop with the surroundings blurred
     _optional("localised_drop", pa.float32()),  # the same with only the most damaging small window blurred
-    _optional("specificity", pa.float32()),  # localised drop minus the median window's drop
+    _optional("specificity", pa.float32()),  # localised drop minus the median tile's drop
     _optional("peak_x", pa.float32()),  # centre of the peak window (localised) or attention peak cell, original px
     _optional("peak_y", pa.float32()),
 )

@@ -191,11 +191,12 @@ def broken(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def shipped_audit_yaml(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The settings of `shipped_audit`, as a user keeps them: the synth val split, the shipped model,
-    findings at a 0.3 off-object share and a support of 3 (so the small split yields cues), no report."""
+    findings at a 0.3 off-object share, a support of 3 and 4 forwards an image (so the small split yields
+    cues), no report."""
     yaml_file = tmp_path_factory.mktemp("shipped") / "audit.yaml"
     yaml_file.write_text(f"images: {synth / 'images' / 'val'}\ncoco: {synth / 'annotations' / 'val.json'}\n"
                          f"out: {yaml_file.parent / 'store'}\ndevice: cpu\n"
-                         "findings: {off_object: 0.3, min_support: 3}\nreview: {report: false}\n")
+                         "findings: {off_object: 0.3, min_support: 3, forward_budget: 4}\nreview: {report: false}\n")
     return yaml_file
 
 

@@ -199,7 +199,7 @@ def test_review_settings_leave_the_run_id_unchanged_and_findings_settings_change
 
     assert changed(review={"fiftyone_dataset": "x", "report": False}).run_id == config.run_id
     assert changed(faithfulness={"batch_size": 3}, explainers={"eive": {}}).run_id == config.run_id
-    for change in ({"findings": {"off_object": 0.45}}, {"findings": {"verify_budget": 3}},
+    for change in ({"findings": {"off_object": 0.45}}, {"findings": {"forward_budget": 3.0}},
                    {"findings": {"enabled": False}}, {"explainers": {"drise": {"n_masks": 7}}},
                    {"explainers": {"eive": {"fusion": "last"}}}, {"faithfulness": {"steps": 3}}):
         assert changed(**change).run_id != config.run_id, change
@@ -230,7 +230,7 @@ def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Pat
     assert (summary["images"], summary["errors"]) == (16, 0)
     assert Path(summary["report"]).is_file()
     stderr = " ".join(done.stderr.split())
-    assert "least saliency on their object" in stderr and "Candidate cues" in stderr
+    assert "right or wrong for the wrong reason" in stderr and "Candidate cues" in stderr
     cues = query(out, "SELECT cue_id FROM findings WHERE run_id = ?", [summary["run_id"]]).column("cue_id")
     assert len(cues) == summary["candidate_cues"]
     assert all(cue in done.stdout for cue in cues.to_pylist()), "every candidate cue is printed"

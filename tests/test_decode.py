@@ -254,8 +254,7 @@ def test_a_large_image_is_audited_in_original_coordinates(synth: Path, tmp_path:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             runs[name] = run_ok("--coco", tmp_path / f"{name}.json", "--images", tmp_path / name, "--device", "cpu",
                                 "--out", tmp_path / f"store-{name}", "--findings-off-object", "0.3",
-                                "--findings-min-support", "2", "--findings-verify-budget", "3",
-                                "--findings-localise-budget", "30")["run_id"]
+                                "--findings-min-support", "2")["run_id"]
     small = _instances(tmp_path / "store-small", runs["small"])
     large = _instances(tmp_path / "store-large", runs["large"], (scale, scale))
     assert sum(row["outcome"] == "tp" for row in small) >= 3

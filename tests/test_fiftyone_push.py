@@ -49,6 +49,7 @@ class EiveLast(EIVE):
 
 images, coco, out, dataset = sys.argv[1:]
 config = AuditConfig(images=images, coco=coco, out=out, explainers=("eive", "eive-last"), faithfulness={"instances": "sample:3"},
+                     findings={"off_object": 0.05},  # the shipped model looks at its objects: flag the few that stray
                      review={"report": False, "fiftyone_dataset": dataset})
 print(json.dumps(audit(config), default=str))
 """
@@ -221,10 +222,12 @@ def test_detections_carry_every_numeric_column_of_every_explainer(run: tuple[Pat
     assert sorted(rows) == ["eive", "eive-last"]
     columns = [f.name for f in table.schema if f.name != "label" and f.name not in BOX_COLUMNS
                and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))]
-    assert {"mass_in_gt", "insertion_auc", "peak_in_gt", "spurious_score", "flag_off_object"} <= set(columns)
+    assert {"mass_in_gt", "insertion_auc", "peak_in_gt", "spurious_score", "flag_off_object", "off_object_norm"} \
+        <= set(columns)
     det = pushed["known_detection"]
     assert (det["audit_instance_id"], det["outcome"], det["run_id"]) == (pushed["known"], "tp", run_id)
     assert det["confidence"] == rows["eive"]["score"]
+    assert det.get("flag_reason") == rows["eive"]["flag_reason"], "why it is flagged, in words, beside the figures"
     for column in columns:
         assert det[column] == rows["eive"][column], column
         if column in DETECTION_COLUMNS:

@@ -19,7 +19,7 @@ def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path, fifty
                           timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # stdout is the JSON alone: FiftyOne's notices go to stderr
-    assert set(result["rankings"]) == {"ours", "random", "1-confidence", "mistakenness"}
+    assert set(result["rankings"]) == {"ours", "random", "1-confidence", "mistakenness", "off-object (normalised)"}
     assert all(set(metrics) == METRICS for metrics in result["rankings"].values())
     assert 0 < result["n_positive"] < result["n_instances"]
     ours = result["rankings"]["ours"]

@@ -3,33 +3,36 @@
 Run at the end of every audit, from the run's stored rows and maps (nothing here reads dataset-specific
 annotations beyond the GT boxes of the instances table), one module per step:
 
-1. `flags`: per instance, the share of its map that lies off its object (`off_object_share`): off the
+1. `flags`: per instance, the share of its map that lies off its object, raw (`off_object_share`) and
+   resolution-aware (`off_object_norm`: off the cells the object reaches at the attention grid): off the
    matched GT box for a correct detection, duplicate or miss; off every GT box of the image for a false
-   positive (its map sits on background); off its own box where there is no GT. Flags mark correct detections
-   looking off-object, false positives driven by background and misses whose best query looked elsewhere.
-   They are computed when each shard is audited (`pipeline.audit`) and read back here; this step adds the
-   off-object peak.
-2. `clustering`: per class, each flagged instance's off-object saliency peak is described (the detector's
-   own projected backbone feature at the peak, the peak's position relative to the box, the colour of the
-   image there) and the descriptions are clustered (scikit-learn HDBSCAN). A cluster that many instances share is a
-   candidate cue.
+   positive (its map sits on background); off its own box where there is no GT. Flags, read from the
+   normalised share, mark correct detections looking off-object, false positives driven by background and
+   misses whose best query looked elsewhere. They are computed when each shard is audited
+   (`pipeline.audit`) and read back here; this step adds the off-object peak.
+2. `ranking`, before any forward: each instance's prior probability of reliance (its margin to the score
+   threshold, its normalised share, its outcome) orders what the forward budget reaches.
 3. `verification`, budgeted: the instance's surroundings (a ring around its box, plus its off-object peak)
    are blurred and the detection re-scored; the relative drop of its score is stored, and a large drop
    confirms reliance on something outside the object.
-4. Localisation of confirmed reliance (`verification`), budgeted: a window of 2 x 2 cells slides over those
-   surroundings, each position blurred on its own; the window whose blur hurts most becomes the instance's peak; its
-   drop, and how far it exceeds the median window's drop (`specificity`), are stored. Attention alone may
-   miss a cue right beside the object (the backbone's receptive field folds it into the object's own
-   tokens), so this is what puts the peak, and the clusters, on it.
+4. Localisation of confirmed reliance (`verification`), with what is left of the budget, coarse to fine:
+   tiles of 4 x 4 cells of those surroundings are blurred one at a time, then each 2 x 2 window inside the
+   tile that hurt most; the window whose blur hurts most becomes the instance's peak; its drop, and how far
+   it exceeds the median tile's drop (`specificity`), are stored. Attention alone may miss a cue right beside the object (the backbone's receptive field folds
+   it into the object's own tokens), so this is what puts the peak, and the clusters, on it.
+5. `clustering`: per class, the off-object peaks of the verified instances that are flagged or localised are
+   described (the detector's own projected backbone feature at the peak, the peak's position relative to
+   the box, the colour of the image there) and clustered (scikit-learn HDBSCAN). A cluster that many
+   instances share is a candidate cue.
 
-`spurious_score` ranks instances for review: reliance on the surroundings times how specific to one place
-it is (see `spurious_scores`).
+`spurious_score` (`ranking`) is the probability of reliance from everything known of an instance: the prior's
+inputs, the verified drop and its specificity.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,32 +40,42 @@ import torch
 from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.findings.clustering import cluster_cues, describe_peaks
 from eive_audit.pipeline.findings.flags import Case, InstanceFinding, InstanceKey, describe_instance, row_box
-from eive_audit.pipeline.findings.verification import localise, verify, within_budget
+from eive_audit.pipeline.findings.ranking import prior_score, spurious_scores
+from eive_audit.pipeline.findings.verification import localisation_cost, localise, verify
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.models.detr import DetrAdapter
 
-__all__ = ["Findings", "InstanceFinding", "InstanceKey", "find_spurious", "spurious_scores"]
+__all__ = ["Budget", "Findings", "InstanceFinding", "InstanceKey", "find_spurious"]
 
 
 @dataclass
 class Findings:
-    """The result: per-instance updates keyed by (instance_id, explainer), and one row per candidate cue."""
+    """The result: per-instance updates keyed by (instance_id, explainer), one row per candidate cue, and what
+    the forward budget covered."""
 
     instances: dict[InstanceKey, InstanceFinding] = field(default_factory=dict)
     cues: list[dict[str, Any]] = field(default_factory=list)
+    budget: "Budget | None" = None
 
 
-def spurious_scores(findings: Iterable[InstanceFinding]) -> None:
-    """Fill `spurious_score` in [0, 1]: the verified drop with the surroundings blurred times the specificity
-    of that reliance. A shortcut is one place: blurring the window on it costs the score, blurring the
-    others does not. A detection that is merely fragile loses its score wherever one blurs (a high median
-    window drop), and one that uses its context as a whole loses it only to the full ring; neither is a
-    shortcut. Where a case was not localised, its off-object share stands in for the specificity (attention
-    leaving the object hints at one place), and where it was not verified either, for the drop too."""
-    for f in findings:
-        drop = f.off_object_share if f.verification_drop is None else min(max(f.verification_drop, 0.0), 1.0)
-        specific = f.off_object_share if f.specificity is None else min(max(f.specificity, 0.0), 1.0)
-        f.spurious_score = drop * specific
+@dataclass
+class Budget:
+    """Perturbed forwards the findings step may still spend (one per re-scored image), and where they went."""
+
+    left: int
+    verified: int = 0
+    localised: int = 0
+
+    @classmethod
+    def of_run(cls, config: FindingsConfig, audited_images: int) -> "Budget":
+        return cls(int(round(config.forward_budget * audited_images)))
+
+    def take(self, forwards: int) -> bool:
+        """Spend `forwards` if they fit in what is left."""
+        if forwards > self.left:
+            return False
+        self.left -= forwards
+        return True
 
 
 def _cases(rows: list[dict[str, Any]], maps: dict[InstanceKey, np.ndarray], images: dict[int, dict[str, Any]],
@@ -85,22 +98,28 @@ def _cases(rows: list[dict[str, Any]], maps: dict[InstanceKey, np.ndarray], imag
 
 def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[tuple[str, str], np.ndarray],
                   images: dict[int, dict[str, Any]], model_labels: dict[tuple[str, str], int],
-                  config: FindingsConfig, batch_size: int) -> Findings:
+                  config: FindingsConfig, batch_size: int, score_threshold: float) -> Findings:
     """Findings of one run: rows of its instances table (with the flags its shards were written with), their
-    maps by (instance_id, explainer), its images rows by image id (file_path and the stored sizes) and the
-    model label index of each instance; forwards take `batch_size` images (the audit's)."""
+    maps by (instance_id, explainer), its audited images rows by image id (file_path and the stored sizes),
+    the model label index of each instance and the run's score threshold; forwards take `batch_size` images
+    (the audit's). Verification takes the most suspicious instances first (`ranking.prior_score`), then
+    localisation the largest confirmed drops, while `config.forward_budget` lasts."""
     cases = _cases(rows, maps, images, model_labels)  # type: ignore[arg-type]
-    order = sorted(cases, key=lambda k: (not cases[k].finding.flagged, -cases[k].finding.off_object_share, k))
-    verify(adapter, [cases[k] for k in order[:config.verify_budget]], images, config, batch_size)
-    confirmed = sorted((k for k in order[:config.verify_budget]
-                        if cases[k].finding.verification_drop >= config.confirm_drop),  # type: ignore[operator]
+    prior = {k: prior_score(case.row, case.finding, score_threshold) for k, case in cases.items()}
+    budget = Budget.of_run(config, len(images))
+    chosen = sorted(cases, key=lambda k: (-prior[k], k))[:int(budget.left * config.verify_share)]
+    budget.take(len(chosen))
+    budget.verified = len(chosen)
+    verify(adapter, [cases[k] for k in chosen], images, config, batch_size)
+    confirmed = sorted((k for k in chosen if cases[k].finding.verification_drop >= config.confirm_drop),  # type: ignore[operator]
                        key=lambda k: (-cases[k].finding.verification_drop, k))  # type: ignore[operator]
-    localise(adapter, within_budget([cases[k] for k in confirmed], config), images, config, batch_size)
-    described = [case for case in cases.values()
-                 if case.finding.peak is not None and (case.finding.flagged or case.finding.localised_drop is not None)]
+    to_localise = [cases[k] for k in confirmed if budget.take(localisation_cost(cases[k], config))]
+    budget.localised = len(to_localise)
+    localise(adapter, to_localise, images, config, batch_size)
+    described = [cases[k] for k in chosen if cases[k].finding.peak is not None
+                 and (cases[k].finding.flagged or cases[k].finding.localised_drop is not None)]
     peaks = describe_peaks(adapter, described, images, batch_size)
+    spurious_scores(((case.row, case.finding) for case in cases.values()), score_threshold)
     cues = cluster_cues(peaks, config)
-    findings = Findings(instances={key: case.finding for key, case in cases.items()})
-    spurious_scores(findings.instances.values())
-    findings.cues = [cue.row(config) for cue in cues]
-    return findings
+    return Findings(instances={key: case.finding for key, case in cases.items()},
+                    cues=[cue.row(config) for cue in cues], budget=budget)

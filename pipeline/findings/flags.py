@@ -1,6 +1,14 @@
 """The one off-object rule: the share of an instance's map that lies off its object, the flags it raises, and
 its off-object peak.
 
+Two shares are kept. `off_object_share` is raw: the map's mass outside the object's box, cells cut by the
+box edge counting by the fraction they overlap. At a stride-32 grid most objects are small next to a cell,
+so even a perfectly placed map of a small or thin object has most of its mass "off" it by that measure.
+`off_object_norm` is what the flags read: the map's mass on cells out of the object's reach, that is cells
+the object's box does not touch even once grown by `reach_cells` cells (the receptive field a cell's token
+sees around it). A map that sits on the cells its object touches has a normalised share of 0, whatever the
+object's size, aspect and position on the grid.
+
 The object is the matched GT box for a correct detection, duplicate or miss, and the crowd region for a
 detection one absorbed; every GT box of the image for a false positive (its map should sit on some real
 object, anything else is background); its own box where there is no GT. A crowd instance raises no flag:
@@ -16,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.geometry import Geometry
@@ -33,12 +42,15 @@ class InstanceKey(NamedTuple):
 
 @dataclass
 class Flags:
-    """The off-object columns of one instance row: the share of its map off its object and the three flags."""
+    """The off-object columns of one instance row: the raw and normalised shares of its map off its object and
+    the three flags (read from the normalised share)."""
 
     off_object_share: float
+    off_object_norm: float
     flag_off_object: bool
     flag_background_fp: bool
     flag_miss_elsewhere: bool
+    flag_reason: str | None = None  # why, in words, for the report and the FiftyOne App
 
     @property
     def flagged(self) -> bool:
@@ -64,7 +76,7 @@ class InstanceFinding(Flags):
     cue_id: str | None = None
     verification_drop: float | None = None
     localised_drop: float | None = None
-    specificity: float | None = None  # localised drop minus the median drop over all windows
+    specificity: float | None = None  # localised drop minus the median tile's drop
     spurious_score: float = 0.0
 
     def set_peak(self, geometry: Geometry, cell: tuple[int, int], span: int = 1) -> None:
@@ -81,16 +93,45 @@ def object_cells(outcome: str, box: torch.Tensor, gt_boxes: torch.Tensor, grid: 
     return box_coverage(boxes, grid).amax(0)
 
 
+def reach(cells: torch.Tensor, reach_cells: int) -> torch.Tensor:
+    """Cells [h, w] (bool) within `reach_cells` cells (king moves) of a cell the object covers at all."""
+    touched = (cells > 0).float()[None, None]
+    if reach_cells > 0:
+        touched = F.max_pool2d(touched, 2 * reach_cells + 1, stride=1, padding=reach_cells)
+    return touched[0, 0] > 0
+
+
 def flag_map(outcome: str, saliency: torch.Tensor, cells: torch.Tensor, config: FindingsConfig) -> Flags:
-    """The off-object share of a map [h, w] whose object covers `cells` [h, w], and the flags it raises: a
-    correct detection or duplicate looking off its object, a false positive driven by background, a miss
-    whose best query looked elsewhere."""
+    """The raw and normalised off-object shares of a map [h, w] whose object covers `cells` [h, w], and the
+    flags the normalised one raises: a correct detection or duplicate looking off its object, a false positive
+    driven by background, a miss whose best query looked elsewhere."""
     total = float(saliency.sum())
     share = float((saliency * (1 - cells)).sum()) / total if total > 0 else 0.0
-    return Flags(off_object_share=share,
-                 flag_off_object=outcome in ("tp", "dup") and share >= config.off_object,
-                 flag_background_fp=outcome == "fp" and share >= config.background,
-                 flag_miss_elsewhere=outcome == "fn" and share >= config.off_object)
+    norm = float(saliency[~reach(cells, config.reach_cells)].sum()) / total if total > 0 else 0.0
+    flags = Flags(off_object_share=share, off_object_norm=norm,
+                  flag_off_object=outcome in ("tp", "dup") and norm >= config.off_object,
+                  flag_background_fp=outcome == "fp" and norm >= config.background,
+                  flag_miss_elsewhere=outcome == "fn" and norm >= config.off_object)
+    flags.flag_reason = reason(flags, config)
+    return flags
+
+
+def reason(flags: Flags, config: FindingsConfig) -> str | None:
+    """Why an instance is flagged, in words (None when it is not): where its map went, against the threshold
+    that flagged it, beside the raw share a reader might otherwise go by."""
+    if flags.flag_off_object:
+        what, box, threshold = "correct detection looking off its object", "its box", config.off_object
+    elif flags.flag_background_fp:
+        what, box, threshold = "false positive driven by background", "any GT box", config.background
+    elif flags.flag_miss_elsewhere:
+        what, box, threshold = "miss whose best query looked elsewhere", "its box", config.off_object
+    else:
+        return None
+    cells = f"the cells {box} touches"
+    if config.reach_cells:
+        cells = f"{config.reach_cells} cell{'s' if config.reach_cells > 1 else ''} around " + cells
+    return (f"{what}: {flags.off_object_norm:.0%} of its map lies beyond {cells} (flagged from {threshold:.0%}; "
+            f"raw share off {box}: {flags.off_object_share:.0%})")
 
 
 def off_object_peak(saliency: torch.Tensor, cells: torch.Tensor) -> tuple[int, int] | None:

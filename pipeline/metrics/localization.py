@@ -31,7 +31,7 @@ def localization_scores(maps: torch.Tensor, own_boxes: torch.Tensor, gt_index: t
     """
     k, h, w = maps.shape
     total = maps.flatten(1).sum(-1)
-    dist = maps / total.clamp(min=1e-30)[:, None, None]
+    dist = maps / torch.where(total > 0, total, torch.ones_like(total))[:, None, None]  # any mass, however small
     nan = torch.full((k,), float("nan"), device=maps.device)
     own = box_coverage(own_boxes.float(), (h, w))
     gt_cov = box_coverage(gt_boxes.float().reshape(-1, 4), (h, w))  # [G, h, w]
