@@ -182,7 +182,7 @@ def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
 # (seed 11), relabelled to its categories. About 8 minutes a model on 2 CPU cores.
 TRAIN_RECIPE = {"n_train": 2000, "seed": 11, "steps": 1200, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100}
 SHIPPED_WORLD = "compact-patch"  # the world the shipped model was trained on
-FULL_BUDGET = {"forward_budget": 1000.0, "verify_share": 0.5}  # verifies and localises every instance
+FULL_BUDGET = {"forward_budget": 1000.0}  # verifies and localises every instance
 
 
 def world_model(generator: str, models: Path | None) -> str:
@@ -230,6 +230,7 @@ def audit_world(generator: str, model: str, n_val: int, seed: int, work: Path,
         row["positive"] = ratios[row["instance_id"]] <= 0.5
     timing = query(work / "store", "SELECT sum(forward_ms) / 1000 AS forward_s FROM images WHERE run_id = ?",
                    [summary["run_id"]]).to_pylist()[0]
+    (work / "rows.json").write_text(json.dumps(rows, default=str))  # every instance with its ground truth, to study
     return {"rows": rows, "summary": summary, "ann": ann, "images": images, "seconds": seconds,
             "forward_s": timing["forward_s"], "threshold": config.score_threshold, "config": config}
 
@@ -295,7 +296,10 @@ def world_metrics(world: dict[str, Any], seed: int, with_mistakenness: bool = Tr
         "n_instances": len(rows), "n_positive": int(positive.sum()), "positives_by_outcome": by_outcome,
         "flag_rates": flag_rates(world),
         "verified": summary["verified"], "localised": summary["localised"],
-        "audit_seconds": round(world["seconds"], 1)}
+        "audit_seconds": round(world["seconds"], 1), "shards_seconds": summary.get("shards_seconds"),
+        "findings_seconds": summary.get("findings_seconds"),
+        "findings_over_shards": round(summary["findings_seconds"] / max(summary["shards_seconds"], 1e-6), 2)
+        if summary.get("findings_seconds") is not None and summary.get("shards_seconds") else None}
     if 0 < positive.sum() < len(rows):
         result["rankings"] = {name: ranking_metrics(scores, positive) for name, scores in rankings.items()}
     result["top_cue"] = top_cue_on_cue(world["config"].out, summary["run_id"], world["ann"])
@@ -313,73 +317,89 @@ def _finding(row: dict[str, Any], verified: bool = True, localised: bool = True)
                            specificity=row["specificity"] if verified and localised else None)
 
 
-def default_budget_scores(world: dict[str, Any], prior: Any, full: Any) -> np.ndarray:
-    """The scores a world's instances get at the default forward budget under the models `prior` and `full`,
-    from a run that verified and localised everything: the budget's verification share goes to the instances
-    `prior` ranks first, and localisation to the largest confirmed drops while an average case's forwards
-    (its tiles plus one tile's windows, measured on the shipped model: 16) fit in the rest."""
+def default_budget_view(world: dict[str, Any], prior: Any) -> tuple[set[int], set[int]]:
+    """Which of a world's instances (row positions) the default forward budget verifies and localises, from a
+    run that verified and localised everything: verification takes one forward per image, the images of the
+    instances `prior` ranks first, and localisation the largest confirmed drops while each case's cost as the
+    budget counts it (`localisation_cost`: its tiles plus one tile's windows, 16 + 9 on the 16 x 16 grid of
+    these worlds' models) fits in the rest."""
     from eive_audit.pipeline.config import FindingsConfig
     from eive_audit.pipeline.findings.ranking import features
 
-    config, rows, threshold = FindingsConfig(), world["rows"], world["threshold"]
+    config, rows = FindingsConfig(), world["rows"]
     budget = round(config.forward_budget * world["summary"]["audited"])
-    n_verify = min(len(rows), int(budget * config.verify_share))
-    priors = np.array([prior(features(r, _finding(r, False), threshold)) for r in rows])
-    chosen = set(np.argsort(-priors, kind="stable")[:n_verify].tolist())
+    suspicion: dict[int, float] = {}
+    for r in rows:
+        p = prior(features(r, _finding(r, False), world["threshold"]))
+        suspicion[r["image_id"]] = max(suspicion.get(r["image_id"], 0.0), p)
+    images = set(sorted(suspicion, key=lambda i: (-suspicion[i], i))[:budget])
+    chosen = {i for i, r in enumerate(rows) if r["image_id"] in images}
     confirmed = sorted((i for i in chosen if rows[i]["verification_drop"] >= config.confirm_drop),
                        key=lambda i: -rows[i]["verification_drop"])
-    localised = set(confirmed[:max(budget - n_verify, 0) // 16])
-    return np.array([full(features(r, _finding(r, True, i in localised), threshold)) if i in chosen else priors[i]
-                     for i, r in enumerate(rows)])
+    return chosen, set(confirmed[:max(budget - len(images), 0) // 25])
 
 
 def fit_rankings(worlds: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Fit `ranking.PRIOR` (on every instance) and `ranking.FULL` on all worlds (the coefficients to ship), and
-    score each world at the default budget by the models fitted on the others (leave-one-generator-out: the
+    """Fit `ranking.PRIOR` (on every instance, before verification) and `ranking.FULL` (on the instances the
+    default budget verifies, localised where it would localise them) on all worlds: the coefficients to ship;
+    and score each world at the default budget by the models fitted on the others (leave-one-generator-out: the
     held-out figures). `worlds` were audited with a budget that verified and localised every instance."""
     from sklearn.linear_model import LogisticRegression
 
     from eive_audit.pipeline.findings.ranking import FULL_FEATURES, PRIOR_FEATURES, Logistic, features
 
-    def design(world: dict[str, Any], names: tuple[str, ...], verified: bool) -> tuple[np.ndarray, np.ndarray]:
-        x = [[features(r, _finding(r, verified), world["threshold"])[n] for n in names] for r in world["rows"]]
-        return np.array(x, dtype=float), np.array([r["positive"] for r in world["rows"]])
+    def design(g: str, names: tuple[str, ...], view: tuple[set[int], set[int]] | None) -> tuple[np.ndarray, np.ndarray]:
+        rows, threshold = worlds[g]["rows"], worlds[g]["threshold"]
+        chosen = range(len(rows)) if view is None else sorted(view[0])
+        x = [[features(rows[i], _finding(rows[i], view is not None, view is not None and i in view[1]),
+                       threshold)[n] for n in names] for i in chosen]
+        return np.array(x, dtype=float), np.array([rows[i]["positive"] for i in chosen])
 
-    def fit(names: tuple[str, ...], parts: list[str], verified: bool) -> Logistic:
-        xs, ys = zip(*(design(worlds[g], names, verified) for g in parts))
+    def fit(names: tuple[str, ...], parts: list[str], views: dict[str, Any] | None) -> Logistic:
+        xs, ys = zip(*(design(g, names, None if views is None else views[g]) for g in parts))
         model = LogisticRegression(C=1.0, max_iter=5000).fit(np.concatenate(xs), np.concatenate(ys))
         return Logistic({n: round(float(w), 3) for n, w in zip(names, model.coef_[0])}, round(float(model.intercept_[0]), 3))
 
+    def fit_both(parts: list[str]) -> tuple[Logistic, Logistic]:
+        prior = fit(PRIOR_FEATURES, parts, None)
+        return prior, fit(FULL_FEATURES, parts, {g: default_budget_view(worlds[g], prior) for g in parts})
+
     held_out = {}
     for g, world in worlds.items():
-        positive = np.array([r["positive"] for r in world["rows"]])
+        rows = world["rows"]
+        positive = np.array([r["positive"] for r in rows])
         if not 0 < positive.sum() < len(positive):
             continue
-        others = [o for o in worlds if o != g]
-        scores = default_budget_scores(world, fit(PRIOR_FEATURES, others, False), fit(FULL_FEATURES, others, True))
-        confidence = np.array([1 - r["score"] for r in world["rows"]])
+        prior, full = fit_both([o for o in worlds if o != g])
+        chosen, localised = default_budget_view(world, prior)
+        threshold = world["threshold"]
+        scores = np.array([full(features(r, _finding(r, True, i in localised), threshold)) if i in chosen
+                           else prior(features(r, _finding(r, False), threshold)) for i, r in enumerate(rows)])
+        confidence = np.array([1 - r["score"] for r in rows])
         held_out[g] = {"n_positive": int(positive.sum()), "ours": ranking_metrics(scores, positive),
                        "1-confidence": ranking_metrics(confidence, positive)}
-    prior, full = fit(PRIOR_FEATURES, list(worlds), False), fit(FULL_FEATURES, list(worlds), True)
+    prior, full = fit_both(list(worlds))
     return {"prior": {"weights": dict(prior.weights), "bias": prior.bias},
             "full": {"weights": dict(full.weights), "bias": full.bias}, "held_out": held_out}
 
 
-def run(model: str, n_val: int, seed: int, work: Path) -> dict[str, Any]:
+def run(model: str, n_val: int, seed: int, work: Path, findings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The shipped world alone (the quick mode and the AAJTS comparison): its metrics as one JSON object."""
-    world = audit_world(SHIPPED_WORLD, model, n_val, seed, work)
+    world = audit_world(SHIPPED_WORLD, model, n_val, seed, work, findings)
     return {**world_metrics(world, seed), "model": model, "n_val": n_val, "seed": seed,
             "seconds": round(world["seconds"], 1)}
 
 
-def suite(generators: list[str], models: Path | None, n_val: int, seed: int, work: Path, fit: bool) -> dict[str, Any]:
+def suite(generators: list[str], models: Path | None, n_val: int, seed: int, work: Path, fit: bool,
+          findings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every world: its metrics, and the averages over the worlds where reliance exists; with `fit`, the
     refitted ranking instead (audited with a budget that covers every instance)."""
     from eive_audit.pipeline.config import FindingsConfig
 
     worlds, results = {}, {}
     for g in generators:
-        worlds[g] = audit_world(g, world_model(g, models), n_val, seed, work / g, FULL_BUDGET if fit else None)
+        settings = {**(findings or {}), **(FULL_BUDGET if fit else {})}
+        worlds[g] = audit_world(g, world_model(g, models), n_val, seed, work / g, settings)
         if not fit:
             results[g] = world_metrics(worlds[g], seed)
             print(json.dumps({g: results[g]}), file=sys.stderr)
@@ -408,15 +428,18 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=None, help="where the worlds' models are kept and trained")
     parser.add_argument("--fit", action="store_true", help="with --suite: refit the ranking, print coefficients")
     parser.add_argument("--work", type=Path, default=None, help="keep data and stores here (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a findings setting to measure another value of (e.g. context_cells=4), repeatable")
     args = parser.parse_args()
+    overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     n_val = 120 if args.quick else args.n_val
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(work / "fiftyone-db"))
         if args.suite:
-            result = suite(args.generators.split(","), args.models, n_val, args.seed, work, args.fit)
+            result = suite(args.generators.split(","), args.models, n_val, args.seed, work, args.fit, overrides)
         else:
-            result = run(args.model, n_val, args.seed, work)
+            result = run(args.model, n_val, args.seed, work, overrides)
         print(json.dumps(result))
 
 

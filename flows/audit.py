@@ -135,15 +135,20 @@ def audit(config: AuditConfig) -> dict[str, Any]:
 
 
 def _run(config: AuditConfig) -> dict[str, Any]:
-    """Every step that writes the run's rows, on the configured task runner; returns the run summary."""
+    """Every step that writes the run's rows, on the configured task runner; returns the run summary, with the
+    seconds the shards and the findings took (so what findings cost next to the audit shows in every run)."""
     with TASK_RUNNERS[config.runner](config.workers) as runner:
+        started = time.perf_counter()
         counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
                           for shard, ids in plan_shards(config).items()])  # each shard refreshes the catalog
+        seconds = {"shards_seconds": round(time.perf_counter() - started, 1)}
         selection = faithfulness_selection(config.out, config.run_id, config.faithfulness.instances)
         _gather([runner.submit(faithfulness_shard, {"config": config, "shard": shard, "chosen": chosen})
                  for shard, chosen in selection.items()])  # rewrites files the views already list: no refresh
         if config.findings.enabled:  # the reduce: starts once every shard is gathered
+            started = time.perf_counter()
             _gather([runner.submit(findings_task, {"config": config})])  # on a worker that holds the model
             refresh_catalog(config.out)
+            seconds["findings_seconds"] = round(time.perf_counter() - started, 1)
     skipped = sum(part.get("skipped", 0) for part in counts)
-    return {**run_summary(config.out, config.run_id), "shards_skipped": skipped}
+    return {**run_summary(config.out, config.run_id), "shards_skipped": skipped, **seconds}

@@ -111,13 +111,14 @@ class FindingsConfig(_Part):
     background: float = Field(0.5, gt=0.0, le=1.0,
                               description="flag an fp with at least this normalised map share off every GT box")
     min_support: int = Field(5, ge=2, description="flagged instances a cluster needs to be a candidate cue")
-    forward_budget: float = Field(2.0, ge=0.0, description="perturbed forwards per audited image that "
-                                  "verification and localisation may spend together (each costs about what the "
-                                  "audit's forward of an image cost); the rest is counted as skipped")
-    verify_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the forward budget that verification "
-                                "may take, most suspicious instances first; localisation of the largest confirmed "
-                                "drops has the rest")
-    context_cells: int = Field(2, ge=1, description="width of the ring around the box that verification blurs, in cells")
+    forward_budget: float = Field(2.0, ge=0.0, description="perturbed forwards per audited image that the "
+                                  "findings step may spend (each costs about what the audit's forward of an image "
+                                  "cost): verification takes one per image, the images of the most suspicious "
+                                  "instances first, and localisation of the largest confirmed drops the rest; what "
+                                  "does not fit is counted as skipped")
+    context_cells: int = Field(16, ge=1, description="surroundings of each box that verification and localisation "
+                               "blur, in cells; 16 reaches across the shipped model's 16 x 16 grid, so everything "
+                               "but the objects (a 2-cell ring missed cues 16-40 px from their object)")
     blur_sigma: float = Field(10.0, gt=0.0, description="of the blur that fills a verified region, in input pixels")
     confirm_drop: float = Field(0.5, ge=0.0, le=1.0, description="relative score drop that confirms reliance")
     window_cells: int = Field(2, ge=1, description="side of the window localisation slides over the surroundings")

@@ -220,10 +220,11 @@ def _findings(store: Path, run_id: str, findings: dict[str, Any]) -> str:
     budget = query(store, "SELECT count(*) AS n, count(verification_drop) AS verified, count(specificity) AS localised, "
                           "count(*) FILTER (verification_drop >= ?) AS confirmed FROM instances WHERE run_id = ?",
                    [findings["confirm_drop"], run_id]).to_pylist()[0]
-    intro = ("<p>The most suspicious instances first (by their margin over the score threshold, their normalised "
-             "off-object share and outcome), within the forward budget, have their surroundings blurred and the "
-             "detection re-scored; the largest drops are then localised, tile by tile and window by window, and "
-             "the window whose blur hurts most becomes the peak. Each peak is described by the detector's feature "
+    intro = ("<p>Within the forward budget, each image has the surroundings of all its objects blurred at once "
+             "(the objects kept) and every detection re-scored, the images of the most suspicious instances first "
+             "(by their margin over the score threshold, normalised off-object share and outcome); the largest "
+             "drops are then localised, tile by tile and window by window, and the window whose blur hurts most "
+             "becomes the peak. Each peak is described by the detector's feature "
              "there, its position relative to the box and its colour; peaks of one class that cluster are a "
              "candidate cue, confirmed when its members' mean drop is half or more. The spurious score is the "
              "probability that the detection relies on something besides its object, from all of that.</p>"

@@ -219,13 +219,8 @@ def test_the_audit_fills_findings_for_every_instance(audited: dict[str, tuple[Pa
     flagged = [r for r in instances if r["flag_off_object"] or r["flag_background_fp"] or r["flag_miss_elsewhere"]]
     assert all(r["off_object_norm"] >= 0.3 and r["flag_reason"] for r in flagged)
     assert all(r["flag_reason"] is None for r in instances if r not in flagged)
-    # The budget: forwards per audited image, a share of them to verify, the most suspicious instances first.
-    n_images = query(store, "SELECT count(*) AS n FROM images WHERE run_id = ? AND status = 'ok'", [run_id]).to_pylist()
-    settings = json.loads(query(store, "SELECT config_json FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
-                          ["config_json"])["findings"]
     verified = [r for r in instances if r["verification_drop"] is not None]
-    budget = round(settings["forward_budget"] * n_images[0]["n"])
-    assert len(verified) == min(len(instances), int(budget * settings["verify_share"])) > 0
+    assert len(verified) == len(instances), "4 forwards an image: every image verified, the rest localises"
     for r in instances:
         finding = InstanceFinding(r["off_object_share"], r["off_object_norm"], r["flag_off_object"],
                                   r["flag_background_fp"], r["flag_miss_elsewhere"],
@@ -234,7 +229,6 @@ def test_the_audit_fills_findings_for_every_instance(audited: dict[str, tuple[Pa
         r["prior"] = prior
         expected = prior if r["verification_drop"] is None else FULL(features(r, finding, threshold=0.5))
         assert r["spurious_score"] == pytest.approx(expected, abs=1e-5)
-    assert min(r["prior"] for r in verified) >= max((r["prior"] for r in instances if r not in verified), default=0)
     localised = [r for r in instances if r["localised_drop"] is not None]
     assert localised, "the shipped model relies on the planted cue: some verifications confirm and get localised"
     assert all(r["verification_drop"] >= 0.5 and r["peak_x"] is not None for r in localised)
@@ -246,6 +240,36 @@ def test_the_audit_fills_findings_for_every_instance(audited: dict[str, tuple[Pa
     for cue in cues:
         assert cue["support"] >= 3 and len(cue["exemplar_ids"]) == len(cue["exemplar_crops"]) > 0
         assert all(crop.startswith(b"\x89PNG") for crop in cue["exemplar_crops"])
+
+
+def test_a_small_budget_verifies_the_images_of_the_most_suspicious_instances_and_localises_nothing(
+        audited: dict[str, tuple[Path, str]], shipped_audit_yaml: Path) -> None:
+    """A quarter of a forward per image: the quarter of the images whose most suspicious instance (by the
+    prior) ranks highest are verified, every instance of them; nothing is left to localise, and the rest keep
+    their prior as their score."""
+    from eive_audit.pipeline.config import AuditConfig
+    from eive_audit.pipeline.findings.ranking import prior_score
+    from eive_audit.pipeline.shard import run_findings
+    from eive_audit.storage.shards import read_run
+
+    store, run_id = audited["with_cues"]
+    config = AuditConfig.from_yaml(shipped_audit_yaml, findings={"forward_budget": 0.25})
+    run = read_run(store, run_id)
+    found = run_findings(config, run.instances, run.maps, run.images)
+    n_images = len(run.images)
+    assert found.budget is not None and found.budget.localised == 0
+    rows = {(r["instance_id"], r["explainer"]): r for r in run.instances}
+    verified_images = {rows[k]["image_id"] for k, f in found.instances.items() if f.verification_drop is not None}
+    assert len(verified_images) == round(0.25 * n_images)
+    assert all(f.verification_drop is not None for k, f in found.instances.items()
+               if rows[k]["image_id"] in verified_images), "an image is verified whole, in one forward"
+    suspicion: dict[int, float] = {}
+    for key, f in found.instances.items():
+        row = rows[key]
+        suspicion[row["image_id"]] = max(suspicion.get(row["image_id"], 0.0), prior_score(row, f, 0.5))
+        if f.verification_drop is None:
+            assert f.spurious_score == pytest.approx(prior_score(row, f, 0.5)) and f.localised_drop is None
+    assert min(suspicion[i] for i in verified_images) >= max(s for i, s in suspicion.items() if i not in verified_images)
 
 
 def test_localised_peaks_of_the_cued_class_sit_on_the_planted_cue(audited: dict[str, tuple[Path, str]],

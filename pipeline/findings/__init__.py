@@ -11,10 +11,12 @@ annotations beyond the GT boxes of the instances table), one module per step:
    misses whose best query looked elsewhere. They are computed when each shard is audited
    (`pipeline.audit`) and read back here; this step adds the off-object peak.
 2. `ranking`, before any forward: each instance's prior probability of reliance (its margin to the score
-   threshold, its normalised share, its outcome) orders what the forward budget reaches.
-3. `verification`, budgeted: the instance's surroundings (a ring around its box, plus its off-object peak)
-   are blurred and the detection re-scored; the relative drop of its score is stored, and a large drop
-   confirms reliance on something outside the object.
+   threshold, its normalised share, its outcome) orders what the forward budget reaches when it cannot
+   verify every image.
+3. `verification`, budgeted: the surroundings of every instance of an image (a ring around each box, plus
+   each off-object peak, the boxes themselves kept) are blurred at once and each detection re-scored, one
+   forward per image; the relative drop of each score is stored, and a large drop confirms reliance on
+   something outside the objects.
 4. Localisation of confirmed reliance (`verification`), with what is left of the budget, coarse to fine:
    tiles of 4 x 4 cells of those surroundings are blurred one at a time, then each 2 x 2 window inside the
    tile that hurt most; the window whose blur hurts most becomes the instance's peak; its drop, and how far
@@ -102,13 +104,18 @@ def find_spurious(adapter: DetrAdapter, rows: list[dict[str, Any]], maps: dict[t
     """Findings of one run: rows of its instances table (with the flags its shards were written with), their
     maps by (instance_id, explainer), its audited images rows by image id (file_path and the stored sizes),
     the model label index of each instance and the run's score threshold; forwards take `batch_size` images
-    (the audit's). Verification takes the most suspicious instances first (`ranking.prior_score`), then
-    localisation the largest confirmed drops, while `config.forward_budget` lasts."""
+    (the audit's). Verification (one forward per image) takes the images of the most suspicious instances
+    first (`ranking.prior_score`), localisation the largest confirmed drops next, while
+    `config.forward_budget` lasts."""
     cases = _cases(rows, maps, images, model_labels)  # type: ignore[arg-type]
     prior = {k: prior_score(case.row, case.finding, score_threshold) for k, case in cases.items()}
     budget = Budget.of_run(config, len(images))
-    chosen = sorted(cases, key=lambda k: (-prior[k], k))[:int(budget.left * config.verify_share)]
-    budget.take(len(chosen))
+    suspicion: dict[int, float] = {}  # an image is as suspicious as its most suspicious instance
+    for key, case in cases.items():
+        suspicion[case.row["image_id"]] = max(suspicion.get(case.row["image_id"], 0.0), prior[key])
+    verified_images = set(sorted(suspicion, key=lambda i: (-suspicion[i], i))[:budget.left])
+    budget.take(len(verified_images))
+    chosen = sorted(k for k, case in cases.items() if case.row["image_id"] in verified_images)
     budget.verified = len(chosen)
     verify(adapter, [cases[k] for k in chosen], images, config, batch_size)
     confirmed = sorted((k for k in chosen if cases[k].finding.verification_drop >= config.confirm_drop),  # type: ignore[operator]

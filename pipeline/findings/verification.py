@@ -1,7 +1,8 @@
 """Verification and localisation of an instance's reliance on its surroundings, by re-scoring it blurred.
 
-Verification blurs an instance's surroundings at once (a ring around its box, plus its off-object peak) and
-stores the relative drop of its score. Localisation, for confirmed reliance, blurs those surroundings one tile
+Verification blurs the surroundings of every instance of an image at once (a ring around each box, plus each
+off-object peak, the boxes themselves kept) in one forward per image, and stores each instance's relative
+score drop. Localisation, for confirmed reliance, blurs those surroundings one tile
 at a time, then one small window at a time inside the tile that hurt most: the window whose blur hurts most
 becomes the peak. Both are
 budgeted by the caller (a forward costs seconds for a real-size detector on a CPU).
@@ -82,12 +83,35 @@ def image_batches(adapter: DetrAdapter, cases: list[Case], images: dict[int, dic
 
 def verify(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
            batch_size: int) -> None:
-    """Fill each case's `verification_drop`: its surroundings (`candidate_region`) blurred at once."""
+    """Fill each case's `verification_drop`: the surroundings (`candidate_region`) of every case of its image
+    blurred at once, all their boxes kept and left out of the blur, in one forward per image. A drop is the
+    detection's loss to what lies around the objects of its image, mostly around its own; localisation (one
+    case at a time) tells whose surroundings and where."""
     for part in image_batches(adapter, cases, images, batch_size):
-        jobs = [Job(b, case, candidate_region(case, config.context_cells))
-                for b, mine in enumerate(part.cases) for case in mine]
-        for job, drop in zip(jobs, rescore(adapter, part.batch, jobs, config.blur_sigma, batch_size)):
-            job.case.finding.verification_drop = drop
+        batch, device = part.batch, part.batch.pixel_values.device
+        regions, fills = [], []
+        for b, mine in enumerate(part.cases):
+            boxes = torch.stack([_box_mask(batch, b, case) for case in mine]).any(0)
+            cells = torch.stack([_cells_mask(batch, b, case, candidate_region(case, config.context_cells))
+                                 for case in mine]).any(0)
+            regions.append(cells & ~boxes)
+            fills.append(_blur_around(batch, b, boxes, config.blur_sigma))
+        cases_of_batch = [(b, case) for b, mine in enumerate(part.cases) for case in mine]
+        with torch.inference_mode():
+            perturbed = torch.where(torch.stack(regions).to(device)[:, None], torch.stack(fills), batch.pixel_values)
+            intact = _scores(adapter.predict(batch.pixel_values, batch.pixel_mask), cases_of_batch, device)
+            blurred = _scores(adapter.predict(perturbed, batch.pixel_mask), cases_of_batch, device)
+        for (_, case), drop in zip(cases_of_batch, (1 - blurred / intact.clamp(min=1e-6)).tolist()):
+            case.finding.verification_drop = drop
+
+
+def _scores(predictions: tuple[torch.Tensor, torch.Tensor], cases: list[tuple[int, Case]],
+            device: torch.device) -> torch.Tensor:
+    """Each case's detection score in the predictions of the image it belongs to (`instance_scores`)."""
+    index = torch.tensor([b for b, _ in cases], device=device)
+    box, labels = _targets([case for _, case in cases], device)
+    probs, boxes = predictions
+    return instance_scores(probs[index], boxes[index], labels, box)
 
 
 def _windows(region: torch.Tensor, side: int, corners: set[tuple[int, int]]) -> list[tuple[tuple[int, int], torch.Tensor]]:
@@ -172,8 +196,9 @@ def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], blur_sigma
         for part in range(0, len(jobs), batch_size):  # masks at input size exist one part at a time
             chunk = jobs[part:part + batch_size]
             index = torch.tensor([job.image for job in chunk], device=pixels.device)
-            region = torch.stack([_blurred_region(batch, job) for job in chunk]).to(pixels.device)
-            box, labels = _targets(chunk, pixels.device)
+            region = torch.stack([_cells_mask(batch, job.image, job.case, job.cells) & ~_box_mask(batch, job.image, job.case)
+                                  for job in chunk]).to(pixels.device)  # cells are coarse: spare the object
+            box, labels = _targets([job.case for job in chunk], pixels.device)
             intact = instance_scores(probs[index], out_boxes[index], labels, box)
             fill = torch.stack([fills[job.case.key] for job in chunk])
             perturbed = adapter.predict(torch.where(region[:, None], fill, pixels[index]), mask[index])
@@ -191,42 +216,44 @@ def _padded(mask: torch.Tensor, batch: PixelBatch) -> torch.Tensor:
     return F.pad(mask, pad)
 
 
-def _box_mask(batch: PixelBatch, job: Job) -> torch.Tensor:
-    """The case's box as a boolean mask of the batch's padded input (drawn at input size: a mask of the
-    original pixels would be 100 M entries for a 12000 x 9000 photo)."""
-    return _padded(job.case.geometry.box_to_mask(job.case.box, _input_size(batch, job.image)), batch)
+def _box_mask(batch: PixelBatch, b: int, case: Case) -> torch.Tensor:
+    """A case's box as a boolean mask of the batch's padded input (drawn at input size: a mask of the original
+    pixels would be 100 M entries for a 12000 x 9000 photo); the case's image is image `b` of the batch."""
+    return _padded(case.geometry.box_to_mask(case.box, _input_size(batch, b)), batch)
 
 
-def _blurred_region(batch: PixelBatch, job: Job) -> torch.Tensor:
-    """The job's cells to blur as a mask of the batch's padded input, the case's box left out (cells are
-    coarse: spare the object)."""
-    region = _padded(job.case.geometry.cells_to_mask(job.cells, _input_size(batch, job.image)), batch)
-    return region & ~_box_mask(batch, job)
+def _cells_mask(batch: PixelBatch, b: int, case: Case, cells: torch.Tensor) -> torch.Tensor:
+    """Cells [h, w] of a case's stored grid as a boolean mask of the batch's padded input."""
+    return _padded(case.geometry.cells_to_mask(cells, _input_size(batch, b)), batch)
 
 
-def _targets(jobs: list[Job], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised cxcywh boxes and model labels that each job's detection is scored on."""
+def _targets(cases: list[Case], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised cxcywh boxes and model labels that each case's detection is scored on."""
     boxes = []
-    for job in jobs:
-        oh, ow = job.case.geometry.original
-        boxes.append(torch.tensor(job.case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
-    labels = torch.tensor([job.case.label for job in jobs], device=device)
+    for case in cases:
+        oh, ow = case.geometry.original
+        boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
+    labels = torch.tensor([case.label for case in cases], device=device)
     return box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(device), labels
 
 
 def _fills(batch: PixelBatch, jobs: list[Job], sigma: float) -> dict[InstanceKey, torch.Tensor]:
-    """Per case, its image blurred with its object left out (normalised convolution): computed once, since
-    every window of a case shares it."""
+    """Per case, its image blurred with its object left out: computed once, since every window of a case
+    shares it."""
     fills: dict[InstanceKey, torch.Tensor] = {}
-    with torch.inference_mode():
-        for job in jobs:
-            if job.case.key in fills:
-                continue
-            inside = _box_mask(batch, job).to(batch.pixel_values.device)
-            kept = (~inside & batch.pixel_mask[job.image].bool())[None, None].float()
-            source = batch.pixel_values[job.image:job.image + 1] * kept
-            fills[job.case.key] = (separable_blur(source, sigma) / separable_blur(kept, sigma).clamp(min=1e-6))[0]
+    for job in jobs:
+        if job.case.key not in fills:
+            fills[job.case.key] = _blur_around(batch, job.image, _box_mask(batch, job.image, job.case), sigma)
     return fills
+
+
+def _blur_around(batch: PixelBatch, b: int, left_out: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Image `b` of the batch blurred by normalised convolution over its pixels outside `left_out` (and
+    outside the padding), so no object colour bleeds into what the blur fills."""
+    with torch.inference_mode():
+        kept = (~left_out.to(batch.pixel_values.device) & batch.pixel_mask[b].bool())[None, None].float()
+        source = batch.pixel_values[b:b + 1] * kept
+        return (separable_blur(source, sigma) / separable_blur(kept, sigma).clamp(min=1e-6))[0]
 
 
 def separable_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
