@@ -136,8 +136,8 @@ def review_views() -> list[_View]:
     `findings.off_object` and `findings.background` thresholds), so a view holds exactly the instances the
     flag marks, as the report and the findings count them; each flagged instance's `flag_reason` says why. An fp
     has no GT box, so its `mass_on_other_gt` is 1 as soon as its map touches any GT box and cannot tell
-    background from another object, while its `off_object_norm` is the share of the map off every GT box. On the image dataset, the first explainer's
-    flags decide.
+    background from another object, while its `off_object_norm` is the share of the map off every GT box. On
+    the image dataset, the first explainer's flags decide.
     """
     return [
         _View("tp-off-object", "correct detections the audit flags as looking off their object (flag_off_object, "

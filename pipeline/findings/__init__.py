@@ -20,8 +20,9 @@ annotations beyond the GT boxes of the instances table), one module per step:
 4. Localisation of confirmed reliance (`verification`), with what is left of the budget, coarse to fine:
    tiles of 4 x 4 cells of those surroundings are blurred one at a time, then each 2 x 2 window inside the
    tile that hurt most; the window whose blur hurts most becomes the instance's peak; its drop, and how far
-   it exceeds the median tile's drop (`specificity`), are stored. Attention alone may miss a cue right beside the object (the backbone's receptive field folds
-   it into the object's own tokens), so this is what puts the peak, and the clusters, on it.
+   it exceeds the median tile's drop (`specificity`), are stored. Attention alone may miss a cue right beside
+   the object (the backbone's receptive field folds it into the object's own tokens), so this is what puts
+   the peak, and the clusters, on it.
 5. `clustering`: per class, the off-object peaks of the verified instances that are flagged or localised are
    described (the detector's own projected backbone feature at the peak, the peak's position relative to
    the box, the colour of the image there) and clustered (scikit-learn HDBSCAN). A cluster that many

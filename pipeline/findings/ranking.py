@@ -3,9 +3,10 @@ findings step knows of it; and the prior that decides whom the forward budget ve
 
 Two logistic models, fitted on four worlds of the planted-cue benchmark suite and scored on each world by the
 models fitted on the others (`python benchmarks/spurious_recovery.py --suite --fit`, which prints the
-coefficients below and those held-out figures; README "Finding shortcuts" has them, and where it fails). A logistic model's output is a probability, and its inputs mean the same
-in every class and run (relative drops, the margin to the run's own score threshold, the resolution-aware
-off-object share), so a score of 0.8 means the same wherever it is read.
+coefficients below and those held-out figures; README "Finding shortcuts" has them, and where it fails). A
+logistic model's output is a probability, and its inputs mean the same in every class and run (relative drops,
+the margin to the run's own score threshold, the resolution-aware off-object share), so a score of 0.8 means
+the same wherever it is read.
 
 - `PRIOR`, before any forward: how close the detection is to the score threshold (a cue typically lifts a weak
   detection over it), how far its map strays off its object, and its outcome.
@@ -41,10 +42,9 @@ class Logistic:
 # Fitted by `python benchmarks/spurious_recovery.py --suite --fit --generators
 # compact-patch,thin-patch,hollow-far,texture --n-val 300 --models M` (seed 1234): PRIOR on every instance, FULL on
 # the instances the default budget verifies, with the localisation it affords.
-PRIOR = Logistic({"margin": -1.333, "off_object_norm": 2.782, "fp": 1.487, "fn": -0.442},
-                 bias=-3.599)
-FULL = Logistic({"margin": -0.167, "off_object_norm": 2.292, "fp": 0.798, "fn": -0.182, "drop": 3.663, "drop_x_weak": -1.202, "specificity": -0.457, "localised": 0.976},
-                 bias=-5.59)
+PRIOR = Logistic({"margin": -1.333, "off_object_norm": 2.782, "fp": 1.487, "fn": -0.442}, bias=-3.599)
+FULL = Logistic({"margin": -0.167, "off_object_norm": 2.292, "fp": 0.798, "fn": -0.182, "drop": 3.663,
+                 "drop_x_weak": -1.202, "specificity": -0.457, "localised": 0.976}, bias=-5.59)
 
 
 def margin(score: float, threshold: float) -> float:
