@@ -273,7 +273,7 @@ def flag_rates(world: dict[str, Any], reaches: tuple[int, ...] = (0, 1, 2)) -> d
     return rates
 
 
-def world_metrics(world: dict[str, Any], seed: int, with_mistakenness: bool = True) -> dict[str, Any]:
+def world_metrics(world: dict[str, Any], seed: int) -> dict[str, Any]:
     """Rankings, positives and flag rates of one audited world."""
     rows = world["rows"]
     positive = np.array([row["positive"] for row in rows])
@@ -284,9 +284,8 @@ def world_metrics(world: dict[str, Any], seed: int, with_mistakenness: bool = Tr
         "1-confidence": np.array([1 - row["score"] for row in rows]),
         "off-object (normalised)": np.array([row["off_object_norm"] for row in rows], dtype=float),
     }
-    if with_mistakenness:
-        mistaken = mistakenness(rows, world["ann"], world["images"])
-        rankings["mistakenness"] = np.array([mistaken[row["instance_id"]] for row in rows])
+    mistaken = mistakenness(rows, world["ann"], world["images"])
+    rankings["mistakenness"] = np.array([mistaken[row["instance_id"]] for row in rows])
     by_outcome: dict[str, int] = {}
     for row in rows:
         if row["positive"]:

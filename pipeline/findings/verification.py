@@ -29,13 +29,13 @@ from eive_audit.pipeline.sources.decode import decode_rgb
 
 @dataclass(frozen=True)
 class Job:
-    """One re-score: image `image` of the batch with `cells` [h, w] of the case's stored grid blurred;
-    `window` is the top-left cell of a localisation window (None for a verification)."""
+    """One re-score of localisation: image `image` of the batch with `cells` [h, w] of the case's stored grid
+    blurred; `window` is the top-left cell of the tile or window those cells are."""
 
     image: int
     case: Case
     cells: torch.Tensor
-    window: tuple[int, int] | None = None
+    window: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,16 @@ def localise(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str
     take 200."""
     for part in image_batches(adapter, cases, images, batch_size):
         mine = [(b, case) for b, of_image in enumerate(part.cases) for case in of_image]
-        coarse = _drops(adapter, part, [Job(b, case, cells, corner) for b, case in mine
-                                        for corner, cells in tiles(case, config)], config, batch_size)
+        with torch.inference_mode():  # both passes share the intact forward and each case's blurred fill
+            intact = adapter.predict(part.batch.pixel_values, part.batch.pixel_mask)
+        fills = {case.key: _blur_around(part.batch, b, _box_mask(part.batch, b, case), config.blur_sigma)
+                 for b, case in mine}
+        coarse = _drops(adapter, part.batch, [Job(b, case, cells, corner) for b, case in mine
+                                              for corner, cells in tiles(case, config)], intact, fills, batch_size)
         best_tile = {key: max(values, key=lambda item: item[0])[1] for key, values in coarse.items()}
-        fine = _drops(adapter, part, [Job(b, case, cells, corner) for b, case in mine if case.key in coarse
-                                      for corner, cells in refinements(case, config, best_tile[case.key])],
-                      config, batch_size)
+        fine = _drops(adapter, part.batch, [Job(b, case, cells, corner) for b, case in mine if case.key in coarse
+                                            for corner, cells in refinements(case, config, best_tile[case.key])],
+                      intact, fills, batch_size)
         for _, case in mine:
             if case.key not in fine:
                 continue
@@ -176,27 +180,27 @@ def localise(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str
             finding.set_peak(case.geometry, corner, span=config.window_cells)
 
 
-def _drops(adapter: DetrAdapter, part: CaseBatch, jobs: list[Job], config: FindingsConfig,
-           batch_size: int) -> dict[InstanceKey, list[tuple[float, tuple[int, int]]]]:
+Drops = dict[InstanceKey, list[tuple[float, tuple[int, int]]]]  # per case: (drop, window corner) per job
+
+
+def _drops(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], intact: tuple[torch.Tensor, torch.Tensor],
+           fills: dict[InstanceKey, torch.Tensor], batch_size: int) -> Drops:
     """Each job's drop, with its window's corner, per case (jobs in row-major order of their corners)."""
-    drops: dict[InstanceKey, list[tuple[float, tuple[int, int]]]] = {}
-    for job, drop in zip(jobs, rescore(adapter, part.batch, jobs, config.blur_sigma, batch_size)):
-        drops.setdefault(job.case.key, []).append((drop, job.window))  # type: ignore[arg-type]
+    drops: Drops = {}
+    for job, drop in zip(jobs, rescore(adapter, batch, jobs, intact, fills, batch_size)):
+        drops.setdefault(job.case.key, []).append((drop, job.window))
     return drops
 
 
-def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], blur_sigma: float,
-            batch_size: int) -> list[float]:
-    """Relative score drop of each job when its cells are filled with their surroundings blurred, the object
-    itself left out of the blur (normalised convolution) so that no object colour bleeds into the region and
-    reshapes the object's outline."""
-    if not jobs:
-        return []
+def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], intact: tuple[torch.Tensor, torch.Tensor],
+            fills: dict[InstanceKey, torch.Tensor], batch_size: int) -> list[float]:
+    """Relative score drop of each job against the batch's `intact` predictions (probs, boxes) when its cells are
+    filled with its case's `fills` (the image blurred with the object left out, by normalised convolution, so
+    that no object colour bleeds into the region and reshapes the object's outline)."""
     pixels, mask = batch.pixel_values, batch.pixel_mask
-    fills = _fills(batch, jobs, blur_sigma)
+    probs, out_boxes = intact
     drops: list[float] = []
     with torch.inference_mode():
-        probs, out_boxes = adapter.predict(pixels, mask)
         for part in range(0, len(jobs), batch_size):  # masks at input size exist one part at a time
             chunk = jobs[part:part + batch_size]
             index = torch.tensor([job.image for job in chunk], device=pixels.device)
@@ -204,10 +208,10 @@ def rescore(adapter: DetrAdapter, batch: PixelBatch, jobs: list[Job], blur_sigma
                 _cells_mask(batch, job.image, job.case, job.cells) & ~_box_mask(batch, job.image, job.case)
                 for job in chunk]).to(pixels.device)
             box, labels = _targets([job.case for job in chunk], pixels.device)
-            intact = instance_scores(probs[index], out_boxes[index], labels, box)
+            before = instance_scores(probs[index], out_boxes[index], labels, box)
             fill = torch.stack([fills[job.case.key] for job in chunk])
             perturbed = adapter.predict(torch.where(region[:, None], fill, pixels[index]), mask[index])
-            drops += (1 - instance_scores(*perturbed, labels, box) / intact.clamp(min=1e-6)).tolist()
+            drops += (1 - instance_scores(*perturbed, labels, box) / before.clamp(min=1e-6)).tolist()
     return drops
 
 
@@ -240,16 +244,6 @@ def _targets(cases: list[Case], device: torch.device) -> tuple[torch.Tensor, tor
         boxes.append(torch.tensor(case.explained_box) / torch.tensor([ow, oh, ow, oh], dtype=torch.float32))
     labels = torch.tensor([case.label for case in cases], device=device)
     return box_convert(torch.stack(boxes), "xyxy", "cxcywh").to(device), labels
-
-
-def _fills(batch: PixelBatch, jobs: list[Job], sigma: float) -> dict[InstanceKey, torch.Tensor]:
-    """Per case, its image blurred with its object left out: computed once, since every window of a case
-    shares it."""
-    fills: dict[InstanceKey, torch.Tensor] = {}
-    for job in jobs:
-        if job.case.key not in fills:
-            fills[job.case.key] = _blur_around(batch, job.image, _box_mask(batch, job.image, job.case), sigma)
-    return fills
 
 
 def _blur_around(batch: PixelBatch, b: int, left_out: torch.Tensor, sigma: float) -> torch.Tensor:
