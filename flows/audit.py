@@ -1,12 +1,13 @@
 """The audit flow, as the run's outline: refuse a store of another schema version; mark the run `running`;
-plan the shards; submit one audit task per shard to the configured task runner and gather them (each shard
-shows in the catalog once written); within the faithfulness budget, submit one faithfulness task per shard
+plan the shards; submit one audit task per shard to the configured task runner (`flows.runners`: threads,
+Dask or Ray) and gather them (a shard shows in `query` once written; catalog.duckdb is rebuilt once, after
+the map step); within the faithfulness budget, submit one faithfulness task per shard
 and gather; then the findings over the whole run, once every shard is done; mark the run `finished`; last,
 the review outputs: the HTML report, the FiftyOne push when asked, and the run's Prefect artifacts. A run
 that raises, or is interrupted, is marked `failed` with its error.
 
-Tasks here only glue: the work is in `pipeline.shard` (rows in, rows out, each worker thread on its own
-model), the reads and writes in `storage`. A shard's tables are written first and its done-marker last, so
+Tasks here only glue: the work is in `pipeline.shard` (rows in, rows out, each worker thread or process on
+its own model), the reads and writes in `storage`. A shard's tables are written first and its done-marker last, so
 a run killed at any point leaves either a finished shard or one that a rerun rewrites whole; the run id is
 the config hash, so rerunning the same command skips finished shards.
 """
@@ -14,16 +15,15 @@ the config hash, so rerunning the same command skips finished shards.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from eive_audit.explainers import check_supported, get_explainer
+from eive_audit.flows.runners import one_gpu_per_task, started
 from eive_audit.pipeline.config import AuditConfig
 from eive_audit.pipeline.models.families import family_of_model
 from eive_audit.pipeline.shard import audit_images, fill_faithfulness, finding_columns, plan_shards, run_findings
@@ -37,11 +37,6 @@ from eive_audit.storage.writer import mark_shard_done, shard_done
 
 T = TypeVar("T")
 
-
-# config.runner -> the task runner for `workers` workers; Dask and Ray join here.
-TASK_RUNNERS: dict[str, Callable[[int], TaskRunner]] = {
-    "threads": lambda workers: ThreadPoolTaskRunner(max_workers=workers),
-}
 
 
 @task(name="audit-shard")
@@ -137,18 +132,21 @@ def audit(config: AuditConfig) -> dict[str, Any]:
 def _run(config: AuditConfig) -> dict[str, Any]:
     """Every step that writes the run's rows, on the configured task runner; returns the run summary, with the
     seconds the shards and the findings took (so what findings cost next to the audit shows in every run)."""
-    with TASK_RUNNERS[config.runner](config.workers) as runner:
-        started = time.perf_counter()
-        counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
-                          for shard, ids in plan_shards(config).items()])  # each shard refreshes the catalog
-        seconds = {"shards_seconds": round(time.perf_counter() - started, 1)}
+    with started(config) as runner, one_gpu_per_task(config):
+        begun = time.perf_counter()
+        try:
+            counts = _gather([runner.submit(audit_shard, {"config": config, "shard": shard, "image_ids": ids})
+                              for shard, ids in plan_shards(config).items()])
+        finally:  # once after the map step, failed or not: the views list every shard that got done
+            refresh_catalog(config.out, check_versions=False)
+        seconds = {"shards_seconds": round(time.perf_counter() - begun, 1)}
         selection = faithfulness_selection(config.out, config.run_id, config.faithfulness.instances)
         _gather([runner.submit(faithfulness_shard, {"config": config, "shard": shard, "chosen": chosen})
                  for shard, chosen in selection.items()])  # rewrites files the views already list: no refresh
         if config.findings.enabled:  # the reduce: starts once every shard is gathered
-            started = time.perf_counter()
+            begun = time.perf_counter()
             _gather([runner.submit(findings_task, {"config": config})])  # on a worker that holds the model
             refresh_catalog(config.out)
-            seconds["findings_seconds"] = round(time.perf_counter() - started, 1)
+            seconds["findings_seconds"] = round(time.perf_counter() - begun, 1)
     skipped = sum(part.get("skipped", 0) for part in counts)
     return {**run_summary(config.out, config.run_id), "shards_skipped": skipped, **seconds}

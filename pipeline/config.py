@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,12 +153,38 @@ class AuditConfig(_Part):
     batch_size: int = Field(8, ge=1, description="images per forward")
     shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
     device: str = _unhashed(default="auto", description="auto | cpu | cuda | cuda:N")
-    runner: Literal["threads"] = _unhashed(
-        default="threads", description="task runner the shards are submitted to: threads (a pool in this process)")
-    workers: int = _unhashed(default=1, ge=1, description="shards audited at once; each worker loads its own model")
+    runner: Literal["threads", "dask", "ray"] = _unhashed(
+        default="threads", description="task runner the shards are submitted to: threads (a pool in this process), "
+                                       "dask (a LocalCluster of worker processes, or --dask-address), ray (local "
+                                       "Ray, or --ray-address)")
+    workers: int | None = _unhashed(
+        default=None, ge=1, description="shards audited at once (threads or local worker processes), each worker "
+                                        "with its own model; default 1, or one per visible GPU with --device cuda")
+    decode_workers: int | None = _unhashed(
+        default=None, ge=0, description="threads decoding images ahead of the forward in each worker; default "
+                                        "min(4, CPUs), 0 decodes in the worker's own thread")
+    torch_threads: int | None = _unhashed(
+        default=None, ge=1, description="CPU threads of each worker's torch; default torch's own (all cores here, 1 in "
+                                        "a Dask or Ray worker, which set OMP_NUM_THREADS=1). CPU sums depend on it in "
+                                        "the 7th digit: runs compared bit for bit use one value")
+    dask_address: str | None = _unhashed(
+        default=None, min_length=1, description="scheduler of an existing Dask cluster (tcp://host:8786) for "
+                                                "--runner dask; none starts a LocalCluster")
+    ray_address: str | None = _unhashed(
+        default=None, min_length=1, description="an existing Ray cluster (ray://host:10001 or auto) for --runner "
+                                                "ray; none starts Ray on this machine")
     faithfulness: FaithfulnessConfig = Field(default_factory=FaithfulnessConfig)
     findings: FindingsConfig = Field(default_factory=FindingsConfig)
     review: ReviewConfig = _unhashed(default_factory=ReviewConfig)
+
+    @model_validator(mode="after")
+    def _address_fits_runner(self) -> "AuditConfig":
+        """A cluster address is for its own runner: `--dask-address` with `--runner threads` would silently run
+        here, so it is refused."""
+        for runner in ("dask", "ray"):
+            if getattr(self, f"{runner}_address") and self.runner != runner:
+                raise ValueError(f"{runner}_address is for runner {runner}, but runner is {self.runner}")
+        return self
 
     @field_validator("explainers", mode="before")
     @classmethod
@@ -207,6 +234,12 @@ class AuditConfig(_Part):
     @property
     def run_id(self) -> str:
         return self.config_hash[:12]
+
+    @property
+    def decode_threads(self) -> int:
+        """`decode_workers`, or by default min(4, CPUs): enough to keep a GPU fed, few enough to leave the
+        forward its cores on a small machine."""
+        return self.decode_workers if self.decode_workers is not None else min(4, os.cpu_count() or 1)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> "AuditConfig":

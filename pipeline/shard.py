@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from eive_audit.pipeline.audit import BatchExplainer, BatchRows, audit_batch, faithfulness_of_rows, model_labels
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
@@ -32,10 +33,27 @@ Source = CocoSource | FolderSource
 _worker = threading.local()
 
 
+_slots = itertools.count()  # worker threads of this process, numbered in the order they first load a model
+_slots_lock = threading.Lock()
+
+
+def worker_device(device: str) -> str:
+    """The device this thread's model goes on: `cuda` (or `auto` with GPUs) where several GPUs are visible
+    spreads worker threads over them, one GPU each in turn (`--workers` defaults to one per GPU); any other
+    device as given. A Dask or Ray worker process sees one GPU (`flows.runners`), so it keeps `cuda`."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return device
+    if not hasattr(_worker, "slot"):
+        with _slots_lock:
+            _worker.slot = next(_slots)
+    return f"cuda:{_worker.slot % torch.cuda.device_count()}"
+
+
 def worker_model(model: str, device: str) -> DetrAdapter:
     """This thread's loaded model for (model, device): loaded on the thread's first call and kept for its
     next tasks, never handed to another thread. A thread keeps one model, so a worker asked for another
     drops the old one."""
+    device = worker_device(device)
     key = (model, device)
     if getattr(_worker, "key", None) != key:
         _worker.adapter, _worker.key = DetrAdapter.load(model, device), key
@@ -51,7 +69,10 @@ def plan_shards(config: AuditConfig) -> dict[str, list[int]]:
 
 
 def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int, int]]:
-    """This thread's model, the source, and the map model label -> dataset category id."""
+    """This thread's model, the source, and the map model label -> dataset category id; the process's torch
+    on `config.torch_threads` CPU threads where set (a process-wide setting: every worker asks the same)."""
+    if config.torch_threads and torch.get_num_threads() != config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     adapter = worker_model(config.model, config.device)
     source = open_source(config.images, config.coco)
     label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
@@ -68,7 +89,8 @@ def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_id
     tables: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
     opened = source.open_errors if image_ids[:1] == source.image_ids[:1] else ()
     stream = itertools.chain(opened, (item for image_id in image_ids for item in source.read(image_id)))
-    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge):
+    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge,
+                             config.decode_threads, pin=adapter.device.type == "cuda"):
         if isinstance(item, SourceError):
             tables["errors"].append(_error_row(item, "source"))
             continue
@@ -117,7 +139,8 @@ def fill_faithfulness(config: AuditConfig, rows: list[Row], maps: dict[Key, np.n
     picked = [row for row in rows if (row["instance_id"], row["explainer"]) in chosen]
     settings = config.faithfulness
     stream = (item for image_id in sorted({row["image_id"] for row in picked}) for item in source.read(image_id))
-    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge):
+    for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge,
+                             config.decode_threads, pin=adapter.device.type == "cuda"):
         if not isinstance(item, ImageBatch):
             continue  # the audit read this image, so only its bad annotations come back here
         ids = {record.image_id for record in item.records}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from eive_audit.storage.catalog import query, refresh_catalog
+from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map, encode_map
 from eive_audit.storage.runs import RUN_SHARD
 from eive_audit.storage.schema import FLAGGED
@@ -27,15 +27,15 @@ Row = dict[str, Any]
 
 
 def write_shard(root: Path, run_id: str, shard: str, tables: Mapping[str, list[Row]]) -> None:
-    """Write one shard's tables (maps as float arrays, encoded here; the shard column added), then its marker,
-    then the catalog, so the shard shows in the store's views as soon as it is done."""
+    """Write one shard's tables (maps as float arrays, encoded here; the shard column added), then its marker:
+    `query` lists the shard from then on; the flow refreshes `catalog.duckdb` once after the map step (one
+    rebuild per run, not one per shard from every worker process)."""
     for name in SHARD_TABLES:
         rows = [{**row, "shard": shard} for row in tables.get(name, [])]
         if name == "maps":
             rows = [row | {"map": encode_map(row["map"])} for row in rows]
         write_table(root, name, run_id, shard, rows)
     mark_shard_done(root, run_id, shard)
-    refresh_catalog(root, check_versions=False)  # the run checked the store when it started
 
 
 def read_shard_instances(root: Path, run_id: str, shard: str) -> tuple[list[Row], dict[Key, np.ndarray]]:

@@ -268,18 +268,6 @@ def test_an_explainer_that_returns_empty_maps_leaves_null_scores_not_a_failed_ru
     assert summary["errors"] == 0
 
 
-def test_every_runner_the_config_offers_has_a_task_runner() -> None:
-    from typing import get_args
-
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from eive_audit.flows.audit import TASK_RUNNERS
-    from eive_audit.pipeline.config import AuditConfig
-
-    assert set(TASK_RUNNERS) == set(get_args(AuditConfig.model_fields["runner"].annotation))
-    assert TASK_RUNNERS["threads"](3) == ThreadPoolTaskRunner(max_workers=3), "a pool of `workers` threads"
-
-
 def test_each_worker_thread_loads_its_own_model(small_model: Path) -> None:
     """The adapter adds hooks to its module at every forward: two threads must never share one module."""
     import threading
@@ -297,35 +285,6 @@ def test_each_worker_thread_loads_its_own_model(small_model: Path) -> None:
         (a, a_again), (b, b_again) = pool.map(load_twice, range(2))
     assert a is a_again and b is b_again, "a thread keeps its model for its next tasks"
     assert a is not b and a.model is not b.model
-
-
-def test_two_workers_write_exactly_the_rows_of_one(synth: Path, small_model: Path, tmp_path: Path) -> None:
-    """Shards, faithfulness and findings on a pool of two threads store the same rows and maps as on one."""
-    from eive_audit.flows.audit import audit
-    from eive_audit.pipeline.config import AuditConfig
-
-    def stored(workers: int) -> tuple[str, dict[str, list[dict]]]:
-        out = tmp_path / f"workers{workers}"
-        config = AuditConfig(images=synth / "images" / "val", coco=synth / "annotations" / "val.json", out=out,
-                             model=str(small_model), score_threshold=0.0, max_detections=3, shard_size=8,
-                             batch_size=4, device="cpu", workers=workers, review={"report": False},
-                             faithfulness={"instances": "sample:6", "steps": 2},
-                             findings={"forward_budget": 1.4})
-        summary = audit(config)
-        assert summary["images"] == 40 and summary["with_faithfulness"] == 6 and summary["shards_skipped"] == 0
-        order = {"instances": "instance_id, explainer", "maps": "instance_id, explainer", "findings": "cue_id",
-                 "errors": "image_id, annotation_id", "images": "image_id"}
-        timings = {"images": " EXCLUDE (forward_ms, explain_ms)"}  # wall-clock times differ, nothing else may
-        return summary["run_id"], {
-            table: query(out, f"SELECT *{timings.get(table, '')} FROM {table} WHERE run_id = ? ORDER BY {columns}",
-                         [summary["run_id"]]).to_pylist() for table, columns in order.items()}
-
-    one_id, one = stored(1)
-    two_id, two = stored(2)
-    assert one_id == two_id, "workers do not change results, so they stay out of the run hash"
-    assert len(one["instances"]) > 0 and len(one["maps"]) == len(one["instances"])
-    for table in one:
-        assert two[table] == one[table], table
 
 
 def test_a_store_of_another_schema_version_is_refused_before_any_image_is_read(

@@ -78,7 +78,7 @@ def preprocess(images: list[torch.Tensor], config: PreprocessConfig, device: tor
     resized = []
     for image, (height, width) in zip(images, originals):
         h, w = config.resized_shape(height, width)
-        x = image.to(device=device, dtype=torch.float32).div_(255.0)
+        x = image.to(device=device, non_blocking=True).to(torch.float32).div_(255.0)  # async from pinned memory
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
         resized.append((x - mean) / std)
