@@ -274,3 +274,51 @@ def test_a_large_image_is_audited_in_original_coordinates(synth: Path, tmp_path:
     verified = query(tmp_path / "store-large", "SELECT count(*) AS n FROM instances "
                                                "WHERE verification_drop IS NOT NULL").column("n")[0].as_py()
     assert verified > 0, "findings re-scored the large images"
+
+
+# ---------------------------------------------------------------- decoding ahead of the forward
+
+
+def test_decoding_on_threads_keeps_every_error_and_the_streams_order(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Good files, corrupt files and the source's own errors, interleaved; decode times reversed (the first
+    file is the slowest), so threads finish out of order: the batches and errors come in stream order,
+    exactly as decoded in one thread, and no more than two batches are decoded ahead of the consumer."""
+    import threading
+    import time
+
+    from eive_audit.pipeline import batching
+
+    stream: list[ImageRecord | SourceError] = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        if i % 4 == 3:
+            path.write_bytes(b"\x89PNG not really")
+        else:
+            Image.fromarray(np.full((8 + i, 10, 3), i, np.uint8)).save(path)
+        stream.append(ImageRecord(image_id=i, path=path, width=10, height=8 + i))
+        if i % 5 == 2:
+            stream.append(SourceError(i, ErrorReason.MALFORMED_ANNOTATION, f"annotation of {i}", str(path)))
+    decode, started, lock = batching.decode_rgb, [], threading.Lock()
+
+    def slow_decode(path: Path, max_side: int | None) -> torch.Tensor:
+        with lock:
+            started.append(int(path.stem))
+        time.sleep(0.02 * (12 - int(path.stem)))
+        return decode(path, max_side)
+
+    def outline(items: list) -> list:
+        return [(type(item).__name__, [r.image_id for r in item.records], [int(x[0, 0, 0]) for x in item.images])
+                if isinstance(item, ImageBatch) else (item.reason.value, item.image_id, item.message[:9])
+                for item in items]
+
+    one_thread = outline(list(iter_batches(stream, 3, None)))
+    monkeypatch.setattr(batching, "decode_rgb", slow_decode)
+    consumed = iter_batches(stream, 3, None, decode_workers=4)
+    first = next(consumed)
+    assert len(started) <= 2 * 3 + 4, "decoding runs at most two batches (and the pool's width) ahead"
+    threaded = outline([first, *consumed])
+    assert threaded == one_thread
+    assert [kind for kind, *_ in one_thread].count("unreadable_image") == 3
+    assert [kind for kind, *_ in one_thread].count("malformed_annotation") == 2
+    assert one_thread[:2] == [("ImageBatch", [0, 1, 2], [0, 1, 2]), ("malformed_annotation", 2, "annotatio")]
