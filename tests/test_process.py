@@ -8,6 +8,7 @@ to end test starts the real command twice, at once, on one fresh PREFECT_HOME.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,9 +173,17 @@ def test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed
     """Two `run`s started together on one fresh PREFECT_HOME both get going (their servers migrate the new
     database in turn); then SIGTERM to one run's process group ends it within seconds (Prefect alone
     retried its dead server for ~150 s), and kill -9 of the other's CLI process alone, as the OOM killer
-    does, takes its server with it. 40 images in shards of one: long enough to catch both mid-run."""
+    does, takes its server with it. The 40 images listed ten times, in shards of one: long enough to catch both
+    mid-run (a run of the 40 alone takes 4 s here, less than the other's server start)."""
     stores = [tmp_path / f"store{i}" for i in range(2)]
-    args = [[*CLI, "run", "--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
+    data = json.loads((synth / "annotations" / "val.json").read_text())
+    repeated = tmp_path / "val-x10.json"
+    repeated.write_text(json.dumps({**data, "images": [{**image, "id": image["id"] + 1000 * copy}
+                                                       for copy in range(10) for image in data["images"]],
+                                    "annotations": [{**ann, "id": ann["id"] + 100_000 * copy,
+                                                     "image_id": ann["image_id"] + 1000 * copy}
+                                                    for copy in range(10) for ann in data["annotations"]]}))
+    args = [[*CLI, "run", "--coco", str(repeated), "--images", str(synth / "images" / "val"),
              "--model", "default", "--out", str(store), "--shard-size", "1", "--batch-size", "1", "--device", "cpu",
              "--no-findings", "--no-report"] for store in stores]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
