@@ -20,6 +20,7 @@ missing model, image folder or annotation file, an unknown explainer, or one the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -378,10 +379,13 @@ def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
 
 def _preflight(config: AuditConfig, data: bool = True) -> None:
     """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
-    explainer, or one the model's family cannot run; with `data`, a missing annotation file or image folder,
+    explainer, or one the model's family cannot run, a runner whose package is not installed; with `data`, a missing annotation file or image folder,
     or an annotation file that is no COCO dataset (opened here once; the flow reuses it)."""
     if data:
         _require_data(config.coco, config.images)
+    if config.runner != "threads" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
+        _fail(f"--runner {config.runner} needs prefect-{config.runner}, which is not installed: "
+              f"pip install 'eive-audit[{config.runner}]'")
     try:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:

@@ -30,8 +30,8 @@ from eive_audit.pipeline.shard import audit_images, fill_faithfulness, finding_c
 from eive_audit.reports.artifacts import publish_run_artifacts
 from eive_audit.storage.catalog import refresh_catalog
 from eive_audit.storage.runs import RunInfo, fail_run, finish_run, report_path, run_summary, start_run, summary_counts
-from eive_audit.storage.shards import (faithfulness_selection, read_run, read_shard_instances, rewrite_instances,
-                                       write_findings, write_shard)
+from eive_audit.storage.shards import (ShardWriter, faithfulness_selection, read_run, read_shard_instances,
+                                       rewrite_instances, write_findings)
 from eive_audit.storage.versions import check_schema_versions
 from eive_audit.storage.writer import mark_shard_done, shard_done
 
@@ -45,9 +45,10 @@ def audit_shard(config: AuditConfig, shard: str, image_ids: list[int]) -> dict[s
     if shard_done(config.out, config.run_id, shard):
         return {"skipped": 1}
     explainers = [get_explainer(name, settings) for name, settings in config.explainers.items()]
-    tables = audit_images(config, explainers, image_ids)
-    write_shard(config.out, config.run_id, shard, tables)
-    return {name: len(tables[name]) for name in ("images", "instances", "errors")}
+    with ShardWriter(config.out, config.run_id, shard) as writer:  # writes a batch while the next is audited
+        for part in audit_images(config, explainers, image_ids):
+            writer.add(part)
+    return {name: writer.counts[name] for name in ("images", "instances", "errors")}
 
 
 @task(name="faithfulness-shard")

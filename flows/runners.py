@@ -12,7 +12,7 @@ is pinned to its own device when it starts (`flows.dask_gpu`), a Ray task asks f
 CUDA_VISIBLE_DEVICES for it) and keeps its process between tasks, and a pool of threads spreads over the
 visible devices by thread (`pipeline.shard.worker_device`). On a user's Dask cluster, start one worker per
 GPU (dask-cuda's `dask cuda worker` does). Dask and Ray are optional installs (`.[dask]`,
-`.[ray]`); they are imported only when chosen, with one line saying what to install when missing.
+`.[ray]`), imported only when chosen; the CLI says in one line what to install when one is missing.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ DASK_DASHBOARD = "127.0.0.1:8787"  # a local cluster's dashboard, on loopback; D
 RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards pass ids in and counts out: the object store holds next to nothing
 
 
-class RunnerUnavailableError(RuntimeError):
-    """The chosen runner's package is not installed."""
-
-
 def visible_gpus(device: str) -> int:
     """How many GPUs the run may spread over: the visible CUDA devices for `cuda` or `auto`, else 0 (`cuda:N`
     names one device, `cpu` none)."""
@@ -50,15 +46,7 @@ def worker_count(config: AuditConfig) -> int:
     return config.workers or max(visible_gpus(config.device), 1)
 
 
-def _require(module: str, extra: str) -> None:
-    try:
-        __import__(module)
-    except ImportError:
-        raise RunnerUnavailableError(f"runner {extra} needs {module}: pip install 'eive-audit[{extra}]'") from None
-
-
 def _dask_runner(config: AuditConfig) -> TaskRunner:
-    _require("prefect_dask", "dask")
     from prefect_dask import DaskTaskRunner
 
     if config.dask_address:
@@ -69,7 +57,6 @@ def _dask_runner(config: AuditConfig) -> TaskRunner:
 
 
 def _ray_runner(config: AuditConfig) -> TaskRunner:
-    _require("prefect_ray", "ray")
     from prefect_ray import RayTaskRunner
 
     if config.ray_address:

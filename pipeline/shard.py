@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -79,32 +79,37 @@ def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int
     return adapter, source, label_map
 
 
-def audit_images(config: AuditConfig, explainers: list[BatchExplainer], image_ids: list[int]) -> dict[str, list[Row]]:
-    """The rows of one shard's tables (images, instances, maps with float maps, errors) for `image_ids`.
+def audit_images(config: AuditConfig, explainers: list[BatchExplainer],
+                 image_ids: list[int]) -> Iterator[dict[str, list[Row]]]:
+    """The rows of one shard's tables (images, instances, maps with float maps, errors) for `image_ids`, part
+    by part as they are computed (a batch, or an error), so the caller can write one part while the next is
+    computed; the rows in order are the shard's.
 
     A source error becomes an `errors` row (those found when the source was opened go with the shard of
     its first image, so each is stored once a run); a batch that fails is retried image by image so only the
-    culprit becomes one; an image that never got audited still has its `images` row, status `error`."""
+    culprit becomes one; an image that never got audited still has its `images` row, status `error` (the
+    last part)."""
     adapter, source, label_map = model_and_source(config)
-    tables: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
     opened = source.open_errors if image_ids[:1] == source.image_ids[:1] else ()
     stream = itertools.chain(opened, (item for image_id in image_ids for item in source.read(image_id)))
+    audited: set[int] = set()
+    failed: dict[int, str | None] = {}  # one row per image, though entries that share its id fail apiece
     for item in iter_batches(stream, config.batch_size, adapter.preprocess_config.longest_edge,
                              config.decode_threads, pin=adapter.device.type == "cuda"):
+        part: dict[str, list[Row]] = {"images": [], "instances": [], "maps": [], "errors": []}
         if isinstance(item, SourceError):
-            tables["errors"].append(_error_row(item, "source"))
-            continue
-        for part in _audit_or_split(adapter, explainers, item, label_map, config, tables["errors"]):
-            for name in ("images", "instances", "maps"):
-                tables[name].extend(getattr(part, name))
-    audited = {row["image_id"] for row in tables["images"]}
-    failed: dict[int, str | None] = {}  # one row per image, though entries that share its id fail apiece
-    for error in tables["errors"]:
-        if error["annotation_id"] is None and error["image_id"] not in audited:
-            failed.setdefault(error["image_id"], error["path"])
-    tables["images"] += [{"image_id": image_id, "status": "error", "file_path": path}
-                         for image_id, path in failed.items()]
-    return tables
+            part["errors"].append(_error_row(item, "source"))
+        else:
+            for rows in _audit_or_split(adapter, explainers, item, label_map, config, part["errors"]):
+                for name in ("images", "instances", "maps"):
+                    part[name].extend(getattr(rows, name))
+        audited.update(row["image_id"] for row in part["images"])
+        for error in part["errors"]:
+            if error["annotation_id"] is None:
+                failed.setdefault(error["image_id"], error["path"])
+        yield part
+    yield {"images": [{"image_id": image_id, "status": "error", "file_path": path}
+                      for image_id, path in failed.items() if image_id not in audited]}
 
 
 def _audit_or_split(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch,

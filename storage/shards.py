@@ -7,18 +7,21 @@ A step that rewrites a finished shard's instances (faithfulness, findings) has i
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map, encode_map
 from eive_audit.storage.runs import RUN_SHARD
 from eive_audit.storage.schema import FLAGGED
-from eive_audit.storage.writer import mark_shard_done, read_table, write_table
+from eive_audit.storage.writer import mark_shard_done, read_table, to_table, write_table
 
 SHARD_TABLES = ("images", "instances", "maps", "errors")  # the tables every shard writes, one file each
 
@@ -26,16 +29,57 @@ Key = tuple[str, str]  # (instance_id, explainer): one row of instances and of m
 Row = dict[str, Any]
 
 
-def write_shard(root: Path, run_id: str, shard: str, tables: Mapping[str, list[Row]]) -> None:
-    """Write one shard's tables (maps as float arrays, encoded here; the shard column added), then its marker:
-    `query` lists the shard from then on; the flow refreshes `catalog.duckdb` once after the map step (one
-    rebuild per run, not one per shard from every worker process)."""
-    for name in SHARD_TABLES:
-        rows = [{**row, "shard": shard} for row in tables.get(name, [])]
-        if name == "maps":
-            rows = [row | {"map": encode_map(row["map"])} for row in rows]
-        write_table(root, name, run_id, shard, rows)
-    mark_shard_done(root, run_id, shard)
+class ShardWriter:
+    """One shard's tables, written while the audit computes them. Each part (a batch's rows, maps as float
+    arrays) is encoded and cast to Arrow on the writer's own thread, at most `depth` parts behind the caller,
+    so the Python work of the write overlaps the next forward; `close` writes each table's file atomically,
+    then the done-marker, so `query` lists the shard from then on (the flow rebuilds catalog.duckdb once
+    after the map step). A shard that fails before `close` writes nothing: a rerun does it whole, and the
+    shards already closed stay."""
+
+    def __init__(self, root: Path, run_id: str, shard: str, depth: int = 2) -> None:
+        self.root, self.run_id, self.shard, self.depth = root, run_id, shard, depth
+        self.counts = dict.fromkeys(SHARD_TABLES, 0)
+        self._parts: dict[str, list[pa.Table]] = {name: [] for name in SHARD_TABLES}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"eive-write-{shard}")
+        self._pending: deque[Future[None]] = deque()
+
+    def add(self, tables: Mapping[str, list[Row]]) -> None:
+        """Queue one part's rows (a table left out has none); waits while `depth` parts are still queued."""
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._prepare, dict(tables)))
+        for name in SHARD_TABLES:
+            self.counts[name] += len(tables.get(name, []))
+
+    def _prepare(self, tables: dict[str, list[Row]]) -> None:
+        for name in SHARD_TABLES:
+            rows = [{**row, "shard": self.shard} for row in tables.get(name, [])]
+            if name == "maps":
+                rows = [row | {"map": encode_map(row["map"])} for row in rows]
+            self._parts[name].append(to_table(name, rows))
+
+    def close(self) -> None:
+        """Write the shard's files, then its marker; raises what preparing any part raised."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+        for name in SHARD_TABLES:
+            parts = self._parts[name]
+            write_table(self.root, name, self.run_id, self.shard, pa.concat_tables(parts) if parts else [])
+        mark_shard_done(self.root, self.run_id, self.shard)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Close on success; on an exception, drop the queued parts and write nothing."""
+        if kind is None:
+            self.close()
+        else:
+            self._pool.shutdown(cancel_futures=True)
 
 
 def read_shard_instances(root: Path, run_id: str, shard: str) -> tuple[list[Row], dict[Key, np.ndarray]]:
@@ -61,7 +105,7 @@ class RunRows:
 
 
 def read_run(root: Path, run_id: str) -> RunRows:
-    """The run's rows through the catalog (refreshed after its shards were written)."""
+    """The run's rows as stored now (`query` reads the finished shards' files)."""
     instances = query(root, "SELECT * FROM instances WHERE run_id = ? ORDER BY instance_id, explainer",
                       [run_id]).to_pylist()
     maps = query(root, "SELECT instance_id, explainer, grid_h, grid_w, map FROM maps WHERE run_id = ?", [run_id])

@@ -59,6 +59,14 @@ def write_table(root: Path, table: str, run_id: str, shard: str, rows: list[dict
     return path
 
 
+def to_table(table: str, rows: list[dict[str, Any]] | pa.Table) -> pa.Table:
+    """`rows` as an Arrow table of the table's schema, checked as `write_table` checks them (ValueError naming
+    the column); for a writer that prepares rows before it writes them."""
+    if table not in SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
+    return _to_schema(table, rows)
+
+
 def table_path(root: Path, table: str, run_id: str, shard: str) -> Path:
     """Where one shard of one table lives: `<root>/<table>/run_id=<run_id>/<shard>.parquet`."""
     return _partition_dir(root, table, run_id) / f"{_check_name('shard', shard)}.parquet"

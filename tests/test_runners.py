@@ -222,3 +222,17 @@ def test_several_gpus_are_shared_out_one_per_worker(monkeypatch: pytest.MonkeyPa
     assert worker_count(AuditConfig(images=tmp_path, out=tmp_path, device="cuda")) == 3
     assert worker_count(AuditConfig(images=tmp_path, out=tmp_path, device="cuda:0")) == 1
     assert [worker_gpu(name, ["4", "6"]) for name in (0, 1, 2, "1")] == ["4", "6", "4", "6"]
+
+
+def test_a_runner_whose_package_is_missing_exits_2_naming_the_extra(tmp_path: Path, captured: list[AuditConfig],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prefect_ray" else find_spec(name, *a))
+    (tmp_path / "images").mkdir()
+    result = CliRunner().invoke(cli.app, ["run", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "s"),
+                                          "--runner", "ray"])
+    assert result.exit_code == 2 and not captured
+    assert result.output.strip() == ("error: --runner ray needs prefect-ray, which is not installed: "
+                                     "pip install 'eive-audit[ray]'")

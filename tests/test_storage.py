@@ -406,3 +406,63 @@ def test_a_rerun_never_turns_a_finished_run_back(tmp_path: Path) -> None:
     start_run(tmp_path, info(later))
     fail_run(tmp_path, info(later), 3.0, ValueError("report broke"))
     assert row() == finished
+
+
+def _shard_rows(image_id: int, n: int) -> dict[str, list[dict[str, Any]]]:
+    """A part of a shard as the audit yields it: `n` instances of one image, maps as float arrays."""
+    base = {"image_id": image_id, "explainer": "eive"}
+    return {"images": [{"image_id": image_id, "status": "ok"}],
+            "instances": [base | {"instance_id": f"{image_id}-q{q}", "outcome": "tp", "query": q, "label_name": "dog",
+                                  "score": 0.5, "pred_x0": 0.0, "pred_y0": 0.0, "pred_x1": 1.0, "pred_y1": 1.0}
+                          for q in range(n)],
+            "maps": [base | {"instance_id": f"{image_id}-q{q}", "grid_h": 1, "grid_w": 2,
+                             "map": np.array([[q, 1.0]])} for q in range(n)]}
+
+
+def test_a_shard_writer_prepares_parts_behind_the_audit_and_writes_them_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts are prepared on the writer's thread while the caller goes on (here: while preparing is held,
+    two parts are accepted at once), the files hold every part in order, and the marker comes last."""
+    import threading
+
+    from eive_audit.storage import shards
+
+    held, prepared = threading.Event(), []
+    to_table = shards.to_table
+
+    def slow_to_table(table: str, rows: list) -> pa.Table:
+        held.wait(timeout=30)
+        prepared.append(table)
+        return to_table(table, rows)
+
+    monkeypatch.setattr(shards, "to_table", slow_to_table)
+    writer = shards.ShardWriter(tmp_path, "r", "s0")
+    writer.add(_shard_rows(1, 2))
+    writer.add(_shard_rows(2, 3))  # returns: the writer is two parts deep
+    assert not prepared and not shard_done(tmp_path, "r", "s0"), "nothing prepared or written while held"
+    held.set()
+    writer.close()
+    assert writer.counts == {"images": 2, "instances": 5, "maps": 5, "errors": 0}
+    rows = pq.read_table(tmp_path / "instances" / "run_id=r" / "s0.parquet").select(["instance_id", "shard"])
+    assert rows.to_pylist() == [{"instance_id": i, "shard": "s0"} for i in ("1-q0", "1-q1", "2-q0", "2-q1", "2-q2")]
+    maps = pq.read_table(tmp_path / "maps" / "run_id=r" / "s0.parquet").column("map").to_pylist()
+    assert [decode_map(m, 1, 2)[0, 0] for m in maps] == [0, 1, 0, 1, 2]
+
+
+def test_a_shard_that_fails_writes_nothing_and_the_shards_before_it_stay(tmp_path: Path) -> None:
+    from eive_audit.storage.shards import ShardWriter
+
+    with ShardWriter(tmp_path, "r", "s0") as writer:
+        writer.add(_shard_rows(1, 2))
+    before = _files(tmp_path)
+    with pytest.raises(RuntimeError, match="the model failed"), ShardWriter(tmp_path, "r", "s1") as writer:
+        writer.add(_shard_rows(2, 1))
+        raise RuntimeError("the model failed")
+    bad = _shard_rows(3, 1)
+    bad["instances"][0]["score"] = "high"
+    with pytest.raises(ValueError, match="score"), ShardWriter(tmp_path, "r", "s2") as writer:
+        writer.add(bad)
+    assert _files(tmp_path) == before and shard_done(tmp_path, "r", "s0")
+    refresh_catalog(tmp_path)
+    assert not shard_done(tmp_path, "r", "s1") and not shard_done(tmp_path, "r", "s2")
+    assert query(tmp_path, "SELECT count(*) AS n FROM instances").to_pylist() == [{"n": 2}]
