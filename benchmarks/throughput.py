@@ -5,8 +5,7 @@
   so Prefect's start is not in them), for the shipped model and random-init DETR-R50 at 800 px; the headline
   ratio is audit / bare forward.
 - workers: audit images/s on 1 and 2 workers of each runner (threads, dask, ray; one torch thread per
-  worker, so workers, not intra-op threads, share the cores) over 8x the dataset, the speed-up, and each
-  run's wall time (the shards' seconds include starting the worker processes and loading their models).
+  worker, so workers, not intra-op threads, share the cores), the speed-up, and each run's wall time.
 - memory: peak RSS of an audit process at 1x, 4x and 16x the dataset (goal: flat).
 - prefect: seconds of a flow run's own overhead (the ephemeral server's start, a warm database) and per task.
 - duckdb: a filter and a group-by over a store of `--rows` instance rows written as shards by the project's
@@ -244,8 +243,7 @@ def main() -> None:
                 "shipped": _forward_figures("default", images, coco, work / "shipped", args.device, 8),
                 "detr_r50_800px": _forward_figures(str(_r50(work)), *_dataset(work / "r50-data", args.r50_images),
                                                    work / "r50-runs", args.device, 2)},
-            # 8x the dataset: worker processes start in seconds, which a short run would mostly measure
-            "workers": lambda: _worker_figures(*_dataset(work / "data", args.images, 8), work / "workers", args.device),
+            "workers": lambda: _worker_figures(images, coco, work / "workers", args.device),
             "memory": lambda: _memory_figures(work / "data", work / "memory", args.images, args.device),
             "prefect": lambda: _child("prefect", {"tasks": 400}),
             "duckdb": lambda: _duckdb_figures(work / "duckdb", args.rows)}
