@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from eive_audit import cli
 from eive_audit.pipeline.config import AuditConfig
 from eive_audit.storage.catalog import query
+from test_cli_flags import captured  # noqa: F401 - the configs `run` would audit, Prefect not started
 
 # Every table, ordered by its key; timing columns are the only thing a runner may change.
 ORDER = {"instances": "instance_id, explainer", "maps": "instance_id, explainer", "findings": "cue_id",
@@ -125,14 +126,6 @@ def test_a_local_ray_stores_exactly_the_sequential_rows(config_of, sequential, t
 
     _same_rows(_stored(config_of(tmp_path, runner="ray", workers=2)), sequential)
     assert not ray.is_initialized(), "the Ray the run started is shut down with it"
-
-
-@pytest.fixture()
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[AuditConfig]:
-    configs: list[AuditConfig] = []
-    monkeypatch.setattr(cli, "_audit", lambda config: configs.append(config) or {"run_id": config.run_id,
-                                                                                 "images": 1, "audited": 1})
-    return configs
 
 
 def test_runner_options_reach_the_config_from_the_cli_and_the_file(tmp_path: Path,
