@@ -547,6 +547,7 @@ def review_app(
     dataset: str = typer.Option(..., help="FiftyOne dataset (see `eive-audit push`)"),
     port: int = typer.Option(5151, min=1, max=65535),
     address: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens the App to the network"),
+    view: Optional[str] = typer.Option(None, help="saved view to open on (the report names one per section)"),
 ) -> None:
     """Serve the FiftyOne App on a dataset until interrupted (Ctrl-C or SIGTERM)."""
     import signal
@@ -557,8 +558,8 @@ def review_app(
     # and leaves FiftyOne's server and database processes running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        launch_app(dataset, port=port, address=address, wait=True)
-    except ValueError as exc:  # FiftyOne raises ValueError for a dataset that does not exist
+        launch_app(dataset, port=port, address=address, wait=True, view=view)
+    except ValueError as exc:  # FiftyOne raises ValueError for a dataset or a saved view that does not exist
         _fail(str(exc))
 
 

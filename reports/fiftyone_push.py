@@ -178,12 +178,16 @@ def sorted_by(samples: SampleCollection, field: str) -> DatasetView:
                             ("instance_id", 1), ("explainer", 1), ("run_id", 1)])
 
 
-def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True) -> fo.Session:
-    """Serve the FiftyOne App on `address:port` (loopback unless asked otherwise) without opening a browser.
+def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True,
+               view: str | None = None) -> fo.Session:
+    """Serve the FiftyOne App on `address:port` (loopback unless asked otherwise) without opening a browser,
+    on the saved view `view` of the dataset when given.
 
     With `wait`, block until interrupted (Ctrl-C), then close the session; without, return at once with the
     App serving until the session is closed or this process ends. Returns the session."""
-    session = fo.launch_app(fo.load_dataset(dataset), port=port, address=address, remote=True, auto=False)
+    ds = fo.load_dataset(dataset)
+    session = fo.launch_app(ds, view=ds.load_saved_view(view) if view else None, port=port, address=address,
+                            remote=True, auto=False)
     if wait:
         try:
             session.wait(-1)
