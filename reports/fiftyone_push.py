@@ -21,10 +21,27 @@ On a detection the run's first explainer's scores are unprefixed and another's a
 `<explainer>_<column>`; FiftyOne reserves `instance_id` on labels, so detections carry `audit_instance_id`.
 In field names every character other than a letter, digit or `_` becomes `_` (`eive-last` -> `eive_last`).
 
+Where the findings put a row's off-object peak (`peak_x`, `peak_y`, original pixels: the centre of the
+map's off-object peak cell, or of the window whose blurring cost the most score where they localised the
+cue), a `cue_peak` keypoint marks it: a single `fo.Keypoint` on the instance sample, and on the image sample
+an `fo.Keypoints` with one point per such (instance, explainer), each carrying `audit_instance_id`,
+`explainer`, `localised` (the window, not just the map's peak) and the class as `label`; null where the row
+has no peak. A keypoint rather than a small box: the columns are a point (the window's size is not stored),
+and a dot reads as "here", not as an object.
+
 Re-pushing updates in place: samples are merged on `push_key` (`<run>/<filepath>` or
 `<run>/<explainer>/<instance_id>`) with each field replaced whole, so no sample or detection is
 duplicated and other runs' samples are untouched. Heatmaps are 8-bit PNGs under
 `<store>/heatmaps/run_id=<run>/{images,instances}/<explainer>/`, each map scaled by its own maximum.
+
+Each push also sets both datasets' App config (`app_config`), so the App opens showing the maps: the active
+fields are FiftyOne's default ones (every label field but dense ones, which it leaves off) plus the run's
+first explainer's heatmap (one map at a time: two drawn at once hide each other), and the colour scheme
+colours by value. FiftyOne 1.22.1's App paints a heatmap with a colorscale only when it colours by value or
+instance; coloured by field it paints the field's one colour with an alpha of value / range, the faint tint
+reviewers saw. By value, every heatmap field gets `HEATMAP_COLORSCALE`, the boxes are coloured by their
+`outcome` and the cue keypoints in `CUE_COLOR`. The App leaves a pixel below the heatmap's `range` unpainted,
+so each map's range starts at `HEATMAP_FLOOR` of its maximum: where the map is negligible the image shows.
 """
 
 from __future__ import annotations
@@ -52,6 +69,8 @@ from PIL import Image
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.sources.decode import fit_size
 from eive_audit.reports.overlay import map_to_image
+from eive_audit.reports.views import (FP_BACKGROUND, LOWEST_INSERTION_AUC, MISSED, TP_OFF_OBJECT, cue_view,
+                                      explainer_view, view_name)
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map
 
@@ -63,6 +82,17 @@ _DETECTION_COLUMNS = frozenset({"image_id", "query", "score", "iou", "gt_annotat
 _CORNERS = ("x0", "y0", "x1", "y1")
 _BOX_COLUMNS = frozenset(f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in _CORNERS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+# The App's colours (see the module docstring). The colorscale has no very dark or very light end, so a map
+# reads on dark and light images alike; low values are cool, the peak warm.
+HEATMAP_COLORSCALE = [{"value": 0.0, "color": "rgb(90, 0, 255)"}, {"value": 0.35, "color": "rgb(220, 0, 170)"},
+                      {"value": 0.7, "color": "rgb(255, 110, 0)"}, {"value": 1.0, "color": "rgb(255, 230, 0)"}]
+HEATMAP_FLOOR = 0.1  # share of a map's maximum below which the App leaves the image unpainted
+_PNG_MAX = 255  # heatmap PNGs are 8-bit
+OUTCOME_COLORS = {"tp": "#00e676", "fp": "#ff1744", "dup": "#ff9100", "crowd": "#9e9e9e", "det": "#00b0ff",
+                  "fn": "#2979ff"}
+CUE_COLOR = "#00ffff"
+_OUTCOME_FIELDS = ("predictions", "missed", "prediction")  # the detection fields whose boxes carry `outcome`
 
 Rows = list[dict[str, Any]]
 
@@ -83,6 +113,8 @@ class _View:
     description: str
     condition: Any
     sort_field: str | None = None
+    hidden_on_images: tuple[str, ...] = ()  # fields the view leaves out, so that what it is about stands out
+    hidden_on_instances: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -104,10 +136,11 @@ def stdout_to_stderr() -> Iterator[None]:
 @stdout_to_stderr()
 def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = True) -> dict[str, Any]:
     """Write or update the run's samples in `dataset` and `<dataset>-instances`, evaluate its predictions,
-    save its review views (see `review_views`; names `<run_id>-<suffix>`), one view per explainer on the
-    instances (`<run_id>-explainer-<name>`) and one per candidate cue the findings named
-    (`<run_id>-cue-<cue_id>`). `overwrite_views=False` keeps a view that already has the name (a reviewer
-    may have edited it). Returns the sample counts, the eval key and the view names."""
+    save its review views (see `review_views`; names `reports.views.view_name`), one view per explainer on
+    the instances (`explainer_view`) and one per candidate cue the findings named (`cue_view`), and set both
+    datasets' App config. A view that would show nothing is not saved. `overwrite_views=False` keeps a view
+    that already has the name (a reviewer may have edited it). Returns the sample counts, the eval key and
+    the names of the views the datasets hold."""
     started = time.perf_counter()
     store = Path(store)
     run = _load_run(store, run_id)
@@ -122,8 +155,12 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
     eval_key = _evaluate(image_ds, run) if run.coco is not None else None
     views = _save_views(image_ds, instance_ds, run, review_views(), overwrite_views)
     for cue_id, ids in _cues(instances).items():
-        save_cue_view(dataset, f"{run_id}-cue-{cue_id}", ids, run_id=run_id, overwrite=overwrite_views)
-        views.append(f"{run_id}-cue-{cue_id}")
+        name = cue_view(run.run_id, cue_id)
+        if any(save_cue_view(dataset, name, ids, run_id=run_id, overwrite=overwrite_views).values()):
+            views.append(name)
+    explainers = instance_ds.distinct("explainer")
+    _set_app_config(image_ds, f"heatmap_{field_name(run.explainers[0])}", explainers)
+    _set_app_config(instance_ds, "heatmap", explainers)
     return {"run_id": run_id, "dataset": image_ds.name, "instance_dataset": instance_ds.name,
             "images": len(image_samples), "instances": len(instance_samples), "eval_key": eval_key,
             "views": views, "seconds": round(time.perf_counter() - started, 1)}
@@ -137,19 +174,22 @@ def review_views() -> list[_View]:
     flag marks, as the report and the findings count them; each flagged instance's `flag_reason` says why. An fp
     has no GT box, so its `mass_on_other_gt` is 1 as soon as its map touches any GT box and cannot tell
     background from another object, while its `off_object_norm` is the share of the map off every GT box. On
-    the image dataset, the first explainer's flags decide.
+    the image dataset, the first explainer's flags decide. The missed view draws the missed box alone: on an
+    image its `missed` box, not the GT box under it and the image's other GT boxes; on an instance sample its
+    GT box, not the box of the query that explains it (its map is the heatmap).
     """
     return [
-        _View("tp-off-object", "correct detections the audit flags as looking off their object (flag_off_object, "
+        _View(TP_OFF_OBJECT, "correct detections the audit flags as looking off their object (flag_off_object, "
                                "from the resolution-aware off_object_norm; flag_reason says why; lowest mass_in_gt "
                                "first): right, maybe for the wrong reason",
               (F("outcome") == "tp") & (F("flag_off_object") == True), "mass_in_gt"),  # noqa: E712 (a MongoDB test)
-        _View("fp-background", "false positives driven by background: flag_background_fp (enough of the map off "
+        _View(FP_BACKGROUND, "false positives driven by background: flag_background_fp (enough of the map off "
                                "the cells every GT box reaches, off_object_norm; flag_reason says why)",
               (F("outcome") == "fp") & (F("flag_background_fp") == True)),  # noqa: E712 (a MongoDB test)
-        _View("missed", "missed GT objects (fn), explained through the query that overlaps them most",
-              F("outcome") == "fn"),
-        _View("lowest-insertion-auc", "instances with an insertion AUC, lowest first: maps the model does not "
+        _View(MISSED, "missed GT objects (fn), explained through the query that overlaps them most; only the "
+                      "missed box is drawn (the image's other GT boxes and the query's own box are left out)",
+              F("outcome") == "fn", hidden_on_images=("ground_truth",), hidden_on_instances=("prediction",)),
+        _View(LOWEST_INSERTION_AUC, "instances with an insertion AUC, lowest first: maps the model does not "
                                       "need", F("insertion_auc") != None, "insertion_auc"),  # noqa: E711
     ]
 
@@ -181,13 +221,16 @@ def sorted_by(samples: SampleCollection, field: str) -> DatasetView:
 def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True,
                view: str | None = None) -> fo.Session:
     """Serve the FiftyOne App on `address:port` (loopback unless asked otherwise) without opening a browser,
-    on the saved view `view` of the dataset when given.
+    on the saved view `view` of the dataset when given, and print its URL (one line on stderr).
 
-    With `wait`, block until interrupted (Ctrl-C), then close the session; without, return at once with the
-    App serving until the session is closed or this process ends. Returns the session."""
+    The session is made as `fo.launch_app` makes it, remote (a remote session opens no browser), but not
+    through `fo.launch_app`, which then logs ssh port-forwarding advice instead of the URL. With `wait`, block
+    until interrupted (Ctrl-C), then close the session; without, return at once with the App serving until
+    the session is closed or this process ends. Returns the session."""
     ds = fo.load_dataset(dataset)
-    session = fo.launch_app(ds, view=ds.load_saved_view(view) if view else None, port=port, address=address,
-                            remote=True, auto=False)
+    session = fo.Session(ds, view=ds.load_saved_view(view) if view else None, port=port, address=address,
+                         remote=True, auto=False)
+    print(session.url, file=sys.stderr, flush=True)
     if wait:
         try:
             session.wait(-1)
@@ -276,6 +319,7 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
     for row in rows:
         by_instance.setdefault(row["instance_id"], {})[row["explainer"]] = row
     labels: dict[str, list[fo.Detection]] = {field: [] for field in LABEL_FIELDS}
+    peaks: list[fo.Keypoint] = []
     instance_samples = []
     for instance_id, per_explainer in by_instance.items():
         facts = next(iter(per_explainer.values()))
@@ -290,11 +334,14 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
             key = (instance_id, explainer)
             heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
                        if key in grids else None)
+            peak = _cue_peak(row, label, size)
+            peaks.extend([peak] if peak else [])
             instance_samples.append(fo.Sample(
-                **common, **{column: row[column] for column in columns}, heatmap=heatmap,
+                **common, **{column: row[column] for column in columns}, heatmap=heatmap, cue_peak=peak,
                 instance_id=instance_id, explainer=explainer, outcome=row["outcome"], label_name=row["label_name"],
                 prediction=fo.Detections(detections=[fo.Detection(
-                    label=label, bounding_box=_relative_box(row, "pred", size), confidence=row["score"])]),
+                    label=label, bounding_box=_relative_box(row, "pred", size), confidence=row["score"],
+                    outcome=row["outcome"])]),
                 ground_truth=fo.Detections(detections=[fo.Detection(label=label, bounding_box=gt_box)] if gt_box else []),
                 **{KEY_FIELD: f"{run.run_id}/{explainer}/{instance_id}"}))
     heatmaps = {}
@@ -305,6 +352,7 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
                 folder / "images" / explainer / f"{image['image_id']}.png", np.max(mine, axis=0), image)
     truth = {} if gt is None else {"ground_truth": fo.Detections(detections=gt)}
     sample = fo.Sample(**common, **truth, **heatmaps, image_id=image["image_id"],
+                       cue_peak=fo.Keypoints(keypoints=peaks) if peaks else None,
                        **{field: fo.Detections(detections=found) for field, found in labels.items()},
                        **{KEY_FIELD: f"{run.run_id}/{image['file_path']}"})
     return sample, instance_samples
@@ -337,6 +385,17 @@ def _relative_box(row: dict[str, Any], prefix: str, size: tuple[int, int]) -> li
     return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
 
 
+def _cue_peak(row: dict[str, Any], label: str, size: tuple[int, int]) -> fo.Keypoint | None:
+    """The row's off-object peak (`peak_x`, `peak_y`, original pixels) in relative coordinates, as the
+    keypoint both datasets draw; None where the findings put no peak."""
+    if row["peak_x"] is None:
+        return None
+    width, height = size
+    return fo.Keypoint(label=label, points=[(row["peak_x"] / width, row["peak_y"] / height)],
+                       audit_instance_id=row["instance_id"], explainer=row["explainer"],
+                       localised=row["localised_drop"] is not None)
+
+
 def _unit(grid: np.ndarray) -> np.ndarray:
     """A map scaled to [0, 1] by its maximum (maps are raw and differ in scale); negative evidence is not shown."""
     positive = np.clip(grid, 0, None)
@@ -346,14 +405,15 @@ def _unit(grid: np.ndarray) -> np.ndarray:
 
 def _heatmap(path: Path, grid: np.ndarray, image: dict[str, Any]) -> fo.Heatmap:
     """Write the grid map laid over the original image of its `images` row (`reports.overlay`) as an 8-bit
-    PNG; its `fo.Heatmap`. Drawn at the image's size, or at the model's input size where that is smaller (the
-    map holds no finer detail, and the App stretches a heatmap over its image): a 12000 x 9000 photo's map
-    is not a 100 MB raster."""
+    PNG scaled by the map's maximum (255 at its peak); its `fo.Heatmap`, whose range starts at `HEATMAP_FLOOR`
+    of that maximum (the App leaves lower pixels unpainted). Drawn at the image's size, or at the model's
+    input size where that is smaller (the map holds no finer detail, and the App stretches a heatmap over its
+    image): a 12000 x 9000 photo's map is not a 100 MB raster."""
     width, height = fit_size(image["width"], image["height"], max(image["input_width"], image["input_height"]))
     values = map_to_image(_unit(grid), Geometry.from_image_row(image, grid.shape), raster=(height, width))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(path)
-    return fo.Heatmap(map_path=str(path), range=[0, 255])
+    Image.fromarray(np.round(np.clip(values, 0, 1) * _PNG_MAX).astype(np.uint8)).save(path)
+    return fo.Heatmap(map_path=str(path), range=[round(HEATMAP_FLOOR * _PNG_MAX), _PNG_MAX])
 
 
 def _cues(instances: pa.Table) -> dict[str, list[str]]:
@@ -373,7 +433,11 @@ def _dataset(name: str) -> fo.Dataset:
 
 
 def _evaluate(image_ds: fo.Dataset, run: _Run) -> str:
-    """FiftyOne's COCO-style evaluation of the run's predictions against its GT; returns the eval key."""
+    """FiftyOne's COCO-style evaluation of the run's predictions against its GT; returns the eval key.
+
+    One evaluation per run, none per explainer: an explainer explains the detections and changes none, so
+    each would evaluate the same boxes to the same result. Explainers differ in their maps, which the scores
+    (`mass_in_gt`, the AUCs, the flags) and the per-explainer views compare."""
     eval_key = f"eval_{field_name(run.run_id)}"
     if eval_key in image_ds.list_evaluations():
         image_ds.delete_evaluation(eval_key)  # a re-push evaluates afresh
@@ -402,26 +466,61 @@ def _lowest_over_labels(field: str) -> Any:
 
 
 def _save_views(image_ds: fo.Dataset, instance_ds: fo.Dataset, run: _Run, views: list[_View], overwrite: bool) -> list[str]:
-    """Save the run's review views on both datasets and one view per explainer on the instances."""
+    """Save the run's review views on both datasets and one view per explainer on the instances; the names
+    of those the datasets hold."""
     names = []
     for view in views:
-        name = f"{run.run_id}-{view.suffix}"
+        name = view_name(run.run_id, view.suffix)
         on_images = _image_view(image_ds, run.run_id, view.condition)
         on_instances = _of_run(instance_ds, run.run_id).match(view.condition)
         if view.sort_field is not None:
             on_images = on_images.sort_by([(_lowest_over_labels(view.sort_field), 1), ("filepath", 1)])
             on_instances = sorted_by(on_instances, view.sort_field)
-        _save(image_ds, name, on_images, view.description, overwrite)
-        _save(instance_ds, name, on_instances, view.description, overwrite)
-        names.append(name)
+        saved = [_save(ds, name, _without(shown, hidden), view.description, overwrite) for ds, shown, hidden in (
+            (image_ds, on_images, view.hidden_on_images), (instance_ds, on_instances, view.hidden_on_instances))]
+        names.extend([name] if any(saved) else [])
     for explainer in run.explainers:
-        name = f"{run.run_id}-explainer-{explainer}"
-        _save(instance_ds, name, _of_run(instance_ds, run.run_id).match(F("explainer") == explainer),
-              f"the maps of explainer {explainer}", overwrite)
-        names.append(name)
+        name = explainer_view(run.run_id, explainer)
+        if _save(instance_ds, name, _of_run(instance_ds, run.run_id).match(F("explainer") == explainer),
+                 f"the maps of explainer {explainer}", overwrite):
+            names.append(name)
     return names
 
 
-def _save(ds: fo.Dataset, name: str, view: DatasetView, description: str, overwrite: bool) -> None:
+def _without(view: DatasetView, fields: tuple[str, ...]) -> DatasetView:
+    """`view` less those of `fields` its dataset has."""
+    present = [field for field in fields if view.has_field(field)]
+    return view.exclude_fields(present) if present else view
+
+
+def _save(ds: fo.Dataset, name: str, view: DatasetView, description: str, overwrite: bool) -> bool:
+    """Save `view` as `name` (with `overwrite`, or where the name is free); an empty view is not saved, and
+    overwriting with one deletes the view of that name, which would show what the rule no longer selects.
+    Returns whether `ds` holds a view `name` now."""
     if overwrite or not ds.has_saved_view(name):
-        ds.save_view(name, view, description=description, overwrite=True)
+        if len(view):
+            ds.save_view(name, view, description=description, overwrite=True)
+        elif ds.has_saved_view(name):
+            ds.delete_saved_view(name)
+    return ds.has_saved_view(name)
+
+
+def _set_app_config(ds: fo.Dataset, heatmap: str, explainers: list[str]) -> None:
+    """Open the App on `ds` showing FiftyOne's default active fields and `heatmap` (the module docstring says
+    why), coloured by `_color_scheme`."""
+    paths = fo.DatasetAppConfig.default_active_fields(ds).paths
+    ds.app_config.active_fields = fo.ActiveFields(paths=[*paths, heatmap] if ds.has_field(heatmap) else paths)
+    ds.app_config.color_scheme = _color_scheme(ds, explainers)
+    ds.save()
+
+
+def _color_scheme(ds: fo.Dataset, explainers: list[str]) -> fo.ColorScheme:
+    """Colour by value: `HEATMAP_COLORSCALE` on every heatmap field of `ds`, boxes by their `outcome`, the cue
+    keypoints of every explainer in `CUE_COLOR`; the GT boxes keep FiftyOne's colour per class."""
+    outcomes = [{"value": outcome, "color": color} for outcome, color in OUTCOME_COLORS.items()]
+    fields = [{"path": path, "colorByAttribute": "outcome", "valueColors": outcomes}
+              for path in _OUTCOME_FIELDS if ds.has_field(path)]
+    fields.append({"path": "cue_peak", "colorByAttribute": "explainer",
+                   "valueColors": [{"value": explainer, "color": CUE_COLOR} for explainer in explainers]})
+    return fo.ColorScheme(color_by="value", fields=fields, colorscales=[
+        {"path": path, "list": HEATMAP_COLORSCALE} for path in ds.get_field_schema(embedded_doc_type=fo.Heatmap)])

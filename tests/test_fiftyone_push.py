@@ -21,12 +21,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from eive_audit.reports.views import (FP_BACKGROUND, LOWEST_INSERTION_AUC, MISSED, TP_OFF_OBJECT, cue_view,
+                                      explainer_view, view_name)
 from eive_audit.storage.catalog import query, refresh_catalog
 from eive_audit.storage.writer import read_table, write_table
 
 DATASET = "audit"
 N_IMAGES = 24  # of the synth fixture's 40 val images: enough for tp, fp and fn rows, and faster
-SECOND_RUN = "copy-of-run"  # the same rows under another id, its json moved away, three rows given a cue
+SECOND_RUN = "copy-of-run"  # the same rows under another id, its json moved away, three rows given a cue, no AUCs
 CUE = "eive:circle:0"
 DETECTION_COLUMNS = {"image_id", "query", "score", "iou", "gt_annotation_id"}  # the same for every explainer
 BOX_COLUMNS = {f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in ("x0", "y0", "x1", "y1")}
@@ -56,9 +58,15 @@ print(json.dumps(audit(config), default=str))
 
 PUSH = """
 import json, sys
+import fiftyone as fo
 from eive_audit.reports.fiftyone_push import push_run, save_cue_view
 args = json.loads(sys.argv[1])
-results = [push_run(args["store"], run, args["dataset"]) for run in args["runs"]]
+first, second = args["runs"]
+results = [push_run(args["store"], first, args["dataset"])]
+for name in (args["dataset"], args["dataset"] + "-instances"):  # as an earlier push of the second run left it
+    ds = fo.load_dataset(name)
+    ds.save_view(args["stale"], ds.limit(1))
+results.append(push_run(args["store"], second, args["dataset"]))
 cue = args["cue"]
 results.append(save_cue_view(args["dataset"], cue["name"], cue["ids"], run_id=cue["run_id"]))
 print(json.dumps(results))
@@ -96,6 +104,21 @@ print(json.dumps({
                for f in ("mass_in_gt", "insertion_auc")},
     "evaluations": images.list_evaluations(),
     "eval_tp": images_of(run).count_values(f"predictions.detections.eval_{run}").get("tp", 0),
+    "app": [{"active": ds.app_config.active_fields.paths, "color_by": ds.app_config.color_scheme.color_by,
+             "colorscales": {c["path"]: c["list"] for c in ds.app_config.color_scheme.colorscales},
+             "heatmaps": sorted(ds.get_field_schema(embedded_doc_type=fo.Heatmap)),
+             "ranges": sorted({tuple(r) for f in ds.get_field_schema(embedded_doc_type=fo.Heatmap)
+                               for r in ds.values(f + ".range") if r})}
+            for ds in (images, instances)],
+    "cue_peaks": {
+        "instances": [[i, e, list(k.points[0]), k.label, k["audit_instance_id"], k["explainer"], k["localised"]] for i, e, k in
+                      zip(*instances_of(run).exists("cue_peak").values(["instance_id", "explainer", "cue_peak"]))],
+        "images": [[image_id, list(k.points[0]), k.label, k["audit_instance_id"], k["explainer"], k["localised"]]
+                   for image_id, points in zip(*images_of(run).values(["image_id", "cue_peak.keypoints"]))
+                   for k in points or []]},
+    "missed_view": [[m.count(f + ".detections") if m.has_field(f) else None for f in fields]
+                    for m, fields in ((images.load_saved_view(args["missed"]), ("predictions", "missed", "ground_truth")),
+                                      (instances.load_saved_view(args["missed"]), ("prediction", "ground_truth")))],
 }))
 """
 
@@ -162,7 +185,7 @@ def run(synth: Path, annotations: Path, fiftyone_env: dict[str, str],
 
 def _copy_run(store: Path, run_id: str, cue_ids: list[str]) -> None:
     """SECOND_RUN: the run's partitions copied under another id, its annotation file gone (so its GT comes
-    from the instance rows), and `cue_ids` given CUE as findings would."""
+    from the instance rows), `cue_ids` given CUE as findings would, and no AUCs (a run without faithfulness)."""
     for table in ("runs", "images", "instances", "maps", "errors", "_done"):  # the shards' markers too
         shutil.copytree(store / table / f"run_id={run_id}", store / table / f"run_id={SECOND_RUN}")
     (row,) = read_table(store, "runs", SECOND_RUN, "run").to_pylist()
@@ -171,25 +194,28 @@ def _copy_run(store: Path, run_id: str, cue_ids: list[str]) -> None:
     for shard in (store / "instances" / f"run_id={SECOND_RUN}").glob("*.parquet"):
         rows = read_table(store, "instances", SECOND_RUN, shard.stem).to_pylist()
         write_table(store, "instances", SECOND_RUN, shard.stem,
-                    [{**row, "cue_id": CUE if row["instance_id"] in cue_ids else row["cue_id"]} for row in rows])
+                    [{**row, "cue_id": CUE if row["instance_id"] in cue_ids else row["cue_id"],
+                      "deletion_auc": None, "insertion_auc": None} for row in rows])
     refresh_catalog(store)
 
 
 @pytest.fixture(scope="module")
 def pushed(run: tuple[Path, str], fiftyone_env: dict[str, str]) -> dict:
-    """In a second process push the run again and a copy of it as another run, and save a cue view; read
-    everything back in a third. Returns the read-back."""
+    """In a second process push the run again and a copy of it as another run (over a view of it an earlier
+    push would have saved, which it now selects nothing for), and save a cue view; read everything back in a
+    third. Returns the read-back."""
     store, run_id = run
     cue_ids = [r["instance_id"] for r in _rows(store, "SELECT DISTINCT instance_id FROM instances WHERE run_id = ? "
                                                       "AND outcome = 'tp' ORDER BY instance_id LIMIT 3", run_id)]
     _copy_run(store, run_id, cue_ids)
     results = _python(PUSH, json.dumps({"store": str(store), "dataset": DATASET, "runs": [run_id, SECOND_RUN],
-                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id}}),
+                                        "cue": {"name": "cue-test", "ids": cue_ids, "run_id": run_id},
+                                        "stale": view_name(SECOND_RUN, LOWEST_INSERTION_AUC)}),
                       env=fiftyone_env)
     known = _rows(store, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' "
                          "ORDER BY insertion_auc NULLS LAST, instance_id LIMIT 1", run_id)[0]["instance_id"]
-    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known}),
-                   env=fiftyone_env)
+    dump = _python(DUMP, json.dumps({"dataset": DATASET, "runs": [run_id, SECOND_RUN], "known": known,
+                                     "missed": view_name(run_id, MISSED)}), env=fiftyone_env)
     return {**dump, "push": results, "known": known, "cue_ids": cue_ids}
 
 
@@ -284,30 +310,89 @@ def test_a_large_image_s_heatmap_is_drawn_at_the_model_input_size(fiftyone_env: 
 
 
 def test_saved_views_hold_the_instances_the_tables_name(run: tuple[Path, str], pushed: dict) -> None:
+    """Every view the datasets hold, of both runs, shows what SQL over `instances` selects with the view's rule;
+    a view that would show nothing is not saved (and a stale one of that name is gone), nor returned."""
     store, run_id = run
 
-    def count(where: str, run: str = run_id) -> list[int]:
-        """[images whose first-explainer instance qualifies, instance rows]: what the two views should show."""
+    def count(where: str, run: str = run_id) -> list[int | None]:
+        """[images whose first-explainer instance qualifies, instance rows]: what the two views should show,
+        None for a dataset the view should be missing from (it would show nothing)."""
         row = _rows(store, "SELECT count(DISTINCT image_id) FILTER (explainer = 'eive') AS images, count(*) AS n "
                            f"FROM instances WHERE run_id = ? AND {where}", run)[0]
-        return [row["images"], row["n"]]
+        return [row["images"] or None, row["n"] or None]
 
-    expected = {"tp-off-object": count("outcome = 'tp' AND flag_off_object"), "missed": count("outcome = 'fn'"),
-                "fp-background": count("outcome = 'fp' AND flag_background_fp"),
-                "lowest-insertion-auc": count("insertion_auc IS NOT NULL")}
-    for suffix, shown in expected.items():
-        assert pushed["views"][f"{run_id}-{suffix}"] == shown, suffix
-    assert expected["lowest-insertion-auc"][1] == 3, "sample:3 gave three instances an insertion AUC"
-    assert expected["missed"][1] > 0 and expected["tp-off-object"][1] > 0, "the data has such instances"
+    def rules(run: str) -> dict[str, list[int | None]]:
+        """Each view a push of `run` may save: what it should show."""
+        cues = [r["cue_id"] for r in _rows(store, "SELECT DISTINCT cue_id FROM instances WHERE run_id = ? "
+                                                  "AND cue_id IS NOT NULL", run)]
+        return {view_name(run, TP_OFF_OBJECT): count("outcome = 'tp' AND flag_off_object", run),
+                view_name(run, FP_BACKGROUND): count("outcome = 'fp' AND flag_background_fp", run),
+                view_name(run, MISSED): count("outcome = 'fn'", run),
+                view_name(run, LOWEST_INSERTION_AUC): count("insertion_auc IS NOT NULL", run),
+                **{explainer_view(run, e): [None, count(f"explainer = '{e}'", run)[1]] for e in ("eive", "eive-last")},
+                **{cue_view(run, c): count(f"instance_id IN (SELECT instance_id FROM instances WHERE run_id = '{run}' "
+                                           f"AND cue_id = '{c}')", run) for c in cues}}
+
+    expected = {pushed_run: rules(pushed_run) for pushed_run in (run_id, SECOND_RUN)}
+    for pushed_run, result in zip((run_id, SECOND_RUN), pushed["push"]):
+        saved = {name: shown for name, shown in pushed["views"].items() if name.startswith(f"{pushed_run}-")}
+        assert saved == {name: shown for name, shown in expected[pushed_run].items() if shown != [None, None]}
+        assert sorted(result["views"]) == sorted(saved), "push_run names the views the datasets hold"
+    shown = expected[run_id]
+    assert shown[view_name(run_id, LOWEST_INSERTION_AUC)][1] == 3, "sample:3 gave three instances an insertion AUC"
+    assert shown[view_name(run_id, MISSED)][1] and shown[view_name(run_id, TP_OFF_OBJECT)][1], "the data has such instances"
+    assert expected[SECOND_RUN][view_name(SECOND_RUN, LOWEST_INSERTION_AUC)] == [None, None], \
+        "no AUCs in the second run: its empty view is not saved, and the stale one is deleted"
     lowest = _rows(store, "SELECT instance_id, explainer FROM instances WHERE run_id = ? AND insertion_auc IS NOT NULL "
                           "ORDER BY insertion_auc, instance_id, explainer", run_id)
-    assert pushed["view_order"][f"{run_id}-lowest-insertion-auc"] == [[r["instance_id"], r["explainer"]] for r in lowest]
-    assert pushed["views"][f"{run_id}-explainer-eive-last"] == [None, count("explainer = 'eive-last'")[1]]
+    assert pushed["view_order"][view_name(run_id, LOWEST_INSERTION_AUC)] == [[r["instance_id"], r["explainer"]]
+                                                                            for r in lowest]
     cue = count(f"list_contains({pushed['cue_ids']}, instance_id)")
     assert cue[1] == 6, "three instances, two explainers"
     assert pushed["views"]["cue-test"] == cue and pushed["push"][-1] == {"images": cue[0], "instances": cue[1]}
-    assert pushed["views"][f"{SECOND_RUN}-cue-{CUE}"] == count(f"cue_id = '{CUE}'", SECOND_RUN) == cue, \
-        "a cue the findings named gets its view"
+    assert pushed["views"][cue_view(SECOND_RUN, CUE)] == cue, "a cue the findings named gets its view"
+
+
+def test_the_missed_view_draws_the_missed_box_alone(run: tuple[Path, str], pushed: dict) -> None:
+    """On an image only its `missed` boxes (no prediction, no GT box under or beside them); on an instance
+    sample only its GT box (not the box of the query that explains the miss)."""
+    store, run_id = run
+    fn = _rows(store, "SELECT count(DISTINCT instance_id) AS boxes, count(*) AS n FROM instances "
+                      "WHERE run_id = ? AND outcome = 'fn'", run_id)[0]
+    assert fn["boxes"] > 0
+    assert pushed["missed_view"] == [[0, fn["boxes"], None], [None, fn["n"]]]
+
+
+def test_the_app_opens_on_the_heatmaps_painted_with_a_colorscale(pushed: dict) -> None:
+    """Read back in a fresh process: the heatmap fields are active beside FiftyOne's default label fields, and
+    the colour scheme colours by value (FiftyOne 1.22.1's App paints a heatmap's colorscale only then)."""
+    images, instances = pushed["app"]
+    assert images["heatmaps"] == ["heatmap_eive", "heatmap_eive_last"] and instances["heatmaps"] == ["heatmap"]
+    assert sorted(images["active"]) == ["cue_peak", "ground_truth", "heatmap_eive", "missed", "predictions"], \
+        "the first explainer's map: two at once hide each other"
+    assert sorted(instances["active"]) == ["cue_peak", "ground_truth", "heatmap", "prediction"]
+    for config in (images, instances):
+        assert config["color_by"] == "value"
+        assert sorted(config["colorscales"]) == config["heatmaps"]
+        assert all({0, 1} <= {entry["value"] for entry in scale} for scale in config["colorscales"].values())
+        ((low, high),) = config["ranges"]
+        assert 0 < low < high == 255, "the App leaves a map's pixels below its range's start unpainted"
+
+
+def test_cue_peaks_mark_where_the_findings_localised(run: tuple[Path, str], pushed: dict) -> None:
+    """A keypoint at (peak_x, peak_y) / image size for each row with a peak (here every row has one: the map's
+    off-object peak), on its instance sample and on its image, and none elsewhere."""
+    store, run_id = run
+    rows = _rows(store, "SELECT image_id, instance_id, explainer, label_name, peak_x, peak_y, "
+                        "localised_drop IS NOT NULL AS localised FROM instances WHERE run_id = ? AND peak_x IS NOT NULL",
+                 run_id)
+    assert rows, "the findings put some peaks"
+    point = lambda r: [r["peak_x"] / 128, r["peak_y"] / 128]  # noqa: E731 (the synth images are 128 x 128)
+    assert sorted(pushed["cue_peaks"]["instances"]) == sorted(
+        [r["instance_id"], r["explainer"], point(r), r["label_name"], r["instance_id"], r["explainer"], r["localised"]]
+        for r in rows)
+    assert sorted(pushed["cue_peaks"]["images"]) == sorted(
+        [r["image_id"], point(r), r["label_name"], r["instance_id"], r["explainer"], r["localised"]] for r in rows)
 
 
 def test_instances_sorted_by_a_score_match_the_sql_order(run: tuple[Path, str], pushed: dict) -> None:
@@ -319,10 +404,12 @@ def test_instances_sorted_by_a_score_match_the_sql_order(run: tuple[Path, str], 
         assert len(ordered) > 1 and pushed["sorted"][field] == [r["instance_id"] for r in ordered], field
 
 
-def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fiftyone_env: dict[str, str]) -> None:
+def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fiftyone_env: dict[str, str],
+                                                              tmp_path: Path) -> None:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", APP, DATASET, str(port)], env=fiftyone_env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    with (tmp_path / "stderr").open("w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-c", APP, DATASET, str(port)], env=fiftyone_env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     started: list[psutil.Process] = [psutil.Process(proc.pid)]
     try:
         assert any(line.strip() == "launched" for line in iter(proc.stdout.readline, "")), "the App did not start"
@@ -340,3 +427,6 @@ def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fift
         for leftover in alive:
             leftover.kill()
     assert not alive, f"processes left running: {[p.pid for p in alive]}"
+    printed = (tmp_path / "stderr").read_text()
+    assert f"http://127.0.0.1:{port}/" in printed.splitlines(), "the App's URL, on a line of its own"
+    assert "ssh" not in printed, "no port-forwarding advice for a local App"
