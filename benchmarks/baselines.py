@@ -43,10 +43,10 @@ from eive_audit.explainers.eive import DEFAULT_FUSION, FUSIONS
 from eive_audit.pipeline.audit import audit_batch, faithfulness_of_rows
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.config import DriseSettings, EiveSettings, FindingsConfig
-from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
 from eive_audit.pipeline.models.detr import DetrAdapter, resolve_device
 from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.labels import label_to_category
 from eive_audit.pipeline.models.preprocess import PixelBatch
 from eive_audit.pipeline.models.targets import Targets
 from eive_audit.pipeline.sources import CocoSource

@@ -13,20 +13,8 @@ from torchvision.ops import box_convert, box_iou
 
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.models.detr import DetrAdapter, Detections
+from eive_audit.pipeline.models.labels import label_to_category
 from eive_audit.pipeline.sources.coco import CocoSource
-
-
-def label_to_category(model_labels: dict[int, str], categories: dict[int, str]) -> tuple[dict[int, int], str]:
-    """Map model label index -> dataset category id: by name when every category has a model label,
-    else by position (labels in order onto category ids in order, for random-init models named LABEL_k)."""
-    by_name = {name: idx for idx, name in model_labels.items()}
-    if all(name in by_name for name in categories.values()):
-        return {by_name[name]: cat for cat, name in categories.items()}, "name"
-    if len(model_labels) < len(categories):
-        raise ValueError(
-            f"the model has {len(model_labels)} labels and none of the names match; the dataset has {len(categories)} categories"
-        )
-    return dict(zip(sorted(model_labels), sorted(categories))), "position"
 
 
 def predict(

@@ -21,9 +21,9 @@ import torch
 from eive_audit.pipeline.audit import BatchExplainer, BatchRows, audit_batch, faithfulness_of_rows, model_labels
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.config import AuditConfig
-from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.findings import Findings, find_spurious
 from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.labels import label_to_category
 from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError, open_source
 
 Key = tuple[str, str]  # (instance_id, explainer)

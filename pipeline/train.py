@@ -39,9 +39,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from eive_audit.pipeline.aajts import joint_loss, require_dense_attention
 from eive_audit.pipeline.config import TrainConfig
-from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.models.detr import load_hf_model, resolve_device
 from eive_audit.pipeline.models.families import FAMILIES, build_config, save_preprocessor
+from eive_audit.pipeline.models.labels import label_to_category
 from eive_audit.pipeline.models.locate import resolve_model_path
 from eive_audit.pipeline.models.preprocess import PixelBatch, PreprocessConfig, preprocess
 from eive_audit.pipeline.sources.coco import CocoSource

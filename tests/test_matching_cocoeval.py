@@ -15,10 +15,10 @@ from torchvision.ops import box_convert
 
 from eive_audit.pipeline.audit import _image_instances
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
-from eive_audit.pipeline.evaluation import label_to_category
 from eive_audit.pipeline.matching import CROWD, DUP, FN, FP, TP
 from eive_audit.pipeline.models.detr import DetrAdapter, Detections
 from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.labels import label_to_category
 from eive_audit.pipeline.sources import CocoSource, ImageRecord
 
 
