@@ -19,11 +19,13 @@ missing model, image folder or annotation file, an unknown explainer, or one the
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import inspect
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,31 +33,69 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional, get_args
+from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar, get_args
 
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from eive_audit.explainers import BUILTIN, check_supported
-from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, TrainConfig, merge_settings
+from eive_audit.explainers import BUILTIN, capabilities, check_supported
+from eive_audit.pipeline.config import (EXPLAINER_SETTINGS, AuditConfig, ReviewConfig, TrainConfig, did_you_mean,
+                                        merge_settings)
 from eive_audit.pipeline.models.families import FAMILIES, Family, family_of_model
+from eive_audit.pipeline.models.labels import label_to_category, labels_of_model
 from eive_audit.pipeline.models.locate import ModelLoadError
+from eive_audit.pipeline.progress import Advance, listening, step
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit DETR-family detectors with EIVE saliency.")
 err = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator:
-    """A rich progress bar on stderr; yields `advance(n)`, so library code stays free of UI."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+def showing_progress() -> Iterator[None]:
+    """Show the progress steps the command's code reports (pipeline.progress) on stderr while the block runs:
+    on a terminal a rich bar per step; elsewhere (a pipe, a log file, CI) one line per step as it ends, so a
+    log says what took how long without a screenful of redraws. stdout stays for the command's result."""
+    if not err.is_terminal:
+        with listening(_step_line):
+            yield
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err) as bars:
+        @contextmanager
+        def bar(name: str, total: int | None) -> Iterator[Advance]:
+            task = bars.add_task(name, total=total)
+            try:
+                yield lambda n=1: bars.advance(task, n)
+            finally:  # a step of unknown length is complete when it ends
+                bars.update(task, total=bars.tasks[task].completed if total is None else total)
+
+        with listening(bar):
+            yield
+
+
+@contextmanager
+def _step_line(name: str, total: int | None) -> Iterator[Advance]:
+    """A step off a terminal: counted quietly, one line when it ends (also when it fails)."""
+    done, begun = 0, time.perf_counter()
+
+    def advance(n: int = 1) -> None:
+        nonlocal done
+        done += n
+
+    ended = "stopped"
+    try:
+        yield advance
+        ended = "done"
+    finally:
+        count = f" {done}/{total}" if total is not None else ""
+        err.print(f"{name}:{count} {ended} in {time.perf_counter() - begun:.1f} s", soft_wrap=True, highlight=False,
+                  markup=False)
 
 
 TERMINATION_GRACE_S = 5.0  # after SIGTERM or Ctrl-C, a flow's process has this long to unwind, then it exits
@@ -107,10 +147,11 @@ def _exit_after_grace(read: int) -> None:
                 os._exit(128 + caught[0])
 
 
-def _fail(message: str) -> NoReturn:
-    """Print `message` as an error and exit with code 2; verbatim (no markup, no wrapping), so it can be grepped."""
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print `message` as an error and exit with `code`: 2 for input the command cannot use, 1 for a run that
+    finished but failed the user's bar; verbatim (no markup, no wrapping), so it can be grepped."""
     err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 @dataclass(frozen=True)
@@ -130,7 +171,7 @@ class Flag:
         decls = f"--{self.name}/--no-{self.name}" if kind is bool else f"--{self.name}"
         help = self.field.description or ""
         if self.path == ("explainer",):
-            help += f"; comma-separated names of {', '.join(BUILTIN)}"
+            help += f"; comma-separated names of {', '.join(map(capabilities, BUILTIN))}"
         if self.field.is_required():
             help += " (required unless --config gives it)" if self.from_file else " (required)"
         default = _shown_default(self.field)
@@ -205,8 +246,14 @@ def _bad_settings(exc: ValidationError, flags: list[Flag], what: str) -> NoRetur
         path = tuple(map(str, loc))
         return names.get(path) or ".".join(path) or "config"
 
-    _fail(f"bad {what} settings: " + "; ".join(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                                              for e in exc.errors()))
+    def message(error: Any) -> str:
+        text = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error" and isinstance(error["input"], str):  # a typo'd choice
+            choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+            text = f"{text}, not {error['input']!r}; {did_you_mean(error['input'], choices)}".rstrip("; ")
+        return text
+
+    _fail(f"bad {what} settings: " + "; ".join(f"{where(e['loc'])}: {message(e)}" for e in exc.errors()))
 
 
 RUN_FLAGS = config_flags(AuditConfig, from_file=True)
@@ -236,7 +283,7 @@ def synth(
         params = dataclasses.replace(GENERATORS[generator], **changes)
     except ValueError as exc:
         _fail(f"bad synth settings: {exc}")
-    with progress_bar("rendering", n_train + n_val) as advance:
+    with showing_progress(), step("rendering", n_train + n_val) as advance:
         written = generate(out, n_train, n_val, seed, params, val_cue_alone_rate, advance)
     typer.echo(json.dumps({split: str(path) for split, path in written.items()}))
 
@@ -289,7 +336,7 @@ def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str
         adapter = DetrAdapter.load(model, device)
     except (SourceFormatError, ModelLoadError) as exc:
         _fail(str(exc))
-    with progress_bar("evaluating", len(source)) as advance:
+    with showing_progress(), step("evaluating", len(source)) as advance:
         return coco_metrics(adapter, source, batch_size, advance)
 
 
@@ -318,14 +365,20 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML file of AuditConf
     _preflight(audit_config)
     summary = _audit(audit_config)
     typer.echo(json.dumps(summary))
-    _fail_if_nothing_audited(summary, audit_config.out)
+    _check_failures(summary, audit_config)
 
 
-def _fail_if_nothing_audited(summary: dict, store: Path) -> None:
-    """A run whose every image failed wrote its errors but audited nothing: say so, and do not exit 0."""
-    if summary["images"] and not summary["audited"]:
-        _fail(f"no image could be audited: all {summary['images']} failed ({summary['errors']} errors); "
-              f"see them with: eive-audit sql --store {store} \"SELECT type, message FROM errors\"")
+def _check_failures(summary: dict, config: AuditConfig) -> None:
+    """A run whose every image failed wrote its errors but audited nothing: say so, and do not exit 0; nor
+    does one where more than `max_error_rate` of the images failed."""
+    images, failed = summary["images"], summary["images"] - summary["audited"]
+    see = (f"see them with: eive-audit sql --store {config.out} \"SELECT type, message FROM errors "
+           f"WHERE run_id = '{summary['run_id']}'\"")
+    if images and not summary["audited"]:
+        _fail(f"no image could be audited: all {images} failed ({summary['errors']} errors); {see}")
+    if config.max_error_rate is not None and images and failed / images > config.max_error_rate:
+        _fail(f"{failed} of {images} images failed ({failed / images:.1%}), more than --max-error-rate "
+              f"{config.max_error_rate:g}; {see}", code=1)
 
 
 app.command()(_with_flags(run, RUN_FLAGS))
@@ -354,10 +407,15 @@ def _load_config(config_file: Path | None, settings: dict[str, Any]) -> AuditCon
 
 
 def _validated(build: Callable[[], AuditConfig]) -> AuditConfig:
+    return _validated_part(build, "audit")
+
+
+def _validated_part(build: Callable[[], T], what: str) -> T:
+    """`build()`, a config or a part of one; its errors exit with one line naming their flags."""
     try:
         return build()
     except ValidationError as exc:
-        _bad_settings(exc, RUN_FLAGS, "audit")
+        _bad_settings(exc, RUN_FLAGS, what)
     except ValueError as exc:  # the YAML file: unreadable, not a mapping, an unknown key
         _fail(str(exc))
 
@@ -379,8 +437,10 @@ def _family_of_model(model: str | Path, flag: str = "--model") -> Family | None:
 
 def _preflight(config: AuditConfig, data: bool = True) -> None:
     """Refuse a run that cannot work before Prefect starts or torch loads: a missing model, an unknown
-    explainer, or one the model's family cannot run, a runner whose package is not installed; with `data`, a missing annotation file or image folder,
-    or an annotation file that is no COCO dataset (opened here once; the flow reuses it)."""
+    explainer, or one the model's family cannot run, a runner whose package is not installed, a store root
+    that cannot be a folder, a CUDA device the machine lacks; with `data`, a missing annotation file or image
+    folder, an annotation file that is no COCO dataset (opened here once; the flow reuses it), or one whose
+    categories the model's labels cannot name."""
     if data:
         _require_data(config.coco, config.images)
     if config.runner != "threads" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
@@ -390,24 +450,59 @@ def _preflight(config: AuditConfig, data: bool = True) -> None:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
         _fail(str(exc))
+    _require_store(config.out)
+    if config.device.startswith("cuda"):
+        _require_cuda(config.device)
     if data:
         from eive_audit.pipeline.sources import SourceFormatError, open_source
 
         try:
-            open_source(config.images, config.coco)
+            source = open_source(config.images, config.coco)
         except SourceFormatError as exc:
             _fail(str(exc))
+        labels = labels_of_model(config.model)
+        if labels is not None and source.categories:
+            try:
+                label_to_category(labels, source.categories)
+            except ValueError as exc:
+                _fail(f"--model {config.model} cannot label --coco {config.coco}: {exc}")
+
+
+def _require_store(out: Path) -> None:
+    """The store root is a folder, or can be made one: a file there, or a parent that is one, is refused now
+    rather than when the first table is written."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        _fail(f"--out: {existing} is a file; the store is a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        _fail(f"--out: cannot write in {existing}")
+
+
+def _require_cuda(device: str) -> None:
+    """A CUDA device exists (torch is imported for this only when a cuda device is asked for)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        _fail(f"--device {device}: this machine has {count} CUDA device(s){'' if count else '; use --device cpu'}")
 
 
 def _audit(config: AuditConfig) -> dict:
-    """Run the audit flow; input that turns out bad (a source, a model) exits with a message."""
+    """Run the audit flow, its steps' progress on stderr; input that turns out bad (a source, a model) exits
+    with a message (2), and so does a finished run whose diff meets a --fail-on condition (1), after its
+    summary is printed."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.sources import SourceFormatError
+    from eive_audit.reports.diff import ThresholdBreached
     from eive_audit.storage.versions import SchemaVersionError
 
     try:
-        with exit_soon_after_termination():
+        with exit_soon_after_termination(), showing_progress():
             return audit(config)
+    except ThresholdBreached as exc:
+        typer.echo(json.dumps(exc.summary))
+        _fail(str(exc), code=1)
     except (SourceFormatError, ModelLoadError, NotADirectoryError, ValueError, SchemaVersionError) as exc:
         _fail(str(exc))
 
@@ -430,24 +525,44 @@ def sql(
     _print_table(result, format)
 
 
-def _print_table(result, format: str) -> None:
+def _print_table(result, format: str, console: Console | None = None) -> None:
+    """Rows as JSON, CSV (on stdout, for machines: BLOBs as base64) or a rich table on `console` (stdout by
+    default; BLOBs by their size, since nobody reads bytes in a table)."""
     rows = result.to_pylist()
     if format == "json":
-        typer.echo(json.dumps(rows, default=str))
+        typer.echo(json.dumps(rows, default=_json_value))
     elif format == "csv":
         import csv
 
         writer = csv.DictWriter(sys.stdout, fieldnames=result.column_names)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _json_value(v) if isinstance(v, bytes) else v for k, v in row.items()} for row in rows)
     else:
         from rich.table import Table
 
         table = Table(*result.column_names)
         for row in rows:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-        piped = not sys.stdout.isatty()  # rich wraps cells at 80 columns off a terminal; a file keeps rows whole
-        Console(width=10_000 if piped else None).print(table)
+            table.add_row(*(_cell_text(v) for v in row.values()))
+        console = console or Console()
+        piped = not console.is_terminal  # rich wraps cells at 80 columns off a terminal; a file keeps rows whole
+        console.print(table, width=10_000 if piped else None, markup=False, highlight=False)
+
+
+def _json_value(value: Any) -> Any:
+    """A value json cannot write as it is: bytes as base64 text, a date as ISO 8601, anything else as str."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _cell_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)
 
 
 def demo(
@@ -466,7 +581,7 @@ def demo(
     data = out / "data"
     ann = data / "annotations" / "val.json"
     if not ann.is_file():
-        with progress_bar("rendering", n_val) as advance:
+        with showing_progress(), step("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
     config = _load_config(None, {**_given(DEMO_FLAGS, given), "images": data / "images" / "val", "coco": ann,
                                  "out": out})
@@ -480,13 +595,13 @@ def demo(
                        "ORDER BY spurious_score DESC NULLS LAST, instance_id LIMIT 10", [summary["run_id"]])
     err.print("[bold]Detections most likely right or wrong for the wrong reason[/bold] (spurious_score, read back "
               "through DuckDB):")
-    _print_table(worst, "table")
+    _print_table(worst, "table", err)
     cues = query(out, "SELECT cue_id, support, round(mean_spurious_score, 3) AS mean_score, "
                       "round(verification_drop, 3) AS drop_when_blurred, confirmed, exemplar_ids[1:3] AS exemplars "
                       "FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC", [summary["run_id"]])
     err.print("[bold]Candidate cues[/bold]: off-object peaks that many detections of a class share; confirmed when "
               "blurring the cue region costs half the detections' score:")
-    _print_table(cues, "table")
+    _print_table(cues, "table", err)
     err.print(f"HTML report: {summary['report']}")
     if fiftyone_dataset:
         err.print(f"FiftyOne dataset: {fiftyone_dataset} (browse it with `eive-audit app --dataset {fiftyone_dataset}`)")
@@ -526,7 +641,9 @@ def push(
     run_id = _finished_run(store, run)  # before importing FiftyOne, which starts its database
     from eive_audit.reports.fiftyone_push import push_run
 
-    typer.echo(json.dumps(push_run(store, run_id, dataset), default=str))
+    with showing_progress(), step("pushing to FiftyOne", None):
+        pushed = push_run(store, run_id, dataset)
+    typer.echo(json.dumps(pushed, default=_json_value))
 
 
 @app.command()
@@ -539,7 +656,34 @@ def report(
     run_id = _finished_run(store, run)
     from eive_audit.reports.html_report import write_report
 
-    typer.echo(str(write_report(store, run_id, out)))
+    with showing_progress(), step("writing the report", None):
+        written = write_report(store, run_id, out)
+    typer.echo(str(written))
+
+
+@app.command()
+def diff(
+    store: Path = typer.Option(..., help="store root"),
+    run: Optional[str] = typer.Option(None, help=_RUN_HELP),
+    base: Optional[str] = typer.Option(None, help="run to compare with; default: the previous finished run of the "
+                                                  "same dataset (image root and annotation file)"),
+    fail_on: Optional[str] = typer.Option(None, help=ReviewConfig.model_fields["fail_on"].description),
+) -> None:
+    """What changed between two runs of a store, as JSON: instances newly flagged or no longer flagged, candidate
+    cues that appeared, grew, shrank or vanished, and each class's shift in mass_in_gt, insertion AUC,
+    precision and recall."""
+    conditions = _validated_part(lambda: ReviewConfig(fail_on=fail_on or []), "diff").fail_on
+    run_id = _finished_run(store, run)
+    from eive_audit.reports.diff import breached, previous_run, run_diff
+
+    base_id = _finished_run(store, base) if base else previous_run(store, run_id)
+    if base_id is None:
+        _fail(f"run {run_id} has no earlier finished run of the same dataset in the store at {store}; pass --base RUN")
+    changes = run_diff(store, base_id, run_id)
+    typer.echo(json.dumps(changes, default=_json_value))
+    held = breached(changes, conditions)
+    if held:
+        _fail(f"fail-on: {', '.join(held)} holds for run {run_id} against base run {base_id}", code=1)
 
 
 @app.command("app")
@@ -568,15 +712,18 @@ def schedule(
     config: Path = typer.Option(..., help="YAML file of AuditConfig fields (as `run --config`)"),
     cron: str = typer.Option(..., help='cron string: minute hour day-of-month month day-of-week, e.g. "0 2 * * *"'),
     name: Optional[str] = typer.Option(None, help="deployment name; default: the config file's name without .yaml"),
+    fail_on: Optional[str] = typer.Option(None, help=f"{ReviewConfig.model_fields['fail_on'].description}; "
+                                                     "overrides the config file's review.fail_on"),
 ) -> None:
     """Serve the audit as a Prefect deployment on a cron schedule (needs a Prefect server).
 
     Registers `audit/NAME` on the server at PREFECT_API_URL and runs its audits until interrupted; a run can
-    also be started at once from the UI or with `prefect deployment run audit/NAME`."""
+    also be started at once from the UI or with `prefect deployment run audit/NAME`. Each run publishes what
+    changed since the previous run of its dataset as an artifact, and --fail-on fails its flow run on it."""
     from eive_audit.flows.schedule import NoServerError, serve_audit
 
     try:
-        audit_config = _load_config(config, {})
+        audit_config = _load_config(config, {"review": {"fail_on": fail_on}} if fail_on else {})
         _preflight(audit_config, data=False)  # the data may arrive before the first scheduled run
         serve_audit(audit_config, cron, name or config.stem)
     except (NoServerError, ValueError) as exc:
@@ -588,6 +735,7 @@ def main() -> None:
     # (Its start-up limit and its lifetime are set where flows start it: eive_audit.flows.ephemeral.)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' tqdm bars: ours say it (showing_progress)
     _OWN_PROCESS.set()
     app()
 

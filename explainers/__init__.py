@@ -11,11 +11,12 @@ from eive_audit.explainers.base import (
     Explainer,
     Needs,
     available,
+    capabilities,
     check_supported,
     explainer_class,
     get_explainer,
     register,
 )
 
-__all__ = ["BUILTIN", "Explainer", "Needs", "available", "check_supported", "explainer_class", "get_explainer",
+__all__ = ["BUILTIN", "Explainer", "Needs", "available", "capabilities", "check_supported", "explainer_class", "get_explainer",
            "register"]

@@ -10,6 +10,7 @@ imports an explainer's module only when it is asked for, so the CLI can refuse a
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Protocol
@@ -95,7 +96,7 @@ def explainer_class(name: str) -> type:
     if name not in _REGISTRY and name in BUILTIN:
         importlib.import_module(_module_of(name))
     if name not in _REGISTRY:
-        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+        raise _unknown(name)
     return _REGISTRY[name]
 
 
@@ -116,7 +117,24 @@ def _needs(name: str) -> Needs:
         return BUILTIN[name]
     if name in _REGISTRY:
         return getattr(_REGISTRY[name], "needs", Needs())
-    raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> ValueError:
+    """The error for a name no explainer has, with the closest names (a typo is the usual cause)."""
+    close = difflib.get_close_matches(name.lower(), available(), n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ValueError(f"unknown explainer {name!r}; {hint}available: {', '.join(available())}")
+
+
+def capabilities(name: str) -> str:
+    """What an explainer needs of a model, in words, for --help: which families can run it."""
+    needs = _needs(name)
+    wants = [text for wanted, text in ((needs.dense_attention, "dense attention, so no deformable model"),
+                                       (needs.gradients, "gradients")) if wanted]
+    if needs.model_types:
+        wants.append(f"model types {', '.join(sorted(needs.model_types))}")
+    return f"{name} ({'; '.join(wants) or 'every family'})"
 
 
 def check_supported(names: Iterable[str], family: Family | None) -> None:

@@ -12,19 +12,32 @@ fingerprint and the annotation file's stamp enter it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from eive_audit.pipeline.models.families import FAMILIES
 from eive_audit.pipeline.models.locate import resolve_model_path
 
 _PATH_FIELDS = ("images", "coco", "out")
+
+
+def _device(value: str) -> str:
+    """A torch device this project runs on, refused in words before torch would refuse it in a traceback."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device)]
 
 
 def _unhashed(**kwargs: Any) -> Any:
@@ -127,12 +140,62 @@ class FindingsConfig(_Part):
     exemplars: int = Field(6, ge=1, description="exemplar crops kept per candidate cue")
 
 
+# What a run's diff against the previous run of its dataset counts (reports.diff), by the name a --fail-on
+# condition uses: the diff's `summary` has exactly these keys.
+DIFF_METRICS: dict[str, str] = {
+    "newly_flagged": "instances flagged now and not in the base run (or new and flagged)",
+    "no_longer_flagged": "instances flagged in the base run and not now (or gone)",
+    "new_cues": "candidate cues with no match in the base run",
+    "new_confirmed_cues": "confirmed cues that were absent or unconfirmed in the base run",
+    "grown_cues": "cues matched in the base run whose support grew",
+    "vanished_cues": "cues of the base run with no match now",
+    "mass_in_gt_drop": "largest fall of a class's mean mass_in_gt (correct detections), 0 if none fell",
+    "insertion_auc_drop": "largest fall of a class's mean insertion AUC, 0 if none fell",
+    "precision_drop": "largest fall of a class's precision, 0 if none fell",
+    "recall_drop": "largest fall of a class's recall, 0 if none fell",
+}
+_CONDITION = re.compile(r"\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9]+(?:\.[0-9]*)?)\s*")
+
+
 class ReviewConfig(_Part):
     """What is done with a finished run: neither changes its results."""
 
     report: bool = _unhashed(default=True, description="write STORE/reports/<run_id>.html when the run finishes")
     fiftyone_dataset: str | None = _unhashed(default=None, min_length=1,
                                              description="push the finished run to this FiftyOne dataset")
+    fail_on: list[str] = _unhashed(
+        default_factory=list,
+        description="conditions on the diff against the previous run of the same dataset that fail the run "
+                    "(exit 1; a failed Prefect flow run, so automations can alert), comma-separated "
+                    f"METRIC OP NUMBER, e.g. new_confirmed_cues>0; metrics: {', '.join(DIFF_METRICS)}")
+
+    @field_validator("fail_on", mode="before")
+    @classmethod
+    def _conditions(cls, value: Any) -> list[str]:
+        """Each condition parsed now, so a typo is named before the run, not when its diff is read."""
+        items = [part for part in value.split(",") if part.strip()] if isinstance(value, str) else list(value)
+        for item in items:
+            match = _CONDITION.fullmatch(str(item))
+            if match is None:
+                raise ValueError(f"bad condition {item!r}: write METRIC OP NUMBER, e.g. new_confirmed_cues>0")
+            if match[1] not in DIFF_METRICS:
+                raise ValueError(f"unknown metric {match[1]!r} in {item!r}; {did_you_mean(match[1], DIFF_METRICS)}"
+                                 f"metrics: {', '.join(DIFF_METRICS)}")
+        return [str(item).replace(" ", "") for item in items]
+
+
+def parse_condition(condition: str) -> tuple[str, str, float]:
+    """(metric, operator, threshold) of a validated `fail_on` condition."""
+    match = _CONDITION.fullmatch(condition)
+    if match is None:
+        raise ValueError(f"bad condition {condition!r}")
+    return match[1], match[2], float(match[3])
+
+
+def did_you_mean(name: str, choices: Any) -> str:
+    """"did you mean X? " for the closest of `choices` to a mistyped `name`, or ""."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 class AuditConfig(_Part):
@@ -152,7 +215,7 @@ class AuditConfig(_Part):
     max_detections: int = Field(100, ge=1, description="detections kept per image, best first")
     batch_size: int = Field(8, ge=1, description="images per forward")
     shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
-    device: str = _unhashed(default="auto", description="auto | cpu | cuda | cuda:N")
+    device: Device = _unhashed(default="auto", description="auto | cpu | cuda | cuda:N")
     runner: Literal["threads", "dask", "ray"] = _unhashed(
         default="threads", description="task runner the shards are submitted to: threads (a pool in this process), "
                                        "dask (a LocalCluster of worker processes, or --dask-address), ray (local "
@@ -173,6 +236,9 @@ class AuditConfig(_Part):
     ray_address: str | None = _unhashed(
         default=None, min_length=1, description="an existing Ray cluster (ray://host:10001 or auto) for --runner "
                                                 "ray; none starts Ray on this machine")
+    max_error_rate: float | None = _unhashed(
+        default=None, ge=0.0, le=1.0, description="exit 1 when more than this share of the images failed (their "
+                                                  "errors rows are kept); a run where every image failed always does")
     faithfulness: FaithfulnessConfig = Field(default_factory=FaithfulnessConfig)
     findings: FindingsConfig = Field(default_factory=FindingsConfig)
     review: ReviewConfig = _unhashed(default_factory=ReviewConfig)
@@ -301,7 +367,7 @@ class TrainConfig(_Part):
                                                  "when stderr is not a terminal; a terminal gets a progress bar")
     hflip: bool = Field(True, description="random horizontal flips (seeded per step and image)")
     seed: int = Field(0, description="seed of the initialisation, data order and flips")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; none: torch's default")
     aajts: bool = Field(False, description="attention-aware joint training (METHODS.md 1d)")
     lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")

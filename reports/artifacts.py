@@ -1,4 +1,5 @@
-"""Prefect artifacts of a finished audit run: a markdown summary and a table of the worst correct detections.
+"""Prefect artifacts of a finished audit run: a markdown summary (counts, flags, cues, where to review it), a
+table of the worst correct detections, and what changed since the previous run of the dataset (reports.diff).
 
 They put the run's outcome on the flow run's page in the Prefect UI, where a scheduled audit is seen,
 so nobody has to open the store to learn whether last night's audit found something. Both are read back
@@ -14,9 +15,13 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from eive_audit.reports.diff import diff_markdown
+from eive_audit.reports.views import open_command
 from eive_audit.storage.catalog import query
+from eive_audit.storage.schema import FLAGGED
 
 WORST_LIMIT = 20
+CUES_LISTED = 10
 
 # Correct detections whose map puts the least mass on their object: "right for the wrong reasons" first.
 _WORST_SQL = """
@@ -40,6 +45,17 @@ FROM images WHERE run_id = ? AND status != 'error'
 
 _OUTCOMES_SQL = "SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome ORDER BY outcome"
 
+_FLAGGED_SQL = f"""
+SELECT count(*) FILTER ({FLAGGED}) AS flagged, count(*) FILTER (flag_off_object) AS off_object,
+       count(*) FILTER (flag_background_fp) AS background_fp, count(*) FILTER (flag_miss_elsewhere) AS miss_elsewhere
+FROM instances WHERE run_id = ?
+"""
+
+_CUES_SQL = """
+SELECT cue_id, label_name, support, round(verification_drop::DOUBLE, 3) AS drop, confirmed FROM findings
+WHERE run_id = ? ORDER BY confirmed DESC, support DESC, cue_id
+"""
+
 
 def artifact_key(*parts: str) -> str:
     """A valid Prefect artifact key from `parts`: Prefect accepts lowercase letters, digits and dashes only,
@@ -62,6 +78,8 @@ def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dat
         raise KeyError(f"no run {run_id!r} in the store at {store}")
     run, timing = runs[0], query(store, _TIMING_SQL, [run_id]).to_pylist()[0]
     outcomes = ", ".join(f"{row['outcome']} {row['n']}" for row in query(store, _OUTCOMES_SQL, [run_id]).to_pylist())
+    flags = query(store, _FLAGGED_SQL, [run_id]).to_pylist()[0]
+    cues = query(store, _CUES_SQL, [run_id]).to_pylist()
     lines = [
         f"# Audit `{run_id}`",
         "",
@@ -76,20 +94,46 @@ def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dat
         f"| run time | {run['seconds']} s |",
         f"| forward, per image (median) | {timing['forward_ms']} ms ({timing['forward_s']} s in all) |",
         f"| explain, per image (median) | {timing['explain_ms']} ms ({timing['explain_s']} s in all) |",
-        f"| HTML report | {f'`{report}`' if report else 'not written'} |",
-        f"| FiftyOne dataset | {f'`{fiftyone_dataset}`' if fiftyone_dataset else 'not pushed'} |",
+        f"| flagged instances | {flags['flagged']} (off object {flags['off_object']}, background false positives "
+        f"{flags['background_fp']}, misses looking elsewhere {flags['miss_elsewhere']}) |",
+        f"| candidate cues | {len(cues)} ({sum(c['confirmed'] for c in cues)} confirmed) |",
+        f"| HTML report | {_link(report) if report else 'not written'} |",
+        f"| FiftyOne dataset | {f'`{fiftyone_dataset}`: `{open_command(fiftyone_dataset)}`' if fiftyone_dataset else 'not pushed'} |",
+        f"| store | {_link(Path(store))} |",
         "",
-        f"Store: `{Path(store).resolve()}`; query it with `eive-audit sql --store STORE \"SELECT ... WHERE run_id = "
+        *_cue_table(cues),
+        f"Query the store with `eive-audit sql --store {Path(store).resolve()} \"SELECT ... WHERE run_id = "
         f"'{run_id}'\"`.",
     ]
     return "\n".join(lines)
 
 
+def _link(path: Path) -> str:
+    """A markdown link to a local file (the Prefect UI renders it; a browser opens file:// links it is allowed to)."""
+    resolved = Path(path).resolve()
+    return f"[`{resolved}`]({resolved.as_uri()})"
+
+
+def _cue_table(cues: list[dict[str, Any]]) -> list[str]:
+    """The run's CUES_LISTED largest candidate cues, confirmed first, as markdown lines (none without findings)."""
+    if not cues:
+        return []
+    cues = cues[:CUES_LISTED]
+    return ["| cue | class | support | verification drop | confirmed |", "|---|---|---|---|---|",
+            *(f"| {c['cue_id']} | {c['label_name']} | {c['support']} | {c['drop']} | {c['confirmed']} |" for c in cues),
+            ""]
+
+
 def publish_run_artifacts(store: Path, run_id: str, report: Path | None = None, fiftyone_dataset: str | None = None,
-                          limit: int = WORST_LIMIT) -> dict[str, str]:
-    """Create the summary and worst-detections artifacts of a run (in the current flow run when called from
-    one); returns their keys as {"summary": key, "worst": key}."""
+                          diff: dict[str, Any] | None = None, limit: int = WORST_LIMIT) -> dict[str, str]:
+    """Create the summary and worst-detections artifacts of a run, and with `diff` (reports.diff) the changes
+    since its base run (in the current flow run when called from one); returns their keys as {"summary": key,
+    "worst": key} plus "diff"."""
     keys = {"summary": artifact_key("audit", run_id, "summary"), "worst": artifact_key("audit", run_id, "worst")}
+    if diff is not None:
+        keys["diff"] = artifact_key("audit", run_id, "diff")
+        create_markdown_artifact(diff_markdown(diff, store), key=keys["diff"],
+                                 description=f"Audit {run_id}: what changed since run {diff['base']}")
     create_markdown_artifact(summary_markdown(store, run_id, report, fiftyone_dataset), key=keys["summary"],
                              description=f"Audit {run_id}: counts, timings and where to review it")
     create_table_artifact(worst_detections(store, run_id, limit), key=keys["worst"],

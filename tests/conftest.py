@@ -40,7 +40,7 @@ COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 # Work units in the order they are handed out, longest first (see --durations at the end of `make test`): an
 # xdist group by its name, a test outside any group by its function's name. Everything else follows in
 # collection order, so no long unit is left to start last on one worker while the other idles.
-HEAVY_FIRST = ("test_quick_benchmark_ranks_cue_reliant_instances_first", "fiftyone", "shipped-audit",
+HEAVY_FIRST = ("test_quick_benchmark_ranks_cue_reliant_instances_first", "fiftyone", "shipped-audit", "diff",
                "small-model-audit", "test_shipped_model_eive_maps_beat_random_maps_on_both_aucs", "cli-review",
                "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "deformable",
                "test_detr_r50_audit_of_real_coco_images", "test_fine_tuning_with_aajts_concentrates_the_attention",

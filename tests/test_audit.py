@@ -6,6 +6,7 @@ rows, read-only SQL, and what the shipped model's maps say about where it looks.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -106,6 +107,10 @@ def test_sql_cli_answers_over_every_table_and_refuses_writes(straight: tuple[Pat
     assert json.loads(out)[0]["n"] > 0
     out = invoke_ok(*sql, "SELECT outcome, count(*) AS n FROM instances GROUP BY outcome", "--format", "csv")
     assert out.splitlines()[0] == "outcome,n"
+    blob = 'SELECT grid_h * grid_w * 2 AS size, "map" FROM maps LIMIT 1'  # BLOBs as base64, in JSON and CSV alike
+    [row] = json.loads(invoke_ok(*sql, blob, "--format", "json"))
+    assert len(base64.b64decode(row["map"], validate=True)) == row["size"]
+    assert invoke_ok(*sql, blob, "--format", "csv").splitlines()[1] == f"{row['size']},{row['map']}"
     out = invoke_ok(*sql, "SELECT count(*) FROM errors")
     assert "0" in out
     for statement in ("DROP VIEW instances", "INSERT INTO runs VALUES (1)", "COPY instances TO 'x.csv'"):
@@ -322,8 +327,10 @@ def test_a_run_where_every_image_failed_keeps_its_rows_and_exits_2(broken: tuple
     result = invoke("run", "--coco", str(ann), "--images", str(images), "--model", str(small_model),
                     "--out", str(tmp_path), "--device", "cpu")
     assert result.code == 2
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
     assert result.stderr.endswith(f"error: no image could be audited: all 3 failed (3 errors); see them with: "
-                                  f"eive-audit sql --store {tmp_path} \"SELECT type, message FROM errors\"")
+                                  f"eive-audit sql --store {tmp_path} \"SELECT type, message FROM errors WHERE "
+                                  f"run_id = '{run_id}'\"")
     assert result.stderr.count("error:") == 1
     assert json.loads(result.stdout.strip().splitlines()[-1])["audited"] == 0
     assert query(tmp_path, "SELECT count(*) AS n FROM errors").column("n").to_pylist() == [3]

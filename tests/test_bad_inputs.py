@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli import run_ok
+from cli import invoke, run_ok
 from PIL import Image
 from pictures import png16
 from typer.testing import CliRunner
@@ -352,6 +352,19 @@ def test_rerunning_the_corpus_skips_every_shard_and_adds_no_row(corpus_run: Audi
     again = run_ok(*corpus_run.args)
     assert again["run_id"] == corpus_run.run_id and again["shards_skipped"] >= 1
     assert again["errors"] == corpus_run.summary["errors"] and again["images"] == corpus_run.summary["images"]
+
+
+def test_a_run_over_the_max_error_rate_exits_1_and_keeps_what_it_wrote(corpus_run: Audited) -> None:
+    images = corpus_run.summary["images"]
+    share = (images - corpus_run.summary["audited"]) / images
+    assert 0 < share < 1
+    over = invoke("run", *corpus_run.args, "--max-error-rate", str(share / 2))
+    assert over.code == 1 and over.stderr.count("error:") == 1, over.stderr
+    assert f"{images - corpus_run.summary['audited']} of {images} images failed" in over.stderr
+    assert f"more than --max-error-rate {share / 2:g}" in over.stderr
+    assert json.loads(over.stdout.strip().splitlines()[-1])["run_id"] == corpus_run.run_id, "the summary still prints"
+    assert f"auditing images: {images}/{images} done in" in over.stderr, "off a terminal, one line a step"
+    assert run_ok(*corpus_run.args, "--max-error-rate", str(share))["run_id"] == corpus_run.run_id  # at the rate: 0
 
 
 def _valid_file() -> dict:

@@ -153,6 +153,11 @@ def test_help_answers_at_once() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--explainer", "rollout", "--model", "{deformable}"], "rollout needs dense attention over one grid"),
     (["--explainer", "nope"], "unknown explainer 'nope'; available: "),
+    (["--explainer", "eive,rolout"], "unknown explainer 'rolout'; did you mean rollout? available: "),
+    (["--runner", "dsak"], "--runner: Input should be 'threads', 'dask' or 'ray', not 'dsak'; did you mean 'dask'?"),
+    (["--device", "gpu"], "--device: device must be auto, cpu, cuda or cuda:N, not 'gpu'"),
+    (["--out", "{data}/ann.json"], "--out: {data}/ann.json is a file; the store is a folder"),
+    (["--fail-on", "new_cue>0"], "--fail-on: unknown metric 'new_cue' in 'new_cue>0'; did you mean 'new_cues'?"),
     (["--eive-fusion", "median"], "--eive-fusion: Input should be 'product', 'clhcf', 'last', 'mean' or 'max'"),
     (["--faithfulness", "some"], "--faithfulness: faithfulness must be none, all, flagged or sample:N (N >= 1), "
                                  "got 'some'"),
@@ -164,6 +169,7 @@ def test_help_answers_at_once() -> None:
 def test_an_impossible_run_exits_2_with_one_line_before_anything_heavy_loads(
         args: list[str], message: str, deformable_dir: Path, data: Path) -> None:
     args = [a.format(deformable=deformable_dir, data=data) for a in args]
+    message = message.format(data=data)
     base = ["run", "--images", str(data / "images"), "--coco", str(data / "ann.json"), "--out", str(data / "store")]
     done, seconds = _cli(*base, *args)
     assert done.returncode == 2, done.stderr

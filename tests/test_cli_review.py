@@ -226,17 +226,21 @@ def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Pat
     done = subprocess.run([*CLI, "demo", "--out", str(out), "--n-val", "16"], capture_output=True, text=True,
                           timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads(done.stdout.splitlines()[0])
+    [line] = done.stdout.splitlines()  # stdout is the summary alone, for machines; the rest goes to stderr
+    summary = json.loads(line)
     assert (summary["images"], summary["errors"]) == (16, 0)
     assert Path(summary["report"]).is_file()
     stderr = " ".join(done.stderr.split())
     assert "right or wrong for the wrong reason" in stderr and "Candidate cues" in stderr
+    for step in ("rendering: 16/16 done in", "auditing images: 16/16 done in", "findings: verifying:",
+                 "findings: 1/1 done in", "writing the report: done in"):  # off a terminal: one line a step
+        assert stderr.count(step) == 1, step
     cues = query(out, "SELECT cue_id FROM findings WHERE run_id = ?", [summary["run_id"]]).column("cue_id")
     assert len(cues) == summary["candidate_cues"]
-    assert all(cue in done.stdout for cue in cues.to_pylist()), "every candidate cue is printed"
+    assert all(cue in done.stderr for cue in cues.to_pylist()), "every candidate cue is printed"
     worst = query(out, "SELECT instance_id FROM instances WHERE run_id = ? AND outcome = 'tp' ORDER BY mass_in_gt "
                        "LIMIT 1", [summary["run_id"]]).column("instance_id")[0].as_py()
-    assert worst in done.stdout, "the tp least on its object heads the first table"
+    assert worst in done.stderr, "the tp least on its object heads the first table"
 
 
 def test_the_config_schema_admits_every_explainers_parameters() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -173,3 +174,21 @@ def test_schedule_names_a_bad_cron_string(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["schedule", "--config", str(yaml_file), "--cron", "0 2 * *"])
     assert result.exit_code == 2
     assert "bad cron string '0 2 * *'" in result.output
+
+
+def test_schedule_fail_on_overrides_the_file_and_reaches_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    import eive_audit.flows.schedule as schedule
+
+    served = []
+    monkeypatch.setattr(schedule, "serve_audit", lambda config, cron, name: served.append(config))
+    yaml_file = tmp_path / "audit.yaml"
+    yaml_file.write_text("images: imgs\nout: store\nreview: {fiftyone_dataset: nightly, fail_on: [newly_flagged>5]}\n")
+    result = CliRunner().invoke(app, ["schedule", "--config", str(yaml_file), "--cron", "0 2 * * *",
+                                      "--fail-on", "new_confirmed_cues>0, recall_drop>=0.1"])
+    assert result.exit_code == 0, result.output
+    [config] = served
+    assert config.review.fail_on == ["new_confirmed_cues>0", "recall_drop>=0.1"]
+    assert config.review.fiftyone_dataset == "nightly", "the file's other review settings stay"
+    parameters = schedule.audit_deployment(config, "0 2 * * *", "nightly").parameters["config"]
+    assert AuditConfig.model_validate(parameters).review.fail_on == config.review.fail_on

@@ -71,7 +71,7 @@ def describe_peaks(adapter: DetrAdapter, cases: list[Case], images: dict[int, di
     """Each case's peak described and cropped (one feature forward per batch of images), in the order of
     `cases`: the order the clustering sees them in."""
     peaks: dict[InstanceKey, Peak] = {}
-    for part in image_batches(adapter, cases, images, batch_size):
+    for part in image_batches(adapter, cases, images, batch_size, "findings: describing peaks"):
         with torch.inference_mode():
             features = adapter.record(part.batch, gradients=False).features
         for b, (picture, mine) in enumerate(zip(part.pictures, part.cases)):

@@ -24,6 +24,7 @@ from eive_audit.pipeline.metrics.faithfulness import instance_scores
 from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch
+from eive_audit.pipeline.progress import step
 from eive_audit.pipeline.sources.decode import decode_rgb
 
 
@@ -66,18 +67,22 @@ def candidate_region(case: Case, context_cells: int) -> torch.Tensor:
 
 
 def image_batches(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]],
-                  batch_size: int) -> Iterator[CaseBatch]:
-    """The images the cases belong to, `batch_size` per batch, in image id order."""
+                  batch_size: int, step_name: str) -> Iterator[CaseBatch]:
+    """The images the cases belong to, `batch_size` per batch, in image id order; reported as progress step
+    `step_name` (one unit an image), since these loops are where findings spend their minutes."""
     by_image: dict[int, list[Case]] = {}
     for case in cases:
         by_image.setdefault(case.row["image_id"], []).append(case)
     ids = sorted(by_image)
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        pictures = [decode_rgb(Path(images[i]["file_path"]), adapter.preprocess_config.longest_edge) for i in chunk]
-        with torch.inference_mode():
-            batch = adapter.preprocess(pictures, [(images[i]["height"], images[i]["width"]) for i in chunk])
-        yield CaseBatch(batch, pictures, [by_image[i] for i in chunk])
+    with step(step_name, len(ids)) as advance:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            pictures = [decode_rgb(Path(images[i]["file_path"]), adapter.preprocess_config.longest_edge)
+                        for i in chunk]
+            with torch.inference_mode():
+                batch = adapter.preprocess(pictures, [(images[i]["height"], images[i]["width"]) for i in chunk])
+            yield CaseBatch(batch, pictures, [by_image[i] for i in chunk])
+            advance(len(chunk))
 
 
 def verify(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, Any]], config: FindingsConfig,
@@ -86,7 +91,7 @@ def verify(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str, 
     blurred at once, all their boxes kept and left out of the blur, in one forward per image. A drop is the
     detection's loss to what lies around the objects of its image, mostly around its own; localisation (one
     case at a time) tells whose surroundings and where."""
-    for part in image_batches(adapter, cases, images, batch_size):
+    for part in image_batches(adapter, cases, images, batch_size, "findings: verifying"):
         batch, device = part.batch, part.batch.pixel_values.device
         regions, fills = [], []
         for b, mine in enumerate(part.cases):
@@ -158,7 +163,7 @@ def localise(adapter: DetrAdapter, cases: list[Case], images: dict[int, dict[str
     drop the `localised_drop`, and that drop minus the median tile's drop the `specificity` (a shortcut is one
     place: the other tiles cost little). About 25 forwards a case on a 16 x 16 grid, where every window would
     take 200."""
-    for part in image_batches(adapter, cases, images, batch_size):
+    for part in image_batches(adapter, cases, images, batch_size, "findings: localising"):
         mine = [(b, case) for b, of_image in enumerate(part.cases) for case in of_image]
         with torch.inference_mode():  # both passes share the intact forward and each case's blurred fill
             intact = adapter.predict(part.batch.pixel_values, part.batch.pixel_mask)
