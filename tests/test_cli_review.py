@@ -84,6 +84,12 @@ def test_the_flow_leaves_a_summary_and_a_worst_detections_artifact(audited: dict
     markdown = artifacts[f"audit-{run_id}-summary"].data
     assert f"| images | {N_IMAGES} |" in markdown
     assert f"`{audited['summary']['report']}`" in markdown and "| FiftyOne dataset | not pushed |" in markdown
+    assert f"]({Path(audited['summary']['report']).as_uri()})" in markdown, "the report is a link"
+    flagged = query(store, "SELECT count(*) FILTER (flag_off_object OR flag_background_fp OR flag_miss_elsewhere) "
+                           "FROM instances WHERE run_id = ?", [run_id]).column(0)[0].as_py()
+    assert f"| flagged instances | {flagged} (off object " in markdown
+    cues = query(store, "SELECT count(*) FROM findings WHERE run_id = ?", [run_id]).column(0)[0].as_py()
+    assert f"| candidate cues | {cues} (" in markdown
     table = json.loads(artifacts[f"audit-{run_id}-worst"].data)
     tps = query(store, "SELECT mass_in_gt FROM instances WHERE run_id = ? AND outcome = 'tp'", [run_id]).column(0)
     assert len(table) == min(WORST_LIMIT, len(tps)) > 0
