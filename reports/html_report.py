@@ -9,11 +9,14 @@ cannot make the page reach out. Every value read from the store is escaped. All 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import io
 import json
 import math
 import os
 import re
+import shlex
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,10 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.sources.decode import decode_rgb, fit_size
-from eive_audit.reports.overlay import map_to_image
-from eive_audit.reports.plots import PANEL_PIXELS, Panel, overlay, score_distribution
+from eive_audit.reports.overlay import map_to_image, peak_in_crop
+from eive_audit.reports.plots import (HEAT_SCALING, PANEL_PIXELS, Panel, colour_bar, mark_peak, overlay,
+                                      score_distribution)
+from eive_audit.reports.views import (FP_BACKGROUND, LOWEST_INSERTION_AUC, MISSED, TP_OFF_OBJECT, cue_view,
+                                      explainer_view, open_command, view_name)
 from eive_audit.storage.catalog import query
 
 # Scores plotted per class, in METHODS.md section 4 order; peak_in_gt is a yes/no and reads better in captions.
@@ -32,20 +40,39 @@ PLOTTED_SCORES = ("mass_in_gt", "mass_in_pred", "mass_on_other_gt", "compactness
 CAPTION_SCORES = ("mass_in_gt", "mass_in_pred", "mass_on_other_gt", "peak_in_gt", "compactness", "deletion_auc",
                   "insertion_auc")
 MAX_ERROR_ROWS = 300
+TOP_SPURIOUS = 15  # rows of the "most spurious instances" table, each with a card
+# The dataset the push commands suggest for a run that has none (`review.fiftyone_dataset` unset).
+SUGGESTED_DATASET = "eive-audit"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1240px; padding: 0 16px 40px; color: #222; }
 h1 { font-size: 22px; margin: 18px 0 4px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; margin-top: 28px; }
 nav a { margin-right: 14px; } .note { color: #555; }
+header.top { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid #ddd; padding: 4px 0;
+             display: flex; flex-wrap: wrap; align-items: center; gap: 6px 18px; }
+.key { display: flex; align-items: center; gap: 8px; font-size: 12px; color: #444; max-width: 760px; }
+[id] { scroll-margin-top: 96px; }
+code { background: #f2f2f2; padding: 0 3px; border-radius: 3px; font-size: 12px; word-break: break-all; }
+.review { margin: 10px 0; padding: 6px 10px; border-left: 4px solid #1565c0; background: #f3f7fc; font-size: 13px; }
+.review ul { margin: 2px 0; padding-left: 20px; }
 table { border-collapse: collapse; margin: 6px 0; }
 th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } th { background: #f4f4f4; }
 .grid { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 14px; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
-figure.failure { margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; background: #fafafa; }
+figure.failure { margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; background: #fafafa;
+                 display: flex; gap: 10px; align-items: flex-start; }
+figure.failure.stacked { flex-direction: column; } figure.failure:target { outline: 3px solid #ff9800; }
 figure.failure img { display: block; } figcaption { font-size: 12px; max-width: 280px; }
+.finding { margin: 10px 0; padding: 8px 10px; border-radius: 6px; }
+.finding.confirmed { border: 2px solid #2e7d32; background: #f1f8f1; }
+.finding.unconfirmed { border: 2px dashed #9e9e9e; background: #fafafa; color: #555; }
+.badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 12px; font-weight: 600; color: #fff; }
+.badge.confirmed { background: #2e7d32; } .badge.unconfirmed { background: #9e9e9e; }
+figure.cue { display: flex; flex-wrap: wrap; gap: 8px; margin: 0; }
+figure.exemplar { margin: 0; } img.crop { display: block; width: 128px; image-rendering: pixelated; }
 figcaption table { font-size: 11px; } h3 { font-size: 15px; margin: 18px 0 6px; }
 #errors td { font-size: 12px; word-break: break-word; }
 """
@@ -53,21 +80,26 @@ figcaption table { font-size: 11px; } h3 { font-size: 15px; margin: 18px 0 6px; 
 
 @dataclass(frozen=True)
 class _Rule:
-    """One kind of failure for the gallery: which instances, in which order, and how the page says so."""
+    """One kind of failure for the gallery: which instances, in which order, how the page says so, and the
+    saved FiftyOne view (reports.views) that holds more of its kind."""
 
     title: str
     where: str  # SQL condition over `instances` (constant text, never user input)
     order: str
     chosen: str
+    view: str
+    view_holds: str
 
 
 _MISSES = _Rule("Missed objects", "outcome = 'fn'", "mass_in_gt ASC NULLS LAST",
                 "missed GT boxes (fn), each explained through the query whose box overlaps it most, "
-                "least mass_in_gt first (the query looked elsewhere)")
+                "least mass_in_gt first (the query looked elsewhere)", MISSED, "every missed object of the run")
 _FALSE_POSITIVES = _Rule("False positives", "outcome IN ('fp', 'dup')", "score DESC",
-                         "false positives and duplicates, most confident first")
+                         "false positives and duplicates, most confident first", FP_BACKGROUND,
+                         "the false positives flagged as driven by background")
 _CORRECT = _Rule("Correct, but looking elsewhere", "outcome = 'tp' AND mass_in_gt IS NOT NULL", "mass_in_gt ASC",
-                 "correct detections (tp) with the least mass_in_gt")
+                 "correct detections (tp) with the least mass_in_gt", TP_OFF_OBJECT,
+                 "the correct detections flagged off their object")
 
 
 def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
@@ -87,14 +119,23 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
     run = runs[0]
     config = json.loads(run["config_json"])
     explainers = run["explainers"].split(",")
+    review = _Review(store, run_id, (config.get("review") or {}).get("fiftyone_dataset"))
+    every_map = [(explainer_view(run_id, e), f"every map of explainer {e}", False) for e in explainers]
+    chosen = _chosen_ids(store, run_id, explainers[0], top_failures)
+    spurious = _most_spurious(store, run_id)
+    in_gallery = [instance_id for _, _, group in chosen for instance_id in group]
+    cards = _cards(store, run_id, explainers, Path(config["images"]),
+                   [*in_gallery, *(r["instance_id"] for r in spurious if r["instance_id"] not in in_gallery)])
     sections = [
-        ("summary", "Run", _summary(store, run)),
+        ("summary", "Run", _summary(store, run) + review.block(every_map)),
         ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"])
-         + _findings(store, run_id, config["findings"])),
-        ("failures", "Failure gallery", _failures(store, run_id, explainers, Path(config["images"]), top_failures)),
-        ("plots", "Score distributions", _plots(store, run_id)),
-        ("config", "Configuration", _table(["key", "value"], _config_rows(config))),
-        ("errors", "Errors", _errors(store, run_id)),
+         + _findings(store, run_id, config["findings"], spurious, cards, set(in_gallery), review)),
+        ("failures", "Failure gallery", _failures(chosen, cards, explainers[0], top_failures, review)),
+        ("plots", "Score distributions", _plots(store, run_id) + review.block(
+            [(view_name(run_id, LOWEST_INSERTION_AUC), "instances with an insertion AUC, lowest first", True)])),
+        ("config", "Configuration", _table(["key", "value"], _config_rows(config)) + review.block(every_map)),
+        ("errors", "Errors", _errors(store, run_id) + review.block(
+            every_map, "Images that failed have no sample in FiftyOne; the run's audited ones:")),
         *((f"extra-{_slug(title)}", title, body) for title, body in extra_sections),
     ]
     page = _page(f"eive-audit report: run {run_id}", sections)
@@ -116,14 +157,68 @@ def _slug(title: str) -> str:
 
 
 def _page(title: str, sections: Sequence[tuple[str, str, str]]) -> str:
-    """The whole document; section bodies are already-safe HTML, ids and titles are escaped here."""
+    """The whole document; section bodies are already-safe HTML, ids and titles are escaped here. The
+    navigation and the maps' colour bar stay at the top of the window (CSS only), so every card on the page
+    is read against the one key."""
     nav = " ".join(f'<a href="#{html.escape(id_)}">{html.escape(name)}</a>' for id_, name, _ in sections)
+    key = (f'<div class="key">{_img(colour_bar(), "colour bar of the saliency maps", "colourbar")}'
+           f'<span class="scaling">Map colours: {html.escape(HEAT_SCALING)}.</span></div>')
     body = "\n".join(f'<section id="{html.escape(id_)}" class="{"extra" if id_.startswith("extra-") else "core"}">'
                      f"<h2>{html.escape(name)}</h2>\n{content}\n</section>" for id_, name, content in sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
-            f"<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
+            f'<body><h1>{html.escape(title)}</h1><header class="top"><nav>{nav}</nav>{key}</header>\n'
+            f"{body}\n</body></html>\n")
+
+
+class _Html(str):
+    """Markup built here from escaped parts (a link, a badge), put into a table cell as it is."""
+
+
+@dataclass(frozen=True)
+class _Review:
+    """Where a section's instances are in the FiftyOne App: the run's dataset (its `review.fiftyone_dataset`,
+    None when the run was not pushed) and the commands that push the run and open a saved view, so a
+    reviewer can go from any part of the page to the same instances in the App."""
+
+    store: Path
+    run_id: str
+    dataset: str | None
+
+    def block(self, views: Sequence[tuple[str, str, bool]], lead: str = "") -> str:
+        """The section's saved views, each (name, what it holds, also saved on the image dataset), with the
+        command that opens it on the instance dataset (and on the image dataset); the push command first
+        when the run has no dataset yet. `lead`: a sentence before the list."""
+        dataset = self.dataset or SUGGESTED_DATASET
+        push = "" if self.dataset else (
+            "<br>This run is not in FiftyOne yet; push it first: "
+            + _code(f"eive-audit push --store {shlex.quote(str(self.store))} --run {shlex.quote(self.run_id)} "
+                    f"--dataset {shlex.quote(dataset)}"))
+        items = "".join(f"<li>{self.line(*view)}</li>" for view in views)
+        return (f'<div class="review"><b>In FiftyOne</b> (dataset {_code(dataset)}, one sample per image; '
+                f"{_code(dataset + '-instances')}, one per instance and explainer){push}"
+                f"{'<br>' + html.escape(lead) if lead else ''}<ul>{items}</ul></div>")
+
+    def line(self, view: str, what: str, on_images: bool) -> str:
+        """One saved view: what it holds, its name and the command opening it (on both datasets when it is
+        saved on both)."""
+        dataset = self.dataset or SUGGESTED_DATASET
+        images = f" (images: {_code(open_command(dataset, view))})" if on_images else ""
+        return (f"{html.escape(what)}: view {_code(view)}: {_code(open_command(f'{dataset}-instances', view))}"
+                f"{images}")
+
+
+def _code(text: str) -> str:
+    return f"<code>{html.escape(text)}</code>"
+
+
+def _card_id(instance_id: str) -> str:
+    """The HTML id of an instance's card: readable, without the characters an id or a URL fragment cannot
+    hold plainly (then made unique again with a digest of the id)."""
+    safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", instance_id)
+    digest = "" if safe == instance_id else "-" + hashlib.sha1(instance_id.encode()).hexdigest()[:8]
+    return f"card-{safe}{digest}"
 
 
 def _format(value: Any) -> str:
@@ -145,6 +240,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, _Html):
+        return f"<td>{value}</td>"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f'<td class="num">{_format(value)}</td>'
     return f"<td>{html.escape(_format(value))}</td>"
@@ -206,17 +303,26 @@ def _flags(store: Path, run_id: str, findings: dict[str, Any]) -> str:
                          [tuple(row.values()) for row in rows])
 
 
-def _findings(store: Path, run_id: str, findings: dict[str, Any]) -> str:
+def _most_spurious(store: Path, run_id: str) -> list[dict[str, Any]]:
+    """The TOP_SPURIOUS (instance, explainer) rows with the highest spurious score: the findings' table."""
+    return query(store, "SELECT instance_id, explainer, outcome, label_name, score, off_object_norm, "
+                        "off_object_share, verification_drop, spurious_score, cue_id, flag_reason FROM instances "
+                        "WHERE run_id = ? AND spurious_score IS NOT NULL ORDER BY spurious_score DESC, instance_id "
+                        "LIMIT ?", [run_id, TOP_SPURIOUS]).to_pylist()
+
+
+def _findings(store: Path, run_id: str, findings: dict[str, Any], spurious: list[dict[str, Any]],
+              cards: dict[str, str], in_gallery: set[str], review: _Review) -> str:
     """One row per candidate cue (a cluster of flagged instances of one class whose off-object peaks look
-    alike), largest first, with its verification and exemplar crops; then the most spurious instances."""
+    alike), confirmed ones first, then each cue with its verification in words and its marked exemplar crops;
+    then the most spurious instances, each row linked to its card (in the gallery, or below the table)."""
+    views = review.block([(view_name(run_id, TP_OFF_OBJECT), "correct detections flagged off their object", True),
+                          (view_name(run_id, FP_BACKGROUND), "false positives flagged as driven by background",
+                           True)])
+    if not spurious:
+        return f"<p>No findings for this run (the findings step was off).</p>{views}"
     cues = query(store, "SELECT * FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC, cue_id",
                  [run_id]).to_pylist()
-    flagged = query(store, "SELECT instance_id, explainer, outcome, label_name, score, off_object_norm, "
-                           "off_object_share, verification_drop, spurious_score, cue_id, flag_reason FROM instances "
-                           "WHERE run_id = ? AND spurious_score IS NOT NULL ORDER BY spurious_score DESC, instance_id "
-                           "LIMIT 15", [run_id]).to_pylist()
-    if not flagged:
-        return "<p>No findings for this run (the findings step was off).</p>"
     budget = query(store, "SELECT count(*) AS n, count(verification_drop) AS verified, count(specificity) AS localised, "
                           "count(*) FILTER (verification_drop >= ?) AS confirmed FROM instances WHERE run_id = ?",
                    [findings["confirm_drop"], run_id]).to_pylist()[0]
@@ -226,23 +332,104 @@ def _findings(store: Path, run_id: str, findings: dict[str, Any]) -> str:
              "drops are then localised, tile by tile and window by window, and the window whose blur hurts most "
              "becomes the peak. Each peak is described by the detector's feature "
              "there, its position relative to the box and its colour; peaks of one class that cluster are a "
-             "candidate cue, confirmed when its members' mean drop is half or more. The spurious score is the "
+             "candidate cue. The spurious score is the "
              "probability that the detection relies on something besides its object, from all of that.</p>"
+             f"<p><b>Verification drop</b>: how much the detection's score falls, relative to its score, when "
+             f"the image around the objects (where the off-object peak lies) is blurred: 0.5 means it halved. A "
+             f"cue is <b>confirmed</b> when its members' mean drop is {_format(findings['confirm_drop'])} or more: "
+             "the detector needs that region. A small drop says it hardly does; a <b>negative</b> drop means "
+             "blurring <i>raised</i> the score: the region is not the evidence (if anything it distracted the "
+             "detector).</p>"
              f"<p>Forward budget: {budget['verified']} of {budget['n']} instances verified "
              f"({budget['n'] - budget['verified']} skipped), {budget['localised']} of {budget['confirmed']} "
              "confirmed ones localised.</p>")
-    cue_rows = [(c["cue_id"], c["label_name"], f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
-                 f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], c["confirmed"])
+    cue_rows = [(_Html(f'<a href="#{html.escape(_cue_id(c["cue_id"]))}">{html.escape(c["cue_id"])}</a>'), c["label_name"],
+                 f'{c["support"]} of {c["flagged_in_class"]}', c["mean_spurious_score"],
+                 f'({c["offset_x"]:+.2f}, {c["offset_y"]:+.2f})', c["verification_drop"], _badge(c["confirmed"]))
                 for c in cues]
     table = _table(["cue", "class", "support (of described)", "mean spurious score", "peak offset (box w, h)",
                     "verification drop", "confirmed"], cue_rows) if cues else "<p>No candidate cue: no cluster of described peaks.</p>"
-    crops = "".join(f'<figure class="cue"><figcaption>{html.escape(c["cue_id"])}</figcaption>'
-                    + "".join(_img(crop, f"exemplar {i}", "crop") for crop, i in zip(c["exemplar_crops"], c["exemplar_ids"]))
-                    + "</figure>" for c in cues)
-    top = _table(["instance", "explainer", "outcome", "class", "score", "off-object (normalised)", "off-object (raw)",
-                  "verification drop", "spurious score", "cue", "why flagged"],
-                 [tuple(r.values()) for r in flagged])
-    return f"{intro}{table}{crops}<h3>Most spurious instances</h3>{top}"
+    peaks = _exemplar_peaks(store, run_id) if cues else {}
+    blocks = "".join(_cue(c, peaks, cards, findings["confirm_drop"], review) for c in cues)
+    top = _table(["instance (card)", "explainer", "outcome", "class", "score", "off-object (normalised)",
+                  "off-object (raw)", "verification drop", "spurious score", "cue", "why flagged"],
+                 [(_link(r["instance_id"], cards), *list(r.values())[1:]) for r in spurious])
+    extra = "".join(cards[i] for i in dict.fromkeys(r["instance_id"] for r in spurious)
+                    if i not in in_gallery and i in cards)
+    where = ("Each instance links to its card: in the failure gallery when it is there, else below, where the "
+             "explainer's peak is ringed as in the gallery.")
+    return (f"{intro}{table}{blocks}<h3>Most spurious instances</h3><p class=\"note\">{where}</p>{top}"
+            f'<div class="grid">{extra}</div>{views}')
+
+
+def _cue_id(cue_id: str) -> str:
+    """The HTML id of a cue's block (see `_card_id`)."""
+    return "cue-" + _card_id(cue_id).removeprefix("card-")
+
+
+def _badge(confirmed: bool) -> _Html:
+    kind = "confirmed" if confirmed else "unconfirmed"
+    return _Html(f'<span class="badge {kind}">{kind}</span>')
+
+
+def _link(instance_id: str, cards: dict[str, str]) -> _Html:
+    """An instance id, as a link to its card when the page has one."""
+    text = html.escape(instance_id)
+    return _Html(f'<a href="#{html.escape(_card_id(instance_id))}">{text}</a>' if instance_id in cards else text)
+
+
+def _drop_in_words(drop: float | None, confirm_drop: float) -> str:
+    """What a cue's mean verification drop says, as a reviewer would put it."""
+    if drop is None:
+        return "not verified: none of its members' images fit the forward budget, so nothing tested the region"
+    if drop < 0:
+        return (f"verification drop {drop:.2f}: blurring raised its members' scores by {-drop:.0%} on average, "
+                "so the region is not the evidence")
+    verdict = ("the detector needs the region" if drop >= confirm_drop
+               else f"below the {confirm_drop:.2f} that confirms a cue: the detector hardly needs the region")
+    return f"verification drop {drop:.2f}: blurring cut its members' scores by {drop:.0%} on average; {verdict}"
+
+
+def _exemplar_peaks(store: Path, run_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The peak and geometry of every cue member, by (instance_id, explainer): where its crop's mark goes."""
+    rows = query(store, """
+        SELECT i.instance_id, i.explainer, i.peak_x, i.peak_y, g.width, g.height, g.input_height, g.input_width,
+               g.padded_height, g.padded_width, m.grid_h, m.grid_w
+        FROM instances i
+        JOIN images g ON g.run_id = i.run_id AND g.image_id = i.image_id
+        JOIN maps m ON m.run_id = i.run_id AND m.instance_id = i.instance_id AND m.explainer = i.explainer
+        WHERE i.run_id = ? AND i.cue_id IS NOT NULL AND i.peak_x IS NOT NULL""", [run_id]).to_pylist()
+    return {(r["instance_id"], r["explainer"]): r for r in rows}
+
+
+def _cue(cue: dict[str, Any], peaks: dict[tuple[str, str], dict[str, Any]], cards: dict[str, str],
+         confirm_drop: float, review: _Review) -> str:
+    """A cue's block, styled as confirmed or not: badge and verification in words, its exemplar crops with the
+    peak marked and each captioned with its instance id (linked to its card when there is one), its FiftyOne
+    view."""
+    kind = "confirmed" if cue["confirmed"] else "unconfirmed"
+    crops = "".join(_crop(png, instance_id, peaks.get((instance_id, cue["explainer"])), cards)
+                    for png, instance_id in zip(cue["exemplar_crops"], cue["exemplar_ids"]))
+    head = (f"{_badge(cue['confirmed'])} <b>{html.escape(cue['cue_id'])}</b> · {html.escape(cue['label_name'])} · "
+            f"{cue['support']} of {cue['flagged_in_class']} described peaks · "
+            f"{html.escape(_drop_in_words(cue['verification_drop'], confirm_drop))}")
+    view = review.line(cue_view(review.run_id, cue["cue_id"]), "its members", True)
+    return (f'<div class="finding {kind}" id="{html.escape(_cue_id(cue["cue_id"]))}"><p>{head}</p>'
+            f'<figure class="cue">{crops}</figure><p class="note">In FiftyOne, {view}</p></div>')
+
+
+def _crop(png: bytes, instance_id: str, peak: dict[str, Any] | None, cards: dict[str, str]) -> str:
+    """One exemplar crop with its peak marked (when the store has the peak) and its instance id beneath."""
+    marked = "crop without a stored peak: not marked"
+    if peak is not None:
+        with Image.open(io.BytesIO(png)) as picture:
+            size = picture.size
+        at = peak_in_crop(size, Geometry.from_image_row(peak, (peak["grid_h"], peak["grid_w"])),
+                          (peak["peak_x"], peak["peak_y"]))
+        png, marked = mark_peak(png, at), "peak ringed"
+    return (f'<figure class="exemplar" data-instance="{html.escape(instance_id)}">'
+            f"{_img(png, f'peak crop of {instance_id}', 'crop')}"
+            f'<figcaption>{_link(instance_id, cards)}<br><span class="note">{marked}</span></figcaption></figure>')
 
 
 def _plots(store: Path, run_id: str) -> str:
@@ -279,10 +466,8 @@ def _chosen_ids(store: Path, run_id: str, explainer: str, top: int) -> list[tupl
     return chosen
 
 
-def _failures(store: Path, run_id: str, explainers: list[str], image_root: Path, top: int) -> str:
-    """The gallery: how cards were chosen, then one card per instance with every explainer's map."""
-    chosen = _chosen_ids(store, run_id, explainers[0], top)
-    ids = [instance_id for _, _, group in chosen for instance_id in group]
+def _cards(store: Path, run_id: str, explainers: list[str], image_root: Path, ids: list[str]) -> dict[str, str]:
+    """The card of each instance in `ids` that has maps, by instance id (each drawn once, wherever it shows)."""
     rows = query(store, """
         SELECT i.*, g.file_path, g.width, g.height, g.input_height, g.input_width, g.padded_height, g.padded_width,
                m.grid_h, m.grid_w, m."map"
@@ -293,16 +478,26 @@ def _failures(store: Path, run_id: str, explainers: list[str], image_root: Path,
     by_instance: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: explainers.index(r["explainer"])):  # panels in the run's explainer order
         by_instance.setdefault(row["instance_id"], []).append(row)
+    return {i: _card(by_instance[i], image_root) for i in ids if i in by_instance}
+
+
+def _failures(chosen: list[tuple[_Rule, int, list[str]]], cards: dict[str, str], ranked_by: str, top: int,
+              review: _Review) -> str:
+    """The gallery: how cards were chosen, then one card per instance with every explainer's map, each kind
+    with the FiftyOne view holding its like."""
     how = "".join(f"<li>up to {slots}: {html.escape(rule.chosen)}</li>" for rule, slots, _ in chosen)
     intro = (f'<p class="note">{top} cards at most, ranked by the scores of explainer '
-             f"<b>{html.escape(explainers[0])}</b>:</p><ul>{how}</ul>"
-             '<p class="note">Each card shows every explainer\'s map on the original image (brighter = more '
-             "saliency), the explained query's box (solid cyan) and the GT box (dashed green).</p>")
+             f"<b>{html.escape(ranked_by)}</b>:</p><ul>{how}</ul>"
+             '<p class="note">Each card shows the image as audited, then every explainer\'s map over it (colours as '
+             "in the colour bar at the top of the page), with the explained query's box (solid cyan), the GT box "
+             "(dashed green) and, where the findings described one, the explainer's peak (red ring: its map's strongest "
+             "window off the object, or the window whose blur hurt the score most once localised).</p>")
     parts = [intro]
     for rule, _, group in chosen:
-        cards = [_card(by_instance[i], image_root) for i in group if i in by_instance]
-        body = "".join(cards) if cards else '<p class="note">None in this run.</p>'
-        parts.append(f"<h3>{html.escape(rule.title)} ({len(cards)})</h3><div class=\"grid\">{body}</div>")
+        shown = [cards[i] for i in group if i in cards]
+        body = "".join(shown) if shown else '<p class="note">None in this run.</p>'
+        parts.append(f"<h3>{html.escape(rule.title)} ({len(shown)})</h3><div class=\"grid\">{body}</div>"
+                     + review.block([(view_name(review.run_id, rule.view), rule.view_holds, True)]))
     return "".join(parts)
 
 
@@ -332,7 +527,8 @@ def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
         image = np.full((height, width, 3), 128, np.uint8)
     panels = [Panel(row["explainer"], map_to_image(row["map"], Geometry.from_image_row(row, (row["grid_h"],
                                                                                                  row["grid_w"])),
-                                                   raster=(height, width)))
+                                                   raster=(height, width)),
+                    None if row.get("peak_x") is None else (row["peak_x"], row["peak_y"]))
               for row in rows]
     pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
     gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]
@@ -346,7 +542,9 @@ def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
     head = (f"<b>{html.escape(first['label_name'])}</b> · {html.escape(first['outcome'])} · "
             f"score {_format(first['score'])} · IoU {_format(first['iou'])}<br>"
             f"instance {html.escape(first['instance_id'])} · {html.escape(name)}")
-    return (f'<figure class="failure" data-instance="{html.escape(first["instance_id"])}">'
+    layout = "failure" if len(rows) > 1 else "failure stacked"  # one map: caption beneath, two cards a row
+    return (f'<figure class="{layout}" id="{html.escape(_card_id(first["instance_id"]))}" '
+            f'data-instance="{html.escape(first["instance_id"])}">'
             f"{_img(png, 'saliency of ' + first['instance_id'], 'overlay')}"
             f"<figcaption>{head}{note}{scores}</figcaption></figure>")
 

@@ -25,3 +25,33 @@ def map_to_image(grid_map: np.ndarray | bytes, geometry: Geometry, order: int = 
     """
     values = decode_map(grid_map, *geometry.grid) if isinstance(grid_map, bytes) else grid_map
     return geometry.map_to_image(values, order, raster)
+
+
+# `pipeline.findings.clustering.crop` rounds each crop edge outwards to a whole pixel of the picture and enlarges
+# the crop 4 times: an axis may come out up to this many crop pixels longer than its cells span.
+_CROP_ROUNDING = 2 * 4
+
+
+def peak_in_crop(crop_size: tuple[int, int], geometry: Geometry, peak_xy: tuple[float, float]) -> tuple[float, float]:
+    """Where an instance's peak window is centred in its cue crop: (x, y) in the crop's pixels.
+
+    crop_size: the crop's (width, height); geometry: the instance's image and map grid; peak_xy: its stored
+    peak_x, peak_y (original pixels). A crop is the peak window and one cell around it, as many cells across as
+    down, so the peak is at its centre unless the image border cut it short. The crop's shape tells which axis
+    was cut (one shorter than the other axis and the cells' aspect make it), the peak's side of the image tells
+    at which end. A crop cut on both axes (a corner) keeps the cells' aspect and is read as uncut, so there the
+    mark may be up to half a cell off the peak.
+    """
+    width, height = crop_size
+    (oh, ow), (ih, iw), (ph, pw), (gh, gw) = geometry.original, geometry.input, geometry.padded, geometry.grid
+    aspect = (pw / gw * ow / iw) / (ph / gh * oh / ih)  # a cell's width over its height, in any raster
+    return (_centre_along(width, height * aspect, peak_xy[0] < ow / 2),
+            _centre_along(height, width / aspect, peak_xy[1] < oh / 2))
+
+
+def _centre_along(length: float, uncut: float, cut_at_start: bool) -> float:
+    """The peak window's centre along one crop axis `length` long that would be `uncut` long without the
+    image border; the border is at the axis' start (left, top) when `cut_at_start`."""
+    if uncut - length <= _CROP_ROUNDING:
+        return length / 2
+    return max(0.0, length - uncut / 2) if cut_at_start else min(length, uncut / 2)

@@ -8,8 +8,13 @@ escaped) and as Chromium renders it (every image decodes).
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 from dataclasses import replace
@@ -19,13 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 
+from eive_audit.pipeline.findings.clustering import crop
+from eive_audit.pipeline.findings.flags import Case, InstanceFinding
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import localization_scores
-from eive_audit.reports.html_report import CAPTION_SCORES, CSP, PLOTTED_SCORES, _card, _read_image, write_report
-from eive_audit.reports.overlay import map_to_image
-from eive_audit.reports.plots import PANEL_PIXELS
+from eive_audit.reports import views
+from eive_audit.reports.html_report import (_STYLE, CAPTION_SCORES, CSP, PLOTTED_SCORES, SUGGESTED_DATASET,
+                                            TOP_SPURIOUS, _card, _card_id, _cue, _cue_id, _read_image, _Review,
+                                            write_report)
+from eive_audit.reports.overlay import map_to_image, peak_in_crop
+from eive_audit.reports.plots import HEAT_COLOURS, HEAT_SCALING, PANEL_PIXELS, PEAK_COLOUR, Panel, _score_range, overlay
 from eive_audit.storage.catalog import query
 from eive_audit.storage.maps import decode_map, encode_map
 
@@ -131,6 +142,51 @@ def test_a_large_image_is_read_for_a_card_at_panel_size(tmp_path: Path) -> None:
     assert 'data-instance="1-q0"' in card and "image unavailable" not in card
 
 
+def _png_pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_a_card_shows_the_plain_image_beside_each_map() -> None:
+    """However strong a map, the object stays in view: the first panel is the image untouched, the next the
+    same image under the map."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[...] = (0, 200, 0)
+    pixels = _png_pixels(overlay(image, [Panel("eive", np.ones((60, 80), np.float32))], [10, 10, 30, 30], None))
+    panel = PANEL_PIXELS * PANEL_PIXELS * 3 // 4  # pixels of one 4:3 panel
+    plain = (np.abs(pixels - (0, 200, 0)).max(-1) <= 2).sum()
+    assert plain > 0.9 * panel, "the plain image panel"
+    assert plain < 1.1 * panel, "and only one: the map panel is not the plain image"
+
+
+def test_score_axes_start_at_zero_and_reach_one() -> None:
+    assert _score_range(np.array([0.42, 0.61]))[0] == 0.0 and _score_range(np.array([0.42, 0.61]))[1] >= 1.0
+    low, high = _score_range(np.array([-0.2, 0.5]))
+    assert low < -0.2 and high >= 1.0, "a negative value stays in view"
+
+
+# A 192 x 128 picture audited at 128 x 85 (padded 128 x 128, a 16 x 16 grid: 12 x 12 original pixels a cell),
+# whose crops are cut from it decoded at 128 x 85, as pipeline.findings does with the shipped model.
+CROP_GEOMETRY = Geometry(original=(128, 192), input=(85, 128), padded=(128, 128), grid=(16, 16))
+
+
+@pytest.mark.parametrize("cell, span", [((5, 6), 1), ((4, 7), 3), ((0, 6), 1), ((5, 0), 2), ((9, 6), 1),
+                                        ((5, 15), 1)], ids=["inside", "wide", "top", "left", "bottom", "right"])
+def test_the_peak_mark_lands_on_the_peak_window_of_a_real_crop(cell: tuple[int, int], span: int) -> None:
+    """Where the report marks the peak in a crop made by the findings' own `crop`, also when the image border
+    cut the crop short: within one picture pixel (4 crop pixels) of the peak window's centre."""
+    finding = InstanceFinding(0.5, 0.5, True, False, False)
+    finding.set_peak(CROP_GEOMETRY, cell, span)
+    picture = torch.zeros((3, 85, 128), dtype=torch.uint8)
+    png = crop(picture, Case({}, finding, CROP_GEOMETRY, torch.zeros(1), 0))
+    with Image.open(io.BytesIO(png)) as image:
+        size = image.size
+    x0, y0, _, _ = CROP_GEOMETRY.cells_to_pixels(*cell, radius=1, span=span, raster=(85, 128))
+    px0, py0, px1, py1 = CROP_GEOMETRY.cells_to_pixels(*cell, span=span, raster=(85, 128))
+    expected = (4 * ((px0 + px1) / 2 - x0), 4 * ((py0 + py1) / 2 - y0))
+    assert peak_in_crop(size, CROP_GEOMETRY, finding.peak_xy) == pytest.approx(expected, abs=4)
+
+
 # ---------------------------------------------------------------- a real run and its report
 
 
@@ -191,19 +247,38 @@ def run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
 
 
 class _Tags(HTMLParser):
-    """Every start tag as (tag, attributes), plus the text, for checks that do not depend on formatting."""
+    """Every start tag as (tag, attributes), plus the text and every link as (href, its text), for checks that
+    do not depend on formatting."""
 
     def __init__(self, page: str) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str]]] = []
         self.text: list[str] = []
+        self.links: list[tuple[str, str]] = []
+        self._link: list[str] | None = None  # href and text of the <a> being read
         self.feed(page)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        if tag == "a" and "href" in self.tags[-1][1]:
+            self._link = [self.tags[-1][1]["href"]]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._link is not None:
+            self.links.append((self._link[0], "".join(self._link[1:])))
+            self._link = None
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._link is not None:
+            self._link.append(data)
+
+    def plain(self) -> str:
+        """The text as a reader sees it (entities decoded, tags gone)."""
+        return "".join(self.text)
+
+    def by_id(self) -> dict[str, tuple[str, dict[str, str]]]:
+        return {a["id"]: (t, a) for t, a in self.tags if "id" in a}
 
     def count(self, tag: str, css_class: str) -> int:
         return sum(t == tag and css_class in a.get("class", "").split() for t, a in self.tags)
@@ -293,6 +368,144 @@ def test_overlays_agree_with_the_stored_scores_on_padded_batches(run: tuple[Path
     assert max(errors) < 0.012, sorted(errors)[-5:]
 
 
+def test_each_most_spurious_row_links_to_a_card_of_its_instance(run: tuple[Path, str, Path]) -> None:
+    """The table's instances, in the store's order, each linking to an element of the page that is the card
+    of that instance (in the gallery, or in the findings when the gallery has none); every id unique."""
+    store, run_id, path = run
+    page = path.read_text()
+    expected = query(store, "SELECT instance_id FROM instances WHERE run_id = ? AND spurious_score IS NOT NULL "
+                            "ORDER BY spurious_score DESC, instance_id LIMIT ?", [run_id, TOP_SPURIOUS]).column(0)
+    expected = expected.to_pylist()
+    assert len(expected) == TOP_SPURIOUS, "the run fills the table"
+    findings = _section(page, "findings")
+    table = findings[findings.index("<h3>Most spurious instances</h3>"):]
+    links = _Tags(table[:table.index("</table>")]).links
+    assert [text for _, text in links] == expected
+    tags = _Tags(page)
+    ids = [a["id"] for _, a in tags.tags if "id" in a]
+    assert len(ids) == len(set(ids)), "ids are unique"
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_.:-]*", i) for i in ids), "ids are plain"
+    for href, instance_id in links:
+        tag, attrs = tags.by_id()[href.removeprefix("#")]
+        assert tag == "figure" and "failure" in attrs["class"].split() and attrs["data-instance"] == instance_id
+
+    def cards(section: str) -> list[str]:
+        return [a["data-instance"] for t, a in _Tags(_section(page, section)).tags
+                if t == "figure" and "failure" in a.get("class", "").split()]
+
+    in_gallery, in_findings = cards("failures"), cards("findings")
+    assert set(expected) == set(in_findings) | (set(expected) & set(in_gallery)), "a card for every row"
+    assert in_findings and not set(in_findings) & set(in_gallery), "each drawn once"
+    assert _card_id("a b\"<x>") != _card_id("a_b__x_") and re.fullmatch(r"card-[\w.:-]+", _card_id("a b\"<x>"))
+
+
+def _cue_block(page: str, cue_id: str) -> str:
+    findings = _section(page, "findings")
+    start = findings.index(f'id="{_cue_id(cue_id)}"')
+    ends = [i for i in (findings.find('<div class="finding ', start), findings.find("<h3>", start)) if i >= 0]
+    return findings[start:min(ends)]
+
+
+def test_cue_crops_carry_their_instance_ids_and_a_peak_mark(run: tuple[Path, str, Path]) -> None:
+    """Every exemplar crop is captioned with its instance id and shows the stored crop with a ring (and ticks)
+    centred where `peak_in_crop` puts the instance's peak, the peak itself left visible."""
+    store, run_id, path = run
+    page = path.read_text()
+    cues = query(store, "SELECT cue_id, explainer, exemplar_ids, exemplar_crops FROM findings WHERE run_id = ?",
+                 [run_id]).to_pylist()
+    assert cues, "the run has candidate cues"
+    for cue in cues:
+        block = _Tags(_cue_block(page, cue["cue_id"]))
+        figures = [a["data-instance"] for t, a in block.tags if t == "figure" and a.get("class") == "exemplar"]
+        assert figures == cue["exemplar_ids"] and all(i in block.plain() for i in figures), "captioned"
+        shown = [a["src"] for t, a in block.tags if t == "img" and a.get("class") == "crop"]
+        for instance_id, stored, src in zip(cue["exemplar_ids"], cue["exemplar_crops"], shown, strict=True):
+            row = query(store, "SELECT i.peak_x, i.peak_y, g.*, m.grid_h, m.grid_w FROM instances i "
+                               "JOIN images g USING (run_id, image_id) JOIN maps m USING (run_id, instance_id, explainer) "
+                               "WHERE i.run_id = ? AND i.instance_id = ? AND i.explainer = ?",
+                        [run_id, instance_id, cue["explainer"]]).to_pylist()[0]
+            before, after = _png_pixels(stored), _png_pixels(base64.b64decode(src.split(",", 1)[1]))
+            x, y = (round(v) for v in peak_in_crop(before.shape[1::-1], Geometry.from_image_row(
+                row, (row["grid_h"], row["grid_w"])), (row["peak_x"], row["peak_y"])))
+            assert after.shape == before.shape and (after[y, x] == before[y, x]).all(), "the peak stays visible"
+            red = (after == np.array(tuple(bytes.fromhex(PEAK_COLOUR[1:])))).all(-1)
+            changed = (after != before).any(-1)
+            assert changed.mean() < 0.4, "the mark leaves most of the crop as stored"
+            assert red.any(), "the mark is drawn"
+            # the ring and its ticks are symmetric about the peak, unless the crop's edge cuts one side short
+            for centre, drawn, length in ((x, np.nonzero(red)[1], before.shape[1]), (y, np.nonzero(red)[0],
+                                                                                      before.shape[0])):
+                cut = drawn.min() == 0 or drawn.max() == length - 1
+                assert cut or abs((drawn.min() + drawn.max()) / 2 - centre) <= 2, (instance_id, centre)
+
+
+def test_confirmed_and_unconfirmed_cues_look_different_and_the_drop_is_explained(run: tuple[Path, str, Path]
+                                                                                 ) -> None:
+    store, run_id, path = run
+    page = path.read_text()
+    cues = query(store, "SELECT * FROM findings WHERE run_id = ?", [run_id]).to_pylist()
+    for cue in cues:  # each block on the page is styled as its row says
+        kind = "confirmed" if cue["confirmed"] else "unconfirmed"
+        assert f'<div class="finding {kind}" id="{_cue_id(cue["cue_id"])}">' in page
+    review = _Review(store, run_id, None)
+    html_of = {(confirmed, drop): _cue({**cues[0], "confirmed": confirmed, "verification_drop": drop}, {}, {}, 0.5,
+                                       review)
+               for confirmed, drop in ((True, 0.7), (False, 0.1), (False, -0.2), (False, None))}
+    classes = {key: _Tags(part).tags[0][1]["class"] for key, part in html_of.items()}
+    assert classes[(True, 0.7)] == "finding confirmed"
+    assert {classes[k] for k in html_of if not k[0]} == {"finding unconfirmed"}
+    words = {key: html.unescape(part) for key, part in html_of.items()}
+    assert "raised" in words[(False, -0.2)] and "not the evidence" in words[(False, -0.2)]
+    assert "cut its members' scores by 70%" in words[(True, 0.7)] and "needs the region" in words[(True, 0.7)]
+    assert "below the 0.50" in words[(False, 0.1)] and "not verified" in words[(False, None)]
+    rules = {selector.strip(): body for selector, body in re.findall(r"([.\w#, -]+?)\s*\{([^}]*)\}", _STYLE)}
+    assert rules[".finding.confirmed"] != rules[".finding.unconfirmed"], "the two look different"
+    assert rules[".badge.confirmed"] != rules[".badge.unconfirmed"]
+    intro = _Tags(_section(page, "findings")).plain()
+    assert "a negative drop means blurring raised the score: the region is not the evidence" in intro
+
+
+def test_every_section_names_a_fiftyone_view_and_the_commands_to_open_it(run: tuple[Path, str, Path]) -> None:
+    """The run was not pushed: each section says how to push it, then names its views with the command that
+    opens each (on `<dataset>-instances`, and on the image dataset where the push saves it there too)."""
+    store, run_id, path = run
+    page = path.read_text()
+    push = f"eive-audit push --store {shlex.quote(str(store))} --run {run_id} --dataset {SUGGESTED_DATASET}"
+    every_map = [(views.explainer_view(run_id, e), False) for e in ("eive", SECOND_EXPLAINER)]
+    cues = query(store, "SELECT cue_id FROM findings WHERE run_id = ?", [run_id]).column(0).to_pylist()
+    expected = {
+        "summary": every_map, "config": every_map, "errors": every_map,
+        "findings": [(views.view_name(run_id, views.TP_OFF_OBJECT), True),
+                     (views.view_name(run_id, views.FP_BACKGROUND), True),
+                     *((views.cue_view(run_id, c), True) for c in cues)],
+        "failures": [(views.view_name(run_id, v), True) for v in (views.MISSED, views.FP_BACKGROUND,
+                                                                  views.TP_OFF_OBJECT)],
+        "plots": [(views.view_name(run_id, views.LOWEST_INSERTION_AUC), True)],
+    }
+    for section_id, named in expected.items():
+        text = _Tags(_section(page, section_id)).plain()
+        assert push in text, section_id
+        for view, on_images in named:
+            assert f"view {view}: {views.open_command(f'{SUGGESTED_DATASET}-instances', view)}" in text, view
+            assert (views.open_command(SUGGESTED_DATASET, view) in text) == on_images, view
+    pushed = _Tags(_Review(store, run_id, "team <review>").block([("v 1", "things", True)])).plain()
+    assert "eive-audit push" not in pushed, "a pushed run needs no push"
+    assert "eive-audit app --dataset 'team <review>-instances' --view 'v 1'" in pushed
+    assert "eive-audit app --dataset 'team <review>' --view 'v 1'" in pushed
+
+
+def test_one_colour_bar_keys_every_map_and_states_the_scaling(run: tuple[Path, str, Path]) -> None:
+    page = run[2].read_text()
+    bars = [a["src"] for t, a in _Tags(page).tags if t == "img" and "colourbar" in a.get("class", "").split()]
+    assert len(bars) == 1
+    header = page[page.index('<header class="top">'):page.index("</header>")]
+    assert bars[0] in header and HEAT_SCALING in _Tags(header).plain(), "the bar and its scaling, side by side"
+    pixels = _png_pixels(base64.b64decode(bars[0].split(",", 1)[1])).reshape(-1, 3)
+    for end in (0.0, 1.0):  # both ends of the colour map are on the bar
+        colour = np.array(colormaps[HEAT_COLOURS](end)[:3]) * 255
+        assert np.abs(pixels - colour).max(-1).min() <= 6, end
+
+
 def test_an_unknown_run_is_refused(run: tuple[Path, str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no run"):
         write_report(run[0], "nope", tmp_path / "r.html")
@@ -337,7 +550,10 @@ def test_chromium_renders_every_image(run: tuple[Path, str, Path], tmp_path: Pat
     body = next(a for t, a in dom.tags if t == "body")
     n_images = sum(t == "img" for t, _ in _Tags(page).tags)
     assert body.get("data-images") == str(n_images) and body.get("data-decoded") == str(n_images)
-    assert dom.count("img", "plot") == len(PLOTTED_SCORES) and dom.count("figure", "failure") == TOP_FAILURES
+    # the gallery's cards, and the cards of the most spurious instances the gallery lacks
+    spurious_cards = _Tags(_section(page, "findings")).count("figure", "failure")
+    assert dom.count("img", "plot") == len(PLOTTED_SCORES)
+    assert dom.count("figure", "failure") == TOP_FAILURES + spurious_cards
 
     shot = tmp_path / "report.png"
     _chromium(f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri(), profile=tmp_path / "profile")
@@ -345,3 +561,22 @@ def test_chromium_renders_every_image(run: tuple[Path, str, Path], tmp_path: Pat
         assert image.size == (1280, 2400)
         pixels = np.asarray(image.convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot shows content, not a blank page"
+    _screenshot_parts(page, tmp_path)
+
+
+def _screenshot_parts(page: str, out: Path) -> None:
+    """A screenshot of the first gallery card above the findings section (out/card-and-findings.png), for a
+    reviewer to look at. Headless Chromium cannot shoot a scrolled page, so both parts are shown on a page of
+    the report's own head and header (its style, colour bar and scaling); one page, so one more launch."""
+    head, header = page[:page.index("<body>")], page[page.index('<header class="top">'):page.index("</header>")]
+    gallery = _section(page, "failures")
+    card = gallery[gallery.index('<figure class="failure'):]
+    parts = out / "card-and-findings.html"
+    parts.write_text(f"{head}<body>{header}</header><div class=\"grid\">{card[:card.index('</figure>')]}</figure>"
+                     f"</div>{_section(page, 'findings')}</section></body></html>")
+    shot = out / "card-and-findings.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1280,2000", parts.as_uri(), profile=out / "profile")
+    pixels = _png_pixels(shot.read_bytes()).reshape(-1, 3)
+    # the colour bar's bright end, and the red of the peak marks (the card's, the cue crops')
+    for colour in (np.array(colormaps[HEAT_COLOURS](1.0)[:3]) * 255, np.array(tuple(bytes.fromhex(PEAK_COLOUR[1:])))):
+        assert np.abs(pixels - colour).max(-1).min() <= 8, colour
