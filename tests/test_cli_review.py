@@ -110,7 +110,8 @@ def test_run_with_a_fiftyone_dataset_pushes_at_the_end_of_the_flow(audited: dict
     assert pushed == [(audited["store"].resolve(), run_id, "nightly")]
     assert (summary["fiftyone_dataset"], summary["report"]) == ("nightly", None)
     newest = _artifacts(run_id)[:2]
-    assert "| FiftyOne dataset | `nightly` |" in next(a.data for a in newest if a.key.endswith("-summary"))
+    assert "| FiftyOne dataset | `nightly`: `eive-audit app --dataset nightly` |" in next(
+        a.data for a in newest if a.key.endswith("-summary")), "the dataset and the command that opens it"
 
 
 def test_report_writes_the_latest_finished_run_when_no_run_is_named(audited: dict, tmp_path: Path) -> None:
