@@ -32,7 +32,7 @@ from eive_audit.pipeline.models.families import family_of_model
 from eive_audit.pipeline.progress import step
 from eive_audit.pipeline.shard import audit_images, fill_faithfulness, finding_columns, plan_shards, run_findings
 from eive_audit.reports.artifacts import publish_run_artifacts
-from eive_audit.reports.diff import ThresholdBreached, breached, diff_html, previous_run, run_diff
+from eive_audit.reports.diff import ThresholdBreached, breached, previous_run, run_diff
 from eive_audit.storage.catalog import refresh_catalog
 from eive_audit.storage.runs import RunInfo, fail_run, finish_run, report_path, run_summary, start_run, summary_counts
 from eive_audit.storage.shards import (ShardWriter, faithfulness_selection, read_run, read_shard_instances,
@@ -87,8 +87,7 @@ def write_report_task(store: Path, run_id: str, diff: dict[str, Any] | None = No
     imported here so the flow loads without the report's deps."""
     from eive_audit.reports.html_report import write_report
 
-    changes = [(f"Changes since run {diff['base']}", diff_html(diff))] if diff else []
-    return write_report(store, run_id, report_path(store, run_id), extra_sections=changes)
+    return write_report(store, run_id, report_path(store, run_id), diff=diff)
 
 
 @task(name="push-fiftyone")

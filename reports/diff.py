@@ -14,7 +14,6 @@ projected by each run's own PCA and is not. Two cues of one (explainer, class) m
 
 from __future__ import annotations
 
-import html
 import json
 import operator
 from collections.abc import Sequence
@@ -249,41 +248,19 @@ def diff_markdown(diff: dict[str, Any], store: Path) -> str:
     for title, key in (("Cues that appeared", "appeared"), ("Cues that grew", "grew"), ("Cues that vanished", "vanished")):
         if diff["cues"][key]:
             lines += [f"## {title}", "", "| cue | class | support | confirmed |", "|---|---|---|---|",
-                      *(f"| {c['cue_id']} | {c['label_name']} | {_support(c)} | {c['confirmed']} |"
+                      *(f"| {c['cue_id']} | {c['label_name']} | {support_change(c)} | {c['confirmed']} |"
                         for c in diff["cues"][key]), ""]
-    lines.append(f"All of it: `eive-audit diff --store {Path(store).resolve()} --base {diff['base']} --run {diff['run']}`")
+    lines.append(f"All of it: `{diff_command(store, diff)}`")
     return "\n".join(lines)
 
 
-def diff_html(diff: dict[str, Any]) -> str:
-    """The diff as an HTML report section (every value escaped)."""
-    def table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_number(v))}</td>" for v in row) + "</tr>" for row in rows)
-        return f"<table><tr>{head}</tr>{body}</table>" if rows else '<p class="note">None.</p>'
-
-    parts = [f'<p class="note">Against the previous run of this dataset, <b>{html.escape(diff["base"])}</b>. '
-             "Instances match by image file, explainer, class and overlapping boxes (IoU &ge; "
-             f"{MATCH_IOU}); cues by class, peak offset and colour.</p>",
-             table(["measure", "value"], list(diff["summary"].items()))]
-    for title, key in (("Cues that appeared", "appeared"), ("Cues that grew", "grew"), ("Cues that shrank", "shrank"),
-                       ("Cues that vanished", "vanished")):
-        parts.append(f"<h3>{title}</h3>" + table(["cue", "class", "support", "confirmed", "verification drop"],
-                                                 [(c["cue_id"], c["label_name"], _support(c), c["confirmed"],
-                                                   c["verification_drop"]) for c in diff["cues"][key]]))
-    for title, key in (("Newly flagged", "newly_flagged"), ("No longer flagged", "no_longer_flagged")):
-        parts.append(f"<h3>{title}</h3>" + table(["instance", "in the other run", "image", "explainer", "class",
-                                                  "outcome", "why flagged"],
-                                                 [list(row.values()) for row in diff[key]]))
-    parts.append("<h3>Per class</h3>" + table(
-        ["explainer", "class", *(f"{m} (base → run)" for m in ("mass_in_gt", "insertion_auc", "precision", "recall"))],
-        [(c["explainer"], c["label_name"], *(f"{_number(c[m]['base'])} → {_number(c[m]['run'])}"
-                                             for m in ("mass_in_gt", "insertion_auc", "precision", "recall")))
-         for c in diff["classes"]]))
-    return "".join(parts)
+def diff_command(store: Path, diff: dict[str, Any]) -> str:
+    """The command that prints this diff whole."""
+    return f"eive-audit diff --store {Path(store).resolve()} --base {diff['base']} --run {diff['run']}"
 
 
-def _support(cue: dict[str, Any]) -> str:
+def support_change(cue: dict[str, Any]) -> str:
+    """A cue's support, with its base run's before it when it has a match there."""
     return f"{cue['base']['support']} → {cue['support']}" if cue.get("base") else str(cue["support"])
 
 

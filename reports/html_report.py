@@ -28,6 +28,7 @@ from PIL import Image
 
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.sources.decode import decode_rgb, fit_size
+from eive_audit.reports.diff import MATCH_IOU, diff_command, support_change
 from eive_audit.reports.overlay import map_to_image, peak_in_crop
 from eive_audit.reports.plots import (HEAT_SCALING, PANEL_PIXELS, Panel, colour_bar, mark_peak, overlay,
                                       score_distribution)
@@ -103,12 +104,13 @@ _CORRECT = _Rule("Correct, but looking elsewhere", "outcome = 'tp' AND mass_in_g
 
 
 def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
-                 extra_sections: Sequence[tuple[str, str]] = ()) -> Path:
+                 extra_sections: Sequence[tuple[str, str]] = (), diff: dict[str, Any] | None = None) -> Path:
     """Write the HTML report of one run of the store to `out` (atomically) and return its path.
 
     top_failures: cards in the failure gallery: up to a third misses, up to a third false positives,
     the rest correct detections with the least mass on their object.
     extra_sections: (title, HTML) pairs appended as sections; the HTML must already be safe (escaped).
+    diff: the run's `reports.diff.run_diff` against an earlier run, shown after the run's summary.
     """
     if top_failures < 0:
         raise ValueError(f"top_failures must be >= 0, got {top_failures}")
@@ -128,6 +130,7 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
                    [*in_gallery, *(r["instance_id"] for r in spurious if r["instance_id"] not in in_gallery)])
     sections = [
         ("summary", "Run", _summary(store, run) + review.block(every_map)),
+        *([("changes", f"Changes since run {diff['base']}", _changes(store, diff))] if diff else []),
         ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"])
          + _findings(store, run_id, config["findings"], spurious, cards, set(in_gallery), review)),
         ("failures", "Failure gallery", _failures(chosen, cards, explainers[0], top_failures, review)),
@@ -430,6 +433,32 @@ def _crop(png: bytes, instance_id: str, peak: dict[str, Any] | None, cards: dict
     return (f'<figure class="exemplar" data-instance="{html.escape(instance_id)}">'
             f"{_img(png, f'peak crop of {instance_id}', 'crop')}"
             f'<figcaption>{_link(instance_id, cards)}<br><span class="note">{marked}</span></figcaption></figure>')
+
+
+def _changes(store: Path, diff: dict[str, Any]) -> str:
+    """What changed since the diff's base run (reports.diff): its summary, the cues that appeared, grew,
+    shrank or vanished, the instances newly and no longer flagged, and the per-class measures."""
+    parts = [f'<p class="note">Against the previous run of this dataset, <b>{html.escape(diff["base"])}</b>. '
+             f"Instances match by image file, explainer, class and overlapping boxes (IoU &ge; {MATCH_IOU}), cues "
+             f"by class, peak offset and colour. All of it as JSON: {_code(diff_command(store, diff))}</p>",
+             _table(["measure", "value"], list(diff["summary"].items()))]
+    for title, key in (("Cues that appeared", "appeared"), ("Cues that grew", "grew"), ("Cues that shrank", "shrank"),
+                       ("Cues that vanished", "vanished")):
+        rows = [(c["cue_id"], c["label_name"], support_change(c), c["confirmed"], c["verification_drop"])
+                for c in diff["cues"][key]]
+        parts.append(f"<h3>{title} ({len(rows)})</h3>"
+                     + (_table(["cue", "class", "support", "confirmed", "verification drop"], rows) if rows else ""))
+    for title, key in (("Newly flagged", "newly_flagged"), ("No longer flagged", "no_longer_flagged")):
+        rows = [list(row.values()) for row in diff[key]]
+        parts.append(f"<h3>{title} ({diff['summary'][key]})</h3>" + (_table(
+            ["instance", "in the other run", "image", "explainer", "class", "outcome", "why flagged"], rows)
+            if rows else ""))
+    measures = ("mass_in_gt", "insertion_auc", "precision", "recall")
+    parts.append("<h3>Per class</h3>" + _table(
+        ["explainer", "class", *(f"{m} (base → run)" for m in measures)],
+        [(c["explainer"], c["label_name"], *(f"{_format(c[m]['base'])} → {_format(c[m]['run'])}" for m in measures))
+         for c in diff["classes"]]))
+    return "".join(parts)
 
 
 def _plots(store: Path, run_id: str) -> str:
