@@ -42,6 +42,9 @@ instance; coloured by field it paints the field's one colour with an alpha of va
 reviewers saw. By value, every heatmap field gets `HEATMAP_COLORSCALE`, the boxes are coloured by their
 `outcome` and the cue keypoints in `CUE_COLOR`. The App leaves a pixel below the heatmap's `range` unpainted,
 so each map's range starts at `HEATMAP_FLOOR` of its maximum: where the map is negligible the image shows.
+The App served from a Python session gets the dataset's colour scheme without the colours of its per-field
+colorscales (1.22.1 sends the scheme as stored; only its GraphQL resolvers compute them) and falls back to
+its App config's `colorscale`, so `launch_app` sets that one too.
 """
 
 from __future__ import annotations
@@ -83,15 +86,15 @@ _CORNERS = ("x0", "y0", "x1", "y1")
 _BOX_COLUMNS = frozenset(f"{prefix}_{corner}" for prefix in ("pred", "gt") for corner in _CORNERS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
-# The App's colours (see the module docstring). The colorscale has no very dark or very light end, so a map
-# reads on dark and light images alike; low values are cool, the peak warm.
-HEATMAP_COLORSCALE = [{"value": 0.0, "color": "rgb(90, 0, 255)"}, {"value": 0.35, "color": "rgb(220, 0, 170)"},
-                      {"value": 0.7, "color": "rgb(255, 110, 0)"}, {"value": 1.0, "color": "rgb(255, 230, 0)"}]
+# The App's colours (see the module docstring). Plotly's "rainbow" is saturated from end to end, with no
+# near-black or near-white end (purple, blue, cyan, green, yellow, red at the peak), so a map reads on dark and
+# light images alike; a name, as FiftyOne's App config takes it.
+HEATMAP_COLORSCALE = "rainbow"
 HEATMAP_FLOOR = 0.1  # share of a map's maximum below which the App leaves the image unpainted
 _PNG_MAX = 255  # heatmap PNGs are 8-bit
 OUTCOME_COLORS = {"tp": "#00e676", "fp": "#ff1744", "dup": "#ff9100", "crowd": "#9e9e9e", "det": "#00b0ff",
-                  "fn": "#2979ff"}
-CUE_COLOR = "#00ffff"
+                  "fn": "#ff00ff"}  # a miss in magenta: no colorscale entry, no other outcome
+CUE_COLOR = "#ffffff"  # in no colorscale entry, so a cue's dot stands out on the map it marks
 _OUTCOME_FIELDS = ("predictions", "missed", "prediction")  # the detection fields whose boxes carry `outcome`
 
 Rows = list[dict[str, Any]]
@@ -224,9 +227,12 @@ def launch_app(dataset: str, port: int = 5151, address: str = "127.0.0.1", wait:
     on the saved view `view` of the dataset when given, and print its URL (one line on stderr).
 
     The session is made as `fo.launch_app` makes it, remote (a remote session opens no browser), but not
-    through `fo.launch_app`, which then logs ssh port-forwarding advice instead of the URL. With `wait`, block
-    until interrupted (Ctrl-C), then close the session; without, return at once with the App serving until
-    the session is closed or this process ends. Returns the session."""
+    through `fo.launch_app`, which then logs ssh port-forwarding advice instead of the URL. The App server it
+    starts takes `HEATMAP_COLORSCALE` as its App config's colorscale (FIFTYONE_APP_COLORSCALE, unless set: the
+    module docstring says why). With `wait`, block until interrupted (Ctrl-C), then close the session;
+    without, return at once with the App serving until the session is closed or this process ends. Returns
+    the session."""
+    os.environ.setdefault("FIFTYONE_APP_COLORSCALE", HEATMAP_COLORSCALE)  # read by the server process it starts
     ds = fo.load_dataset(dataset)
     session = fo.Session(ds, view=ds.load_saved_view(view) if view else None, port=port, address=address,
                          remote=True, auto=False)
@@ -523,4 +529,4 @@ def _color_scheme(ds: fo.Dataset, explainers: list[str]) -> fo.ColorScheme:
     fields.append({"path": "cue_peak", "colorByAttribute": "explainer",
                    "valueColors": [{"value": explainer, "color": CUE_COLOR} for explainer in explainers]})
     return fo.ColorScheme(color_by="value", fields=fields, colorscales=[
-        {"path": path, "list": HEATMAP_COLORSCALE} for path in ds.get_field_schema(embedded_doc_type=fo.Heatmap)])
+        {"path": path, "name": HEATMAP_COLORSCALE} for path in ds.get_field_schema(embedded_doc_type=fo.Heatmap)])

@@ -105,7 +105,8 @@ print(json.dumps({
     "evaluations": images.list_evaluations(),
     "eval_tp": images_of(run).count_values(f"predictions.detections.eval_{run}").get("tp", 0),
     "app": [{"active": ds.app_config.active_fields.paths, "color_by": ds.app_config.color_scheme.color_by,
-             "colorscales": {c["path"]: c["list"] for c in ds.app_config.color_scheme.colorscales},
+             "colorscales": {c["path"]: len(fo.app_config.get_colormap(c["name"]))
+                             for c in ds.app_config.color_scheme.colorscales},
              "heatmaps": sorted(ds.get_field_schema(embedded_doc_type=fo.Heatmap)),
              "ranges": sorted({tuple(r) for f in ds.get_field_schema(embedded_doc_type=fo.Heatmap)
                                for r in ds.values(f + ".range") if r})}
@@ -146,6 +147,14 @@ def _wait_for_port(port: int, timeout: float) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing answers on 127.0.0.1:{port} after {timeout} s")
+
+
+def _graphql(port: int, query: str) -> dict:
+    """The `data` of a GraphQL query to the App served on `port`."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["data"]
 
 
 def _python(code: str, *args: str, env: dict[str, str], timeout: int = 300) -> object:
@@ -373,8 +382,7 @@ def test_the_app_opens_on_the_heatmaps_painted_with_a_colorscale(pushed: dict) -
     assert sorted(instances["active"]) == ["cue_peak", "ground_truth", "heatmap", "prediction"]
     for config in (images, instances):
         assert config["color_by"] == "value"
-        assert sorted(config["colorscales"]) == config["heatmaps"]
-        assert all({0, 1} <= {entry["value"] for entry in scale} for scale in config["colorscales"].values())
+        assert config["colorscales"] == {path: 256 for path in config["heatmaps"]}, "a colorscale FiftyOne knows"
         ((low, high),) = config["ranges"]
         assert 0 < low < high == 255, "the App leaves a map's pixels below its range's start unpainted"
 
@@ -416,6 +424,11 @@ def test_launch_app_serves_on_loopback_only_and_stops_cleanly(pushed: dict, fift
         _wait_for_port(port, 60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             assert response.status == 200
+        served = _graphql(port, '{ colorscale dataset(name: "%s") '
+                                '{ appConfig { colorScheme { colorscales { path rgb } } } } }' % DATASET)
+        scales = served["dataset"]["appConfig"]["colorScheme"]["colorscales"]
+        assert scales and all(scale["rgb"] == served["colorscale"] for scale in scales), \
+            "the App's own colorscale, which paints the heatmaps, is the one the dataset names"
         started += started[0].children(recursive=True)
         listening = [c.laddr for p in started for c in p.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
