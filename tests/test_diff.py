@@ -106,3 +106,16 @@ def test_the_report_and_the_prefect_artifact_say_what_changed(runs: Runs) -> Non
 def test_a_run_without_an_earlier_run_of_its_dataset_has_nothing_to_diff(runs: Runs) -> None:
     result = invoke("diff", "--store", runs.store, "--run", runs.base)
     assert result.code == 2 and f"run {runs.base} has no earlier finished run of the same dataset" in result.stderr
+
+
+@pytest.mark.parametrize(("condition", "holds"), [
+    ("new_cues>0", True), ("new_cues>=2", True), ("new_cues>2", False), ("vanished_cues==0", True),
+    ("vanished_cues!=0", False), ("recall_drop<0.05", False), ("recall_drop<=0.25", True),
+])
+def test_fail_on_conditions_compare_the_diff_summary(condition: str, holds: bool) -> None:
+    from eive_audit.pipeline.config import ReviewConfig
+    from eive_audit.reports.diff import breached
+
+    [parsed] = ReviewConfig(fail_on=condition).fail_on
+    summary = dict.fromkeys(DIFF_METRICS, 0) | {"new_cues": 2, "recall_drop": 0.25}
+    assert breached({"summary": summary}, [parsed]) == ([parsed] if holds else [])
