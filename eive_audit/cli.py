@@ -604,7 +604,11 @@ def demo(
     _print_table(cues, "table", err)
     err.print(f"HTML report: {summary['report']}")
     if fiftyone_dataset:
-        err.print(f"FiftyOne dataset: {fiftyone_dataset} (browse it with `eive-audit app --dataset {fiftyone_dataset}`)")
+        from eive_audit.reports.views import explainer_view, open_command
+
+        every_map = explainer_view(summary["run_id"], next(iter(config.explainers)))
+        err.print(f"FiftyOne dataset: {fiftyone_dataset}; its maps, one sample per instance: "
+                  f"{open_command(f'{fiftyone_dataset}-instances', every_map)}", soft_wrap=True, markup=False)
 
 
 DEMO_FLAGS = [flag for flag in RUN_FLAGS if flag.path[0] not in ("images", "coco", "out")]
