@@ -270,7 +270,7 @@ def test_a_large_image_is_audited_in_original_coordinates(synth: Path, tmp_path:
     sizes = query(tmp_path / "store-large", "SELECT DISTINCT width, height, input_width, input_height FROM images")
     assert sizes.to_pylist() == [{"width": 4000, "height": 3000, "input_width": 128, "input_height": 96}]
     report = (tmp_path / "store-large" / "reports" / f"{runs['large']}.html").read_text()
-    assert 'class="failure"' in report and "image unavailable" not in report
+    assert '<figure class="failure' in report and "image unavailable" not in report
     verified = query(tmp_path / "store-large", "SELECT count(*) AS n FROM instances "
                                                "WHERE verification_drop IS NOT NULL").column("n")[0].as_py()
     assert verified > 0, "findings re-scored the large images"
