@@ -38,11 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 
 # Work units in the order they are handed out, longest first (see --durations at the end of `make test`): an
-# xdist group by its name, a test outside any group by its function's name. Everything else follows in
-# collection order, so no long unit is left to start last on one worker while the other idles.
-HEAVY_FIRST = ("test_quick_benchmark_ranks_cue_reliant_instances_first", "fiftyone", "shipped-audit", "diff",
-               "small-model-audit", "test_shipped_model_eive_maps_beat_random_maps_on_both_aucs", "cli-review",
-               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "deformable",
+# xdist group by its name, a test outside any group by its function's name; under --dist loadfile a module goes
+# where its first test ranks. Everything else follows in collection order, so no long unit is left to start
+# last on one worker while the other idles.
+HEAVY_FIRST = ("shipped-audit", "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows",
+               "fiftyone", "test_quick_benchmark_ranks_cue_reliant_instances_first",
+               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process",
+               "test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed", "cli-review", "diff",
+               "small-model-audit", "test_shipped_model_eive_maps_beat_random_maps_on_both_aucs", "deformable",
                "test_detr_r50_audit_of_real_coco_images", "test_fine_tuning_with_aajts_concentrates_the_attention",
                "report", "explainers")
 
