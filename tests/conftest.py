@@ -41,13 +41,12 @@ COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 # xdist group by its name, a test outside any group by its function's name; under --dist loadfile a module goes
 # where its first test ranks. Everything else follows in collection order, so no long unit is left to start
 # last on one worker while the other idles.
-HEAVY_FIRST = ("shipped-audit", "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows",
-               "fiftyone", "test_quick_benchmark_ranks_cue_reliant_instances_first",
+HEAVY_FIRST = ("test_shipped_model_eive_maps_beat_random_maps_on_both_aucs",  # test_audit.py
+               "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows", "fiftyone",
+               "shipped-audit", "test_quick_benchmark_ranks_cue_reliant_instances_first",
                "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process",
                "test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed", "cli-review", "diff",
-               "small-model-audit", "test_shipped_model_eive_maps_beat_random_maps_on_both_aucs", "deformable",
-               "test_detr_r50_audit_of_real_coco_images", "test_fine_tuning_with_aajts_concentrates_the_attention",
-               "report", "explainers")
+               "deformable", "test_fine_tuning_with_aajts_concentrates_the_attention", "report", "explainers")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -206,7 +205,8 @@ def shipped_audit_yaml(synth: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def shipped_audit(shipped_audit_yaml: Path) -> tuple[Path, str]:
     """(store, run id) of `eive-audit run --config shipped_audit_yaml`: built once for the tests that read
-    such a run (tests/test_audit.py, tests/test_findings.py; xdist group "shipped-audit")."""
+    such a run (tests/test_findings.py, whose module holds every test of it: under --dist loadfile a second
+    module would build it again on the other worker)."""
     from cli import run_ok
 
     return shipped_audit_yaml.parent / "store", run_ok("--config", shipped_audit_yaml)["run_id"]
