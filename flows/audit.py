@@ -138,7 +138,8 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_schema_versions(config.out)  # before anything is written: a mixed store is refused, not extended
     check_supported(config.explainers, family_of_model(config.model))  # before any image is read
-    info = RunInfo(config.run_id, config.config_hash, config.model_dump_json(), config.model,
+    # paths stored absolute: the report, the push and the diff read them from any working directory
+    info = RunInfo(config.run_id, config.config_hash, config.absolute().model_dump_json(), config.model,
                    tuple(config.explainers), datetime.now(timezone.utc))
     start_run(config.out, info)
     try:
