@@ -10,12 +10,11 @@ imports an explainer's module only when it is asked for, so the CLI can refuse a
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Protocol
 
-from eive_audit.pipeline.config import EXPLAINER_SETTINGS, ExplainerSettings
+from eive_audit.pipeline.config import EXPLAINER_SETTINGS, ExplainerSettings, did_you_mean
 from eive_audit.pipeline.models.families import Family
 
 if TYPE_CHECKING:
@@ -122,9 +121,8 @@ def _needs(name: str) -> Needs:
 
 def _unknown(name: str) -> ValueError:
     """The error for a name no explainer has, with the closest names (a typo is the usual cause)."""
-    close = difflib.get_close_matches(name.lower(), available(), n=2, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return ValueError(f"unknown explainer {name!r}; {hint}available: {', '.join(available())}")
+    return ValueError(f"unknown explainer {name!r}; {did_you_mean(name.lower(), available())}"
+                      f"available: {', '.join(available())}")
 
 
 def capabilities(name: str) -> str:

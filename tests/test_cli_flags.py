@@ -153,7 +153,7 @@ def test_help_answers_at_once() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--explainer", "rollout", "--model", "{deformable}"], "rollout needs dense attention over one grid"),
     (["--explainer", "nope"], "unknown explainer 'nope'; available: "),
-    (["--explainer", "eive,rolout"], "unknown explainer 'rolout'; did you mean rollout? available: "),
+    (["--explainer", "eive,rolout"], "unknown explainer 'rolout'; did you mean 'rollout'? available: "),
     (["--runner", "dsak"], "--runner: Input should be 'threads', 'dask' or 'ray', not 'dsak'; did you mean 'dask'?"),
     (["--device", "gpu"], "--device: device must be auto, cpu, cuda or cuda:N, not 'gpu'"),
     (["--out", "{data}/ann.json"], "--out: {data}/ann.json is a file; the store is a folder"),
