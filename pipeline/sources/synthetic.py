@@ -113,7 +113,7 @@ def _overlaps(box: tuple[float, ...], others: list[tuple[float, ...]], margin: f
     )
 
 
-def _cue_box_beside(
+def cue_box_beside(
     box: tuple[float, ...], rng: np.random.Generator, params: SynthParams, taken: list[tuple[float, ...]]
 ) -> tuple[float, float, float, float] | None:
     """A cue box touching one side of `box` (a 1-3 px gap), inside the image and clear of `taken`."""
@@ -165,7 +165,7 @@ def _watermark_box(rng: np.random.Generator, params: SynthParams,
     return None
 
 
-def _object_size(category: str, rng: np.random.Generator, params: SynthParams) -> tuple[float, float]:
+def object_size(category: str, rng: np.random.Generator, params: SynthParams) -> tuple[float, float]:
     """Width and height of a new object: about square for compact shapes; 3:1 for a bar (either way up);
     a third of the largest size at most for a dot."""
     w = float(rng.integers(params.min_object_size, params.max_object_size + 1))
@@ -191,11 +191,11 @@ def make_scene(seed: int, split: str, index: int, params: SynthParams) -> Scene:
     objects: list[SynthObject] = []
     taken: list[tuple[float, ...]] = []
     cues: list[tuple[Box, int | None]] = []
-    place = {"patch": _cue_box_beside, "far": _cue_box_far}.get(params.cue_kind)
+    place = {"patch": cue_box_beside, "far": _cue_box_far}.get(params.cue_kind)
     for _ in range(n_objects):
         category = params.categories[int(rng.integers(len(params.categories)))]
         for _attempt in range(30):
-            w, h = _object_size(category, rng, params)
+            w, h = object_size(category, rng, params)
             x0 = float(rng.integers(0, size - int(w) + 1))
             y0 = float(rng.integers(0, size - int(h) + 1))
             box = (x0, y0, x0 + w, y0 + h)
