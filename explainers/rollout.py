@@ -6,6 +6,11 @@ decoder self-attention, which the audit's forward does not keep.
 encoder R_ii = I, R_ii += Abar R_ii per layer; decoder R_qq = I, R_qi = 0, then per layer
 self-attention R_qq += Abar R_qq, R_qi += Abar R_qi, and cross-attention R_qi += norm(R_qq)^T Abar norm(R_ii),
 norm(R) = rownorm(R - I) + I. The map of query q is row q of R_qi.
+
+For a ViT classifier (`model.task == "classify"`) it is Abnar & Zuidema's rollout over the blocks
+(explainers._vit.rollout): head-mean attention plus identity, rows renormalised, multiplied from the first
+block to the last, read at the rows the head pools (CLS; the mean patch row of a mean-pooled model), from
+the attention the forward already holds.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from eive_audit.explainers import _vit
 from eive_audit.explainers._common import on_grid
 from eive_audit.explainers.base import check_supported, register
 from eive_audit.pipeline.models.detr import DetectorOutput, DetrAdapter
@@ -59,6 +65,8 @@ class Rollout:
         h, w = outputs.grid
         if len(targets) == 0:
             return torch.zeros(0, h, w, device=outputs.logits.device)
+        if getattr(model, "task", "detect") == "classify":
+            return _vit.rollout(model, outputs, targets)  # type: ignore[arg-type]
         record = model.record(batch, gradients=False)
         images = targets.batch_index.unique()  # only images with targets are propagated
 

@@ -30,12 +30,12 @@ KINDS = ("vit", "deit", "timm", "open_clip")
 
 def write_tiny_models(root: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
     """Tiny random-init checkpoints in each library's layout: vit (transformers), deit (transformers, CLS +
-    distillation token), timm (two register tokens), open_clip (zero-shot over LABELS)."""
+    distillation token), timm (two register tokens), open_clip (zero-shot over LABELS); each kind's weights
+    from seed 0, whichever others are written with it."""
     import open_clip
     import timm
     import transformers
 
-    torch.manual_seed(0)
     labels = {"id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
     writers = {
         "vit": lambda out: transformers.ViTForImageClassification(
@@ -48,6 +48,7 @@ def write_tiny_models(root: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, P
         "open_clip": lambda out: write_open_clip_model(open_clip.model.CLIP(**TINY_CLIP), TINY_CLIP, LABELS, out),
     }
     for kind in kinds:
+        torch.manual_seed(0)
         writers[kind](root / kind)
     return {kind: root / kind for kind in kinds}
 
