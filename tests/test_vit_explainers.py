@@ -199,3 +199,15 @@ def test_raw_attention_and_rollout_read_the_cls_row(adapters: dict[str, ViTAdapt
         mixed = attention.mean(1) + torch.eye(attention.shape[-1])
         product = (mixed / mixed.sum(-1, keepdim=True)) @ product
     torch.testing.assert_close(explain(adapter, "rollout", pictures, targets), product[:, 0, p:].reshape(2, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_explainers_run_under_the_cuda_autocast_of_the_adapter(adapters: dict[str, ViTAdapter], kind: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the adapter runs in bfloat16 autocast; the CPU's bfloat16 autocast stands in for it here: the
+    recorded tokens are bfloat16 and the primitives an explainer calls on them must accept them."""
+    adapter = adapters[kind]
+    monkeypatch.setattr(adapter, "autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    for name in EXPLAINERS:
+        maps = explain(adapter, name, images(2), targets_of([0, 1], [1, 2]))
+        assert maps.dtype == torch.float32 and bool(torch.isfinite(maps).all()) and bool((maps >= 0).all())

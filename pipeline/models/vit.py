@@ -367,17 +367,19 @@ class ViTAdapter:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # The primitives the ViT explainers build on.
+    # The primitives the ViT explainers build on, each under the adapter's autocast (so an explainer may call
+    # them on a recorded forward's tokens outside it).
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tokens entering block 0 [B, N, D]."""
-        return self._parts.embed(pixel_values)
+        with self.autocast():
+            return self._parts.embed(pixel_values)
 
     def run_block(self, i: int, tokens: torch.Tensor,
                   normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i on tokens [B, N, D]: (its output tokens, its attention [B, H, N, N]), graph-connected.
         `normed` replaces the output of the block's first LayerNorm (the tokens its attention reads; CDAM's
         T) while the residual stream keeps `tokens`."""
-        with _replaced_output(self._parts.attention_norm(i), normed):
+        with _replaced_output(self._parts.attention_norm(i), normed), self.autocast():
             return self._parts.block(i, tokens)
 
     def attention_norm(self, i: int) -> nn.Module:
@@ -391,7 +393,8 @@ class ViTAdapter:
         sequence whose every token is that mean, so any pooling reads exactly it."""
         if pool == "mean":
             tokens = tokens.mean(1, keepdim=True).expand_as(tokens)
-        return self._parts.head(tokens)
+        with self.autocast():
+            return self._parts.head(tokens)
 
     def readout(self, n_tokens: int) -> torch.Tensor:
         """Weights [N] over the token rows the head pools, summing to 1: the CLS row (1, 0, ...), CLS and
