@@ -30,6 +30,12 @@ class ErrorReason(str, enum.Enum):
     unknown_category, malformed_annotation (a bbox that is not four numbers, a category or image id that is
     not an int64 integer), duplicate_annotation_id (every copy), and orphan_annotation (an image id that no
     entry of `images` has; the row keeps that image id).
+
+    Classification sources (`classify.py`) reuse them. An image's label is what a classification audit scores
+    it against, so a bad label is an image-level row (the image is not audited): malformed_annotation for a
+    label that is not a non-empty string, unknown_category for one not in the index's `classes` and for an
+    image of an ImageFolder tree that lies in no class folder. Its object boxes are annotation-level rows
+    whose annotation id is the box's position among the image's boxes (0-based).
     """
 
     MISSING_FILE = "missing_file"
@@ -84,6 +90,11 @@ class ImageRecord:
     records with no boxes. `width` and `height` are the display size (`decode.display_size`: EXIF orientation
     applied), the frame of the boxes and of every stored coordinate; `exif_orientation` is the EXIF tag
     applied (None without one).
+
+    Classification sources set `class_label`, the category id (a key of the source's `categories`) of the
+    class the whole image belongs to, and `class_name`, its name; both None for a detection source. Their
+    boxes are the optional object boxes of that class, each labelled with it, against which the audit scores
+    localisation.
     """
 
     image_id: int
@@ -96,6 +107,8 @@ class ImageRecord:
     annotation_ids: tuple[int, ...] = ()
     crowd: np.ndarray = field(default_factory=_empty_flags)
     exif_orientation: int | None = None
+    class_label: int | None = None
+    class_name: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.crowd) == 0:  # not given: no crowd regions
@@ -106,3 +119,6 @@ class ImageRecord:
             raise ValueError(f"boxes {self.boxes.shape} do not match {len(self.labels)} labels")
         if len(self.names) != len(self.labels):
             raise ValueError(f"{len(self.names)} names for {len(self.labels)} labels")
+        if (self.class_label is None) != (self.class_name is None):
+            raise ValueError(f"class label {self.class_label!r} and class name {self.class_name!r}: "
+                             "give both or neither")
