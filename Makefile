@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # installs everything `demo` needs too.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test,dask,ray]"
+	$(BIN)/pip install --quiet --no-deps legrad-torch==1.1  # the LeGrad reference: it pins open-clip-torch <= 2.23
 	$(CHECK_MONGOD)
 	touch $(VENV)/.installed $@
 

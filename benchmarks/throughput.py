@@ -193,7 +193,7 @@ def _duckdb_figures(root: Path, rows: int, per_shard: int = 50_000) -> dict[str,
         image = rng.integers(0, 10**6, n)
         table = pa.table({
             "instance_id": pa.array([f"{i}-q{j}" for i, j in zip(image, range(n))]), "image_id": image,
-            "shard": pa.array([shard] * n), "explainer": pa.array(["eive"] * n),
+            "shard": pa.array([shard] * n), "explainer": pa.array(["eive"] * n), "task": pa.array(["detect"] * n),
             "outcome": outcomes[rng.integers(0, 4, n)], "query": rng.integers(0, 100, n).astype(np.int32),
             "label_name": labels[rng.integers(0, 4, n)], "score": rng.random(n, np.float32),
             **{f"pred_{c}": rng.random(n, np.float32) * 100 for c in ("x0", "y0", "x1", "y1")},

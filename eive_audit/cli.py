@@ -45,8 +45,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from eive_audit.explainers import BUILTIN, capabilities, check_supported
 from eive_audit.pipeline.config import (EXPLAINER_SETTINGS, AuditConfig, ReviewConfig, TrainConfig, did_you_mean,
                                         merge_settings)
-from eive_audit.pipeline.models.families import FAMILIES, Family, family_of_model
+from eive_audit.pipeline.models.families import FAMILIES, VIT_FAMILIES, Family, family_of_model
 from eive_audit.pipeline.models.labels import label_to_category, labels_of_model
+from eive_audit.pipeline.models.loading import task_of_model
 from eive_audit.pipeline.models.locate import ModelLoadError
 from eive_audit.pipeline.progress import Advance, listening, step
 
@@ -263,34 +264,46 @@ TRAIN_FLAGS = config_flags(TrainConfig, from_file=False)
 @app.command()
 def synth(
     out: Path = typer.Option(..., help="output directory"),
+    task: str = typer.Option("detect", help="detect: scenes of several objects, COCO json; classify: one object per "
+                                            "image, a classification index (json)"),
     n_train: int = typer.Option(2000, help="train images"),
     n_val: int = typer.Option(200, help="val images"),
     seed: int = typer.Option(0),
-    generator: str = typer.Option("compact-patch", help="planted-cue world, a name of GENERATORS in "
+    generator: str = typer.Option("compact-patch", help="planted-cue world (detect), a name of GENERATORS in "
                                                         "pipeline/sources/synthetic.py"),
     image_size: Optional[int] = typer.Option(None, help="image side in pixels; none: the generator's"),
     cue_rate: Optional[float] = typer.Option(None, help="share of cued-class objects drawn with the cue; "
                                                          "none: the generator's"),
-    val_cue_alone_rate: float = typer.Option(0.1, help="share of val images with a lone cue"),
+    val_cue_alone_rate: float = typer.Option(0.1, help="share of val images with a lone cue (detect)"),
+    val_cue_other_rate: float = typer.Option(0.2, help="share of the other classes' val images that carry the cue "
+                                                       "(classify)"),
 ) -> None:
-    """Render a synthetic planted-cue dataset in COCO format."""
+    """Render a synthetic planted-cue dataset: COCO format (detect) or a classification index (classify)."""
     from eive_audit.pipeline.sources.synthetic import GENERATORS, generate
+    from eive_audit.pipeline.sources.synthetic_classify import ClassifyParams, generate_classify
 
-    if generator not in GENERATORS:
-        _fail(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    if task not in ("detect", "classify"):
+        _fail(f"--task must be detect or classify, not {task!r}; {did_you_mean(task, ('detect', 'classify'))}")
+    if task == "detect" and generator not in GENERATORS:
+        _fail(f"unknown generator {generator!r}; {did_you_mean(generator, GENERATORS)}"
+              f"choose one of {', '.join(GENERATORS)}")
     changes = {k: v for k, v in (("image_size", image_size), ("cue_rate", cue_rate)) if v is not None}
     try:
-        params = dataclasses.replace(GENERATORS[generator], **changes)
+        params = (dataclasses.replace(ClassifyParams(), **changes) if task == "classify"
+                  else dataclasses.replace(GENERATORS[generator], **changes))
     except ValueError as exc:
         _fail(f"bad synth settings: {exc}")
     with showing_progress(), step("rendering", n_train + n_val) as advance:
-        written = generate(out, n_train, n_val, seed, params, val_cue_alone_rate, advance)
+        if task == "classify":
+            written = generate_classify(out, n_train, n_val, seed, params, val_cue_other_rate, advance)
+        else:
+            written = generate(out, n_train, n_val, seed, params, val_cue_alone_rate, advance)
     typer.echo(json.dumps({split: str(path) for split, path in written.items()}))
 
 
 @app.command("init-model")
 def init_model(
-    family: str = typer.Option(..., help=" | ".join(FAMILIES)),
+    family: str = typer.Option(..., help=" | ".join([*FAMILIES, *VIT_FAMILIES])),
     num_labels: int = typer.Option(..., min=1),
     out: Path = typer.Option(...),
     seed: int = typer.Option(0),
@@ -298,19 +311,20 @@ def init_model(
     """Write a random-init model directory of a real architecture (nobody here can download weights)."""
     from eive_audit.pipeline.models.families import write_random_model
 
-    if family not in FAMILIES:
-        _fail(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    if family not in FAMILIES and family not in VIT_FAMILIES:
+        _fail(f"unknown family {family!r}; {did_you_mean(family, [*FAMILIES, *VIT_FAMILIES])}"
+              f"choose one of {', '.join([*FAMILIES, *VIT_FAMILIES])}")
     write_random_model(family, [f"LABEL_{i}" for i in range(num_labels)], out, seed)
     typer.echo(str(out))
 
 
 def train(**given: Any) -> None:
-    """Train (or resume, or fine-tune) a detector; runs as the Prefect flow `train-detector`."""
+    """Train (or resume, or fine-tune) a detector, or with --task classify a ViT classifier; a Prefect flow."""
     try:
         config = TrainConfig(**_given(TRAIN_FLAGS, given))
     except ValidationError as exc:
         _bad_settings(exc, TRAIN_FLAGS, "train")
-    _require_data(config.coco, config.images)
+    _require_data(config.coco, config.images, config.index)
     if config.init is not None:
         _family_of_model(config.init, "--init")
     from eive_audit.flows.train import train_flow
@@ -341,13 +355,32 @@ def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str
 
 
 def evaluate(
-    coco: Path = typer.Option(..., help="COCO annotation json"),
+    coco: Optional[Path] = typer.Option(None, help="COCO annotation json (detect)"),
+    index: Optional[Path] = typer.Option(None, help="classification index, json or csv (--task classify)"),
     images: Path = typer.Option(..., help="image root"),
+    task: str = typer.Option("detect", help="detect: COCO AP / AP50 / AP75; classify: top-1 accuracy, per class, "
+                                            "and on synthetic planted-cue data the shortcut (accuracy with and "
+                                            "without the cue)"),
     batch_size: int = typer.Option(16),
     **given: Any,
 ) -> None:
-    """Print COCO metrics (AP, AP50, AP75) of a model as JSON."""
-    chosen = {name: AuditConfig.model_fields[name].default for name in ("model", "device")} | _given(EVAL_FLAGS, given)
+    """Print a model's metrics as JSON: COCO AP of a detector, top-1 accuracy of a classifier."""
+    chosen = _given(EVAL_FLAGS, given)
+    if task == "classify":
+        if index is None:
+            _fail("--task classify: give the classification index with --index")
+        _require_data(None, images, index)
+        from eive_audit.pipeline.train_classify import evaluate_classifier
+
+        model = chosen.get("model", "default-vit")
+        _require_task(model, "classify")
+        typer.echo(json.dumps(evaluate_classifier(model, index, images, chosen.get("device", "auto"), batch_size)))
+        return
+    if task != "detect":
+        _fail(f"--task must be detect or classify, not {task!r}; {did_you_mean(task, ('detect', 'classify'))}")
+    if coco is None:
+        _fail("--coco: give the COCO annotation json (or --task classify with --index)")
+    chosen = {name: AuditConfig.model_fields[name].default for name in ("model", "device")} | chosen
     typer.echo(json.dumps(_evaluate(coco, images, chosen["model"], batch_size, chosen["device"])))
 
 
@@ -420,9 +453,11 @@ def _validated_part(build: Callable[[], T], what: str) -> T:
         _fail(str(exc))
 
 
-def _require_data(coco: Path | None, images: Path) -> None:
+def _require_data(coco: Path | None, images: Path, index: Path | None = None) -> None:
     if coco is not None and not coco.is_file():
         _fail(f"--coco: no annotation file at {coco}")
+    if index is not None and not index.is_file():
+        _fail(f"--index: no classification index at {index}")
     if not images.is_dir():
         _fail(f"--images: no image folder at {images}")
 
@@ -442,10 +477,11 @@ def _preflight(config: AuditConfig, data: bool = True) -> None:
     folder, an annotation file that is no COCO dataset (opened here once; the flow reuses it), or one whose
     categories the model's labels cannot name."""
     if data:
-        _require_data(config.coco, config.images)
+        _require_data(config.coco, config.images, config.index)
     if config.runner != "threads" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
         _fail(f"--runner {config.runner} needs prefect-{config.runner}, which is not installed: "
               f"pip install 'eive-audit[{config.runner}]'")
+    _require_task(config.model, config.task)
     try:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
@@ -457,15 +493,31 @@ def _preflight(config: AuditConfig, data: bool = True) -> None:
         from eive_audit.pipeline.sources import SourceFormatError, open_source
 
         try:
-            source = open_source(config.images, config.coco)
-        except SourceFormatError as exc:
+            source = open_source(config.images, config.coco, config.index, config.task)
+        except (SourceFormatError, NotADirectoryError) as exc:
             _fail(str(exc))
         labels = labels_of_model(config.model)
         if labels is not None and source.categories:
             try:
                 label_to_category(labels, source.categories)
             except ValueError as exc:
-                _fail(f"--model {config.model} cannot label --coco {config.coco}: {exc}")
+                data_flag = f"--index {config.index}" if config.index else (
+                    f"--coco {config.coco}" if config.coco else f"--images {config.images}")
+                _fail(f"--model {config.model} cannot label {data_flag}: {exc}")
+
+
+def _require_task(model: str, task: str, flag: str = "--model") -> None:
+    """The model does the run's task: a detector for detect, a classifier for classify (read from its
+    config, no torch; a hub id is checked once loaded)."""
+    try:
+        kind = task_of_model(model)
+    except ValueError as exc:
+        _fail(f"{flag}: {exc}")
+    if kind is not None and kind != task:
+        what = {"detect": "a detector", "classify": "a classifier"}
+        hint = "default-vit" if task == "classify" else "default"
+        _fail(f"{flag} {model} is {what[kind]}, but the run's task is {task} (--task {task}); use --task {kind}, "
+              f"or a model that does {task}, such as the shipped {hint}")
 
 
 def _require_store(out: Path) -> None:
@@ -573,17 +625,23 @@ def demo(
 ) -> None:
     """Audit a synthetic planted-cue val set with the shipped model and show what to review.
 
-    Takes the flags of `run` but the data ones, with the same defaults. Prints the correct detections that
-    look least at their object, the candidate cues, and where the HTML report is."""
-    from eive_audit.pipeline.sources.synthetic import generate
+    Takes the flags of `run` but the data ones, with the same defaults; `--task classify` audits a synthetic
+    classification val set with the shipped ViT. Prints the instances most likely right or wrong for the wrong
+    reason, the candidate cues, and where the HTML report is."""
     from eive_audit.storage.catalog import query
 
-    data = out / "data"
+    settings = _given(DEMO_FLAGS, given)
+    classify = settings.get("task") == "classify"
+    data = out / ("data-classify" if classify else "data")
     ann = data / "annotations" / "val.json"
     if not ann.is_file():
+        if classify:
+            from eive_audit.pipeline.sources.synthetic_classify import generate_classify as generate
+        else:
+            from eive_audit.pipeline.sources.synthetic import generate
         with showing_progress(), step("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
-    config = _load_config(None, {**_given(DEMO_FLAGS, given), "images": data / "images" / "val", "coco": ann,
+    config = _load_config(None, {**settings, "images": data / "images" / "val", "index" if classify else "coco": ann,
                                  "out": out})
     _preflight(config)
     summary = _audit(config)
@@ -593,14 +651,15 @@ def demo(
                        "round(off_object_norm, 3) AS off_object_norm, round(verification_drop, 3) AS drop_when_blurred, "
                        "round(spurious_score, 3) AS spurious_score FROM instances WHERE run_id = ? "
                        "ORDER BY spurious_score DESC NULLS LAST, instance_id LIMIT 10", [summary["run_id"]])
-    err.print("[bold]Detections most likely right or wrong for the wrong reason[/bold] (spurious_score, read back "
-              "through DuckDB):")
+    err.print(f"[bold]{'Predictions' if classify else 'Detections'} most likely right or wrong for the wrong reason"
+              "[/bold] (spurious_score, read back through DuckDB):")
     _print_table(worst, "table", err)
     cues = query(out, "SELECT cue_id, support, round(mean_spurious_score, 3) AS mean_score, "
                       "round(verification_drop, 3) AS drop_when_blurred, confirmed, exemplar_ids[1:3] AS exemplars "
                       "FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC", [summary["run_id"]])
-    err.print("[bold]Candidate cues[/bold]: off-object peaks that many detections of a class share; confirmed when "
-              "blurring the cue region costs half the detections' score:")
+    what = "predictions" if classify else "detections"
+    err.print(f"[bold]Candidate cues[/bold]: off-object peaks that many {what} of a class share; confirmed when "
+              f"blurring the cue region costs half the {what}' score:")
     _print_table(cues, "table", err)
     err.print(f"HTML report: {summary['report']}")
     if fiftyone_dataset:
@@ -611,7 +670,7 @@ def demo(
                   f"{open_command(f'{fiftyone_dataset}-instances', every_map)}", soft_wrap=True, markup=False)
 
 
-DEMO_FLAGS = [flag for flag in RUN_FLAGS if flag.path[0] not in ("images", "coco", "out")]
+DEMO_FLAGS = [flag for flag in RUN_FLAGS if flag.path[0] not in ("images", "coco", "index", "out")]
 app.command()(_with_flags(demo, DEMO_FLAGS))
 
 

@@ -15,8 +15,9 @@ from eive_audit.explainers.base import (
     check_supported,
     explainer_class,
     get_explainer,
+    needs_of,
     register,
 )
 
 __all__ = ["BUILTIN", "Explainer", "Needs", "available", "capabilities", "check_supported", "explainer_class", "get_explainer",
-           "register"]
+           "needs_of", "register"]

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from eive_audit.pipeline.models.targets import Targets
 
 
+DETECT = frozenset({"detect"})
+CLASSIFY = frozenset({"classify"})
+BOTH = DETECT | CLASSIFY
+
+
 @dataclass(frozen=True)
 class Needs:
     """What an explainer needs of a model. `check_supported` refuses a model that lacks it; without
@@ -33,19 +38,28 @@ class Needs:
     dense_attention: bool = False  # attention matrices (or memory) over one grid: no multi-scale deformable model
     gradients: bool = False  # autograd through the model
     model_types: frozenset[str] = frozenset()  # the model types it is defined for; empty: every family
+    tasks: frozenset[str] = DETECT  # detect (DETR-family detectors) and / or classify (ViT classifiers)
 
 
 # The built-in explainers and their needs. The explainer `a-b` is the class that explainers/a_b.py registers,
 # imported on first use; `register` sets these needs on it as the class attribute `needs`.
 BUILTIN: dict[str, Needs] = {
     "eive": Needs(),  # dense rows, or the splat of a deformable model's sampling points
-    "raw-attention": Needs(),
-    "rollout": Needs(dense_attention=True),
+    "raw-attention": Needs(tasks=BOTH),  # a detector's last cross-attention row; a ViT's last CLS row
+    "rollout": Needs(dense_attention=True, tasks=BOTH),
     "chefer": Needs(dense_attention=True, gradients=True),
     "legrad-detr": Needs(dense_attention=True, gradients=True),
     "cdam-detr": Needs(dense_attention=True, gradients=True),  # the one-grid encoder memory
     "odam": Needs(gradients=True),  # the finest projected level of a deformable model
     "drise": Needs(),  # black box: forwards of masked images
+    # ViT classifiers (METHODS.md 3)
+    "legrad": Needs(gradients=True, tasks=CLASSIFY),
+    "cdam": Needs(gradients=True, tasks=CLASSIFY),
+    "cdam-smooth": Needs(gradients=True, tasks=CLASSIFY),
+    "cdam-integrated": Needs(gradients=True, tasks=CLASSIFY),
+    "iba": Needs(gradients=True, tasks=CLASSIFY),  # reconstructed from the abstract (METHODS.md 3c)
+    "grad-cam": Needs(gradients=True, tasks=CLASSIFY),  # the grad-cam package (pytorch-grad-cam)
+    "score-cam": Needs(tasks=CLASSIFY),  # the grad-cam package: forwards of masked images
 }
 
 
@@ -111,7 +125,8 @@ def get_explainer(name: str, settings: ExplainerSettings | None = None) -> Expla
     return cls(settings if settings is not None else kind())
 
 
-def _needs(name: str) -> Needs:
+def needs_of(name: str) -> Needs:
+    """What the explainer `name` needs of a model (its tasks, attention, gradients)."""
     if name in BUILTIN:
         return BUILTIN[name]
     if name in _REGISTRY:
@@ -126,26 +141,33 @@ def _unknown(name: str) -> ValueError:
 
 
 def capabilities(name: str) -> str:
-    """What an explainer needs of a model, in words, for --help: which families can run it."""
-    needs = _needs(name)
-    wants = [text for wanted, text in ((needs.dense_attention, "dense attention, so no deformable model"),
-                                       (needs.gradients, "gradients")) if wanted]
+    """What an explainer needs of a model, in words, for --help: which tasks and families can run it."""
+    needs = needs_of(name)
+    wants = [" and ".join(f"{task}ion" if task == "detect" else f"{task} (ViT)" for task in sorted(needs.tasks))]
+    wants += [text for wanted, text in ((needs.dense_attention and "detect" in needs.tasks,
+                                         "dense attention, so no deformable model"),
+                                        (needs.gradients, "gradients")) if wanted]
     if needs.model_types:
         wants.append(f"model types {', '.join(sorted(needs.model_types))}")
-    return f"{name} ({'; '.join(wants) or 'every family'})"
+    return f"{name} ({'; '.join(wants)})"
 
 
 def check_supported(names: Iterable[str], family: Family | None) -> None:
-    """Raise ValueError, one line, for an unknown explainer name or one whose needs `family` cannot meet.
-    With family None (a hub model, known only once loaded) only the names are checked."""
+    """Raise ValueError, one line, for an unknown explainer name or one whose needs `family` cannot meet (its
+    task, detect or classify, and for a detector its attention). With family None (a hub model, known only once
+    loaded) only the names are checked."""
     for name in names:
-        needs = _needs(name)
+        needs = needs_of(name)
         if family is None:
             continue
+        if family.task not in needs.tasks:
+            fits = [n for n in BUILTIN if family.task in BUILTIN[n].tasks]
+            raise ValueError(f"{name} explains {' and '.join(sorted(needs.tasks))} models, not {family.name} "
+                             f"({family.task}); for it use {', '.join(fits)}")
         if needs.dense_attention and family.deformable:
             raise ValueError(f"{name} needs dense attention over one grid, which {family.name} "
                              f"({family.model_type}, multi-scale deformable attention) does not have; use "
-                             f"{', '.join(n for n in BUILTIN if not BUILTIN[n].dense_attention)}")
+                             f"{', '.join(n for n in BUILTIN if not BUILTIN[n].dense_attention and 'detect' in BUILTIN[n].tasks)}")
         if needs.model_types and family.model_type not in needs.model_types:
             raise ValueError(f"{name} is defined for the model types {', '.join(sorted(needs.model_types))}, "
                              f"not {family.model_type} ({family.name})")

@@ -140,7 +140,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     check_supported(config.explainers, family_of_model(config.model))  # before any image is read
     # paths stored absolute: the report, the push and the diff read them from any working directory
     info = RunInfo(config.run_id, config.config_hash, config.absolute().model_dump_json(), config.model,
-                   tuple(config.explainers), datetime.now(timezone.utc))
+                   tuple(config.explainers), datetime.now(timezone.utc), config.task)
     start_run(config.out, info)
     try:
         summary = _run(config)

@@ -160,7 +160,16 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
     forward_s = time.perf_counter() - started
     instances = [inst for i, record in enumerate(item.records)
                  for inst in _image_instances(i, record, output, batch, adapter, detections[i], label_map, annotated)]
-    targets = _targets(instances, item.records, adapter.device)
+    return explain_and_score(adapter, explainers, item, batch, output, instances, _targets(instances, item.records,
+                             adapter.device), "detect", findings, forward_s, [len(d.scores) for d in detections])
+
+
+def explain_and_score(adapter: Any, explainers: list[BatchExplainer], item: ImageBatch, batch: PixelBatch, output: Any,
+                      instances: list[Instance], targets: Targets, task: str, findings: FindingsConfig,
+                      forward_s: float, n_predictions: list[int]) -> BatchRows:
+    """The rows of a batch whose instances are listed: every explainer's maps for all of them in one call, each
+    map's localisation scores and off-object flags, and the images rows (`n_predictions` per image); shared by
+    the detection audit and the classification audit (`pipeline.audit_classify`)."""
     padded = tuple(batch.pixel_values.shape[-2:])
     geometries = [Geometry((record.height, record.width), tuple(batch.input_sizes[i].tolist()), padded, output.grid)
                   for i, record in enumerate(item.records)]
@@ -179,7 +188,7 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
                 inst = instances[k]
                 # The flags read the map as stored (float16), as every later step does.
                 flags = flag_map(inst.outcome, maps[k].half().float(), image.objects[j], findings)
-                rows.instances.append(_instance_row(inst, image.record, explainer.name,
+                rows.instances.append(_instance_row(inst, image.record, explainer.name, task,
                                                     {n: float(v[j]) for n, v in scores.items()}) | flags.columns())
                 rows.maps.append({"instance_id": inst.instance_id, "image_id": image.record.image_id,
                                   "explainer": explainer.name, "grid_h": output.grid[0], "grid_w": output.grid[1],
@@ -189,18 +198,19 @@ def audit_batch(adapter: DetrAdapter, explainers: list[BatchExplainer], item: Im
         rows.images.append({
             "image_id": record.image_id, "file_path": str(record.path), **geometry.image_columns(),
             "exif_orientation": record.exif_orientation,
-            "n_gt": len(record.labels), "n_detections": len(detections[i].scores),
+            "n_gt": len(record.labels), "n_detections": n_predictions[i],
             "status": "ok", "forward_ms": 1000 * forward_s / n, "explain_ms": 1000 * explain_s / n,
         })
     return rows
 
 
-def _instance_row(inst: Instance, record: ImageRecord, explainer: str, scores: dict[str, float]) -> dict[str, Any]:
+def _instance_row(inst: Instance, record: ImageRecord, explainer: str, task: str,
+                  scores: dict[str, float]) -> dict[str, Any]:
     gt = record.boxes[inst.gt].tolist() if inst.gt >= 0 else [None] * 4
     x0, y0, x1, y1 = inst.pred_box.tolist()
     peak = _nan_to_none(scores["peak_in_gt"])
     return {
-        "instance_id": inst.instance_id, "image_id": record.image_id, "explainer": explainer,
+        "instance_id": inst.instance_id, "image_id": record.image_id, "explainer": explainer, "task": task,
         "outcome": inst.outcome, "query": inst.query, "label": inst.category,
         "label_name": inst.label_name, "score": inst.score,
         "pred_x0": x0, "pred_y0": y0, "pred_x1": x1, "pred_y1": y1,

@@ -24,10 +24,10 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
                       model_validator)
 
-from eive_audit.pipeline.models.families import FAMILIES
+from eive_audit.pipeline.models.families import FAMILIES, VIT_FAMILIES
 from eive_audit.pipeline.models.locate import resolve_model_path
 
-_PATH_FIELDS = ("images", "coco", "out")
+_PATH_FIELDS = ("images", "coco", "index", "out")
 
 
 def _device(value: str) -> str:
@@ -79,8 +79,45 @@ class DriseSettings(ExplainerSettings):
     batch_size: int = _unhashed(default=64, ge=1, description="masked images per forward")
 
 
+class CdamSmoothSettings(ExplainerSettings):
+    """Smooth CDAM (METHODS.md 3b): CDAM averaged over noisy copies of the tokens entering the last attention
+    (the output of the last block's first LayerNorm, which CDAM attributes to)."""
+
+    n_samples: int = Field(50, ge=1, description="noisy copies per target (the authors' m)")
+    noise: float = Field(0.05, ge=0.0, description="noise sigma as a share of the value range of the image's "
+                                                   "tokens entering the last attention")
+    seed: int = Field(0, description="seed of the noise (the same draws for every image)")
+    batch_size: int = _unhashed(default=64, ge=1, description="noisy copies per forward of the last block")
+
+
+class CdamIntegratedSettings(ExplainerSettings):
+    """Integrated CDAM (METHODS.md 3b): integrated gradients on the tokens entering the last attention, from a
+    zero baseline: the tokens times the mean gradient at the tokens scaled by k/m, k = 1..m-1."""
+
+    steps: int = Field(50, ge=2, description="m: the tokens are scaled by k/m for k = 1..m-1 (m = 2 is one step)")
+    batch_size: int = _unhashed(default=64, ge=1, description="scaled copies per forward of the last block")
+
+
+class IbaSettings(ExplainerSettings):
+    """IBA (METHODS.md 3c, reconstructed from the abstract): every block scored on its own through the final
+    norm and head, combined with that block's gradient-weighted attention, block maps fused."""
+
+    fusion: Literal["mean", "product", "max"] = Field("mean", description="how the per-block maps are fused")
+    first_block: int = Field(0, ge=0, description="blocks before this one are not scored")
+    relevance: Literal["head", "gradient"] = Field("head", description="class-semantic relevance of a token: the "
+                                                   "head on it alone (class probability), or gradient x token")
+
+
+class ScoreCamSettings(ExplainerSettings):
+    """Score-CAM (the grad-cam package): activation maps weighted by the class score of the image masked by each."""
+
+    batch_size: int = _unhashed(default=64, ge=1, description="masked images per forward")
+
+
 # Explainers with parameters; every other registered explainer takes ExplainerSettings (none).
-EXPLAINER_SETTINGS: dict[str, type[ExplainerSettings]] = {"eive": EiveSettings, "drise": DriseSettings}
+EXPLAINER_SETTINGS: dict[str, type[ExplainerSettings]] = {
+    "eive": EiveSettings, "drise": DriseSettings, "cdam-smooth": CdamSmoothSettings,
+    "cdam-integrated": CdamIntegratedSettings, "iba": IbaSettings, "score-cam": ScoreCamSettings}
 
 
 class FaithfulnessConfig(_Part):
@@ -198,19 +235,49 @@ def did_you_mean(name: str, choices: Any) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+# The outcome of an instances row, and the detection outcome whose part it plays in the flags, findings and
+# review: a classifier's instances are its predicted class (correct or wrong) and, when wrong, the true class
+# (missed: "why was it not that class", as a detector's fn asks "why was it missed").
+OUTCOME_ROLES: dict[str, str] = {"tp": "tp", "fp": "fp", "dup": "dup", "crowd": "crowd", "fn": "fn", "det": "det",
+                                 "correct": "tp", "wrong": "fp", "missed": "fn"}
+
+
+def playing(*roles: str) -> tuple[str, ...]:
+    """The outcomes that play any of the detection `roles` (`playing("fn")` is ("fn", "missed"))."""
+    return tuple(outcome for outcome, role in OUTCOME_ROLES.items() if role in roles)
+
+
+def sql_outcome_in(*roles: str, column: str = "outcome") -> str:
+    """SQL: `column` is an outcome playing one of `roles`."""
+    return f"{column} IN ({', '.join(repr(o) for o in playing(*roles))})"
+
+
+CLASSIFY_EXPLAINERS = ["legrad"]  # a classification audit's default explainers (a detection audit's: eive)
+
+
 class AuditConfig(_Part):
     """One audit. Its canonical hash (`run_id`) decides resume: a shard already written under the same
     run id is skipped."""
 
-    images: Path = _unhashed(description="image root (with --coco) or a plain image folder")
+    task: Literal["detect", "classify"] = Field(
+        "detect", description="detect: a DETR-family detector, instances are its detections and misses; classify: "
+                              "a ViT classifier, instances are each image's predicted class and, when wrong, its "
+                              "true class")
+    images: Path = _unhashed(description="image root (with --coco or --index), a plain image folder, or for "
+                                         "classify without --index an ImageFolder tree IMAGES/<class>/<image>")
     coco: Path | None = _unhashed(default=None, description="COCO annotation json; none audits a plain image folder")
+    index: Path | None = _unhashed(default=None, description="classification index (json or csv of file, label and "
+                                                              "optional object boxes) for --task classify")
     out: Path = _unhashed(description="store root: Parquet tables and catalog.duckdb")
-    model: str = _unhashed(default="default", description="model directory, hub id, or `default` (the shipped model)")
+    model: str = _unhashed(default="default", description="model directory, hub id, or a shipped model: `default` "
+                                                          "(the detector; with --task classify, `default-vit`)")
     # A union, so the JSON schema (which a Prefect server checks a deployment's parameters against) admits each
     # explainer's parameters; `_explainer_settings` picks the class by name.
-    explainers: dict[str, SerializeAsAny[EiveSettings | DriseSettings | ExplainerSettings]] = Field(
+    explainers: dict[str, SerializeAsAny[EiveSettings | DriseSettings | CdamSmoothSettings | CdamIntegratedSettings
+                                         | IbaSettings | ScoreCamSettings | ExplainerSettings]] = Field(
         default_factory=lambda: {"eive": EiveSettings()},
-        description="explainers to run, in order, each with its parameters")
+        description=f"explainers to run, in order, each with its parameters; with --task classify "
+                    f"{','.join(CLASSIFY_EXPLAINERS)} by default")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring at least this")
     max_detections: int = Field(100, ge=1, description="detections kept per image, best first")
     batch_size: int = Field(8, ge=1, description="images per forward")
@@ -242,6 +309,28 @@ class AuditConfig(_Part):
     faithfulness: FaithfulnessConfig = Field(default_factory=FaithfulnessConfig)
     findings: FindingsConfig = Field(default_factory=FindingsConfig)
     review: ReviewConfig = _unhashed(default_factory=ReviewConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_task(cls, data: Any) -> Any:
+        """A classification audit takes, unless told otherwise, the shipped ViT (a detection audit, the shipped
+        detector) and LeGrad (EIVE reads a detector's decoder, which a ViT does not have)."""
+        if not isinstance(data, dict) or data.get("task") != "classify":
+            return data
+        if data.get("model") in (None, "default"):
+            data = {**data, "model": "default-vit"}
+        if data.get("explainers") is None:
+            data = {**data, "explainers": CLASSIFY_EXPLAINERS}
+        return data
+
+    @model_validator(mode="after")
+    def _annotations_fit_task(self) -> "AuditConfig":
+        """A COCO json is a detection dataset and an index a classification one: the wrong one is refused."""
+        if self.task == "classify" and self.coco is not None:
+            raise ValueError("coco annotations are for task detect; a classification audit reads --index")
+        if self.task == "detect" and self.index is not None:
+            raise ValueError("index is for task classify (--task classify); a detection audit reads --coco")
+        return self
 
     @model_validator(mode="after")
     def _address_fits_runner(self) -> "AuditConfig":
@@ -291,9 +380,13 @@ class AuditConfig(_Part):
         content: dict[str, Any] = {"settings": _results_fields(self), "schema_version": SCHEMA_VERSION,
                                    "images": str(self.images.resolve()),
                                    "coco": str(self.coco.resolve()) if self.coco else None}
-        if self.coco is not None and self.coco.is_file():  # annotations edited in place start a new run
-            stat = self.coco.stat()
-            content["coco_file"] = (stat.st_size, stat.st_mtime_ns)
+        if self.index is not None:  # only then, so a detection run keeps the id it had before indexes existed
+            content["index"] = str(self.index.resolve())
+        for name in ("coco", "index"):
+            annotations = getattr(self, name)
+            if annotations is not None and annotations.is_file():  # annotations edited in place start a new run
+                stat = annotations.stat()
+                content[f"{name}_file"] = (stat.st_size, stat.st_mtime_ns)
         content |= self._model_fingerprint()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -347,10 +440,15 @@ class TrainConfig(_Part):
     `training_config.json`. A checkpoint resumes only under the same settings, except those in
     `pipeline.train.RESUMABLE_CHANGES`."""
 
-    coco: Path = Field(description="COCO annotation json of the training split")
+    task: Literal["detect", "classify"] = Field("detect", description="detect: a DETR-family detector on a COCO "
+                                                "json; classify: a ViT classifier on a classification index")
+    coco: Path | None = Field(None, description="COCO annotation json of the training split (detect)")
+    index: Path | None = Field(None, description="classification index (json or csv) of the training split "
+                                                 "(classify); none reads an ImageFolder tree IMAGES/<class>/<image>")
     images: Path = Field(description="image root of the training split")
     out: Path = Field(description="model directory to write (its checkpoint/ folder resumes an interrupted run)")
-    family: str = Field("conditional-detr-small", description="architecture when training from scratch")
+    family: str | None = Field(None, description="architecture when training from scratch; default "
+                                                 "conditional-detr-small (detect) or vit-synth (classify)")
     init: Path | None = Field(None, description="fine-tune this model directory (or `default`) instead of a random "
                                                 "init; onto other category names, with a class head relabelled to "
                                                 "the dataset's categories")
@@ -373,12 +471,28 @@ class TrainConfig(_Part):
     lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")
     lambda_stab: float = Field(0.1, ge=0.0, description="AAJTS stability weight")
 
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value: str) -> str:
-        if value not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {value!r}")
-        return value
+    @model_validator(mode="after")
+    def _fits_task(self) -> "TrainConfig":
+        if self.task == "detect":
+            if self.coco is None:
+                raise ValueError("training a detector needs the COCO annotation json (coco)")
+            if self.family is not None and self.family not in FAMILIES:
+                raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        else:
+            if self.aajts:
+                raise ValueError("aajts trains a detector's cross-attention: it is for task detect")
+            if self.coco is not None:
+                raise ValueError("a classifier trains on a classification index (index) or an ImageFolder tree, "
+                                 "not a COCO json")
+            if self.family is not None and self.family not in VIT_FAMILIES:
+                raise ValueError(f"family must be one of {', '.join(VIT_FAMILIES)} for task classify, "
+                                 f"got {self.family!r}")
+        return self
+
+    @property
+    def recipe(self) -> str:
+        """The family trained from scratch: `family`, or the task's small default."""
+        return self.family or ("conditional-detr-small" if self.task == "detect" else "vit-synth")
 
 
 def _results_fields(part: BaseModel) -> dict[str, Any]:

@@ -19,16 +19,19 @@ import numpy as np
 import torch
 
 from eive_audit.pipeline.audit import BatchExplainer, BatchRows, audit_batch, faithfulness_of_rows, model_labels
+from eive_audit.pipeline.audit_classify import classify_batch
 from eive_audit.pipeline.batching import ImageBatch, iter_batches
 from eive_audit.pipeline.config import AuditConfig
 from eive_audit.pipeline.findings import Findings, find_spurious
 from eive_audit.pipeline.models.detr import DetrAdapter
+from eive_audit.pipeline.models.loading import load_model
+from eive_audit.pipeline.models.vit import ViTAdapter
 from eive_audit.pipeline.models.labels import label_to_category
-from eive_audit.pipeline.sources import CocoSource, FolderSource, ImageRecord, SourceError, open_source
+from eive_audit.pipeline.sources import ImageRecord, Source, SourceError, open_source
 
 Key = tuple[str, str]  # (instance_id, explainer)
+Adapter = DetrAdapter | ViTAdapter
 Row = dict[str, Any]
-Source = CocoSource | FolderSource
 
 _worker = threading.local()
 
@@ -49,32 +52,32 @@ def worker_device(device: str) -> str:
     return f"cuda:{_worker.slot % torch.cuda.device_count()}"
 
 
-def worker_model(model: str, device: str) -> DetrAdapter:
+def worker_model(model: str, device: str) -> Adapter:
     """This thread's loaded model for (model, device): loaded on the thread's first call and kept for its
     next tasks, never handed to another thread. A thread keeps one model, so a worker asked for another
     drops the old one."""
     device = worker_device(device)
     key = (model, device)
     if getattr(_worker, "key", None) != key:
-        _worker.adapter, _worker.key = DetrAdapter.load(model, device), key
+        _worker.adapter, _worker.key = load_model(model, device), key
     return _worker.adapter
 
 
 def plan_shards(config: AuditConfig) -> dict[str, list[int]]:
     """Shard name -> image ids, in id order; names are stable for a given source and shard size. A source
     without images still gets one shard, empty, which stores the errors found when it was opened."""
-    ids = open_source(config.images, config.coco).image_ids
+    ids = open_source(config.images, config.coco, config.index, config.task).image_ids
     return {f"s{n:05d}": ids[start:start + config.shard_size]
             for n, start in enumerate(range(0, max(len(ids), 1), config.shard_size))}
 
 
-def model_and_source(config: AuditConfig) -> tuple[DetrAdapter, Source, dict[int, int]]:
+def model_and_source(config: AuditConfig) -> tuple[Adapter, Source, dict[int, int]]:
     """This thread's model, the source, and the map model label -> dataset category id; the process's torch
     on `config.torch_threads` CPU threads where set (a process-wide setting: every worker asks the same)."""
     if config.torch_threads and torch.get_num_threads() != config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     adapter = worker_model(config.model, config.device)
-    source = open_source(config.images, config.coco)
+    source = open_source(config.images, config.coco, config.index, config.task)
     label_map, _ = label_to_category(adapter.label_names, source.categories) if source.categories else ({}, "")
     return adapter, source, label_map
 
@@ -112,10 +115,12 @@ def audit_images(config: AuditConfig, explainers: list[BatchExplainer],
                       for image_id, path in failed.items() if image_id not in audited]}
 
 
-def _audit_or_split(adapter: DetrAdapter, explainers: list[BatchExplainer], item: ImageBatch,
+def _audit_or_split(adapter: Adapter, explainers: list[BatchExplainer], item: ImageBatch,
                     label_map: dict[int, int], config: AuditConfig, errors: list[Row]) -> list[BatchRows]:
     """Audit a batch; if it fails, retry its images one by one so only the culprit becomes an error row."""
     try:
+        if config.task == "classify":
+            return [classify_batch(adapter, explainers, item, label_map, findings=config.findings)]  # type: ignore[arg-type]
         return [audit_batch(adapter, explainers, item, label_map, config.score_threshold, config.max_detections,
                             annotated=config.coco is not None, findings=config.findings)]
     except Exception as exc:

@@ -188,8 +188,8 @@ def _build_model(config: TrainConfig, source: CocoSource) -> tuple[PreTrainedMod
         return model, fine_tune_label_map(source, model.config.id2label), preprocess_config
     cat_ids = sorted(source.categories)  # from scratch: one label per category, in id order
     names, cat_to_label = [source.categories[c] for c in cat_ids], {c: i for i, c in enumerate(cat_ids)}
-    family = FAMILIES[config.family]
-    model = family.model_class(build_config(config.family, names))
+    family = FAMILIES[config.recipe]
+    model = family.model_class(build_config(config.recipe, names))
     return model, cat_to_label, PreprocessConfig(family.shortest_edge, family.longest_edge)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from eive_audit.pipeline.config import parse_condition
+from eive_audit.pipeline.config import parse_condition, sql_outcome_in
 from eive_audit.storage.catalog import query
 from eive_audit.storage.schema import FLAGGED
 
@@ -59,11 +59,12 @@ SELECT base_id, run_id, explainer, file_path, inter / (areas - inter) AS iou FRO
 WHERE inter > 0 AND inter / (areas - inter) >= ?
 """
 
-_CLASSES_SQL = """
+# A classifier's outcomes count as the detection outcomes they play (pipeline.config.OUTCOME_ROLES).
+_CLASSES_SQL = f"""
 SELECT explainer, label_name,
-       avg(mass_in_gt) FILTER (outcome = 'tp') AS mass_in_gt, avg(insertion_auc) AS insertion_auc,
-       count(*) FILTER (outcome = 'tp') AS tp, count(*) FILTER (outcome IN ('fp', 'dup')) AS fp,
-       count(*) FILTER (outcome = 'fn') AS fn
+       avg(mass_in_gt) FILTER ({sql_outcome_in("tp")}) AS mass_in_gt, avg(insertion_auc) AS insertion_auc,
+       count(*) FILTER ({sql_outcome_in("tp")}) AS tp, count(*) FILTER ({sql_outcome_in("fp", "dup")}) AS fp,
+       count(*) FILTER ({sql_outcome_in("fn")}) AS fn
 FROM instances WHERE run_id = ? GROUP BY ALL ORDER BY explainer, label_name
 """
 
@@ -97,10 +98,11 @@ def previous_run(store: Path, run_id: str) -> str | None:
                  and _dataset(r["config_json"]) == dataset), None)
 
 
-def _dataset(config_json: str) -> tuple[str, str | None]:
+def _dataset(config_json: str) -> tuple[str, str | None, str | None]:
+    """What names a run's dataset: its image root and annotation file (COCO json or classification index)."""
     config = json.loads(config_json)
     return (str(Path(config["images"]).resolve()),
-            str(Path(config["coco"]).resolve()) if config.get("coco") else None)
+            *(str(Path(config[name]).resolve()) if config.get(name) else None for name in ("coco", "index")))
 
 
 def run_diff(store: Path, base: str, run: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class RunInfo:
     model: str
     explainers: Sequence[str]
     created_at: datetime
+    task: str = "detect"
 
 
 def start_run(root: Path, info: RunInfo) -> None:
@@ -67,7 +68,7 @@ def _write_row(root: Path, info: RunInfo, status: str, seconds: float, counts: M
         "config_hash": info.config_hash, "config_json": info.config_json,
         "created_at": previous["created_at"] if previous is not None else info.created_at,
         "finished_at": datetime.now(timezone.utc) if status == "finished" else None, "status": status,
-        "model": info.model, "explainers": ",".join(info.explainers), "seconds": seconds,
+        "model": info.model, "task": info.task, "explainers": ",".join(info.explainers), "seconds": seconds,
         "n_images": counts.get("images", 0), "n_instances": counts.get("instances", 0),
         "n_errors": counts.get("errors", 0), "error": error,
     }])

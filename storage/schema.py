@@ -11,8 +11,8 @@ import pyarrow as pa
 # 2: images gained input_* and padded_* sizes; 3: findings; 4: localised drop, specificity; 5: off_object_share
 # and the flag_* columns are written with each shard by the audit (phase one), no longer by the findings step;
 # 6: runs.error and the failed status, the crowd outcome, images.exif_orientation; 7: instances.off_object_norm and
-# flag_reason (resolution-aware flags)
-SCHEMA_VERSION = 7
+# flag_reason (resolution-aware flags); 8: runs.task and instances.task (classification audits), their outcomes
+SCHEMA_VERSION = 8
 SCHEMA_VERSION_KEY = b"eive_audit_schema_version"
 # An instances row that any off-object flag marks (the flags are written with each shard), as SQL: what the
 # `flagged` faithfulness budget selects and the run summary counts.
@@ -20,8 +20,11 @@ FLAGGED = "(flag_off_object OR flag_background_fp OR flag_miss_elsewhere)"
 
 # Values a string column may take; the writer refuses anything else so SQL filters can rely on them.
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
-    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "crowd", "fn", "det"}),
+    # a detector's (matching), then a classifier's: its predicted class right or wrong, the true class of a wrong one
+    ("instances", "outcome"): frozenset({"tp", "fp", "dup", "crowd", "fn", "det", "correct", "wrong", "missed"}),
+    ("instances", "task"): frozenset({"detect", "classify"}),
     ("runs", "status"): frozenset({"running", "finished", "failed"}),
+    ("runs", "task"): frozenset({"detect", "classify"}),
 }
 
 
@@ -48,6 +51,7 @@ RUNS = _schema(
     _optional("finished_at", _UTC),
     _required("status", pa.string()),
     _required("model", pa.string()),
+    _required("task", pa.string()),  # detect or classify
     _required("explainers", pa.string()),  # comma-separated explainer names
     _required("n_images", pa.int64()),
     _required("n_instances", pa.int64()),
@@ -86,9 +90,12 @@ INSTANCES = _schema(
     _required("image_id", pa.int64()),
     _required("shard", pa.string()),
     _required("explainer", pa.string()),
-    _required("outcome", pa.string()),  # tp, fp, dup, crowd, fn; det in a source without GT (ALLOWED_VALUES)
+    _required("task", pa.string()),  # detect or classify: a store may hold runs of both
+    # detect: tp, fp, dup, crowd, fn, or det in a source without GT; classify: correct / wrong (the predicted
+    # class, whose box is the whole image) and missed (the true class of a wrong prediction), or det unlabelled
+    _required("outcome", pa.string()),
     _required("query", pa.int32()),
-    _optional("label", pa.int64()),  # dataset category id
+    _optional("label", pa.int64()),  # dataset category id (classify: class id of the index or ImageFolder)
     _required("label_name", pa.string()),
     _required("score", pa.float32()),
     _required("pred_x0", pa.float32()),

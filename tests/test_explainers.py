@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from eive_audit.explainers import available, get_explainer
+from eive_audit.explainers import available, get_explainer, needs_of
 from eive_audit.explainers.drise import DRise, detection_similarity, smooth_masks
 from eive_audit.explainers.rollout import relevance
 from eive_audit.pipeline.config import DriseSettings
@@ -27,7 +27,8 @@ from eive_audit.pipeline.sources.synthetic import SynthParams, make_scene, rende
 # registry holds, so a method added there is held to them too.
 BASELINES = ("raw-attention", "rollout", "chefer", "odam", "drise", "legrad-detr", "cdam-detr")
 GRADIENT = ("chefer", "odam", "legrad-detr", "cdam-detr")
-REGISTERED = [name for name in available() if name != "eive"]  # EIVE has tests/test_eive.py
+# The detection explainers (EIVE has tests/test_eive.py; the ViT ones tests/test_vit_explainers.py)
+REGISTERED = [name for name in available() if name != "eive" and "detect" in needs_of(name).tasks]
 DENSE_FAMILIES = [name for name, family in FAMILIES.items() if not family.deformable and not name.endswith("-small")]
 FAST_DRISE = {"n_masks": 8, "batch_size": 8}
 

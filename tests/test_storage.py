@@ -40,9 +40,9 @@ MAP = encode_map(np.array([[0.0, 0.5], [1.0, 0.25]]))
 # Floats are exact in float32 so values compare equal after the round trip.
 SAMPLES: dict[str, list[dict[str, Any]]] = {
     "runs": [
-        dict(config_hash="h1", config_json="{}", created_at=T0, finished_at=T0, status="failed", model="detr",
+        dict(config_hash="h1", config_json="{}", created_at=T0, finished_at=T0, status="failed", model="detr", task="detect",
              explainers="eive,chefer", n_images=2, n_instances=3, n_errors=0, seconds=1.5, error="RuntimeError: boom"),
-        dict(config_hash="h2", config_json="{}", created_at=T0, status="running", model="detr", explainers="eive",
+        dict(config_hash="h2", config_json="{}", created_at=T0, status="running", model="detr", task="detect", explainers="eive",
              n_images=0, n_instances=0, n_errors=0, seconds=0.0),
     ],
     "images": [
@@ -52,7 +52,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
         dict(image_id=2, shard="s0", status="error"),
     ],
     "instances": [
-        dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", outcome="tp", query=7, label=18,
+        dict(instance_id="1-q7", image_id=1, shard="s0", explainer="eive", task="detect", outcome="tp", query=7, label=18,
              label_name="dog", score=0.875, pred_x0=1.0, pred_y0=2.0, pred_x1=30.0, pred_y1=40.0,
              gt_annotation_id=900, gt_x0=1.5, gt_y0=2.5, gt_x1=29.0, gt_y1=39.0, iou=0.75, mass_in_pred=0.5,
              mass_in_gt=0.625, mass_on_other_gt=0.125, peak_in_gt=True, compactness=0.25, deletion_auc=0.125,
@@ -410,7 +410,7 @@ def test_a_rerun_never_turns_a_finished_run_back(tmp_path: Path) -> None:
 
 def _shard_rows(image_id: int, n: int) -> dict[str, list[dict[str, Any]]]:
     """A part of a shard as the audit yields it: `n` instances of one image, maps as float arrays."""
-    base = {"image_id": image_id, "explainer": "eive"}
+    base = {"image_id": image_id, "explainer": "eive", "task": "detect"}
     return {"images": [{"image_id": image_id, "status": "ok"}],
             "instances": [base | {"instance_id": f"{image_id}-q{q}", "outcome": "tp", "query": q, "label_name": "dog",
                                   "score": 0.5, "pred_x0": 0.0, "pred_y0": 0.0, "pred_x1": 1.0, "pred_y1": 1.0}

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eive_audit.pipeline.config import FindingsConfig
+from eive_audit.pipeline.config import OUTCOME_ROLES, FindingsConfig, playing
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import box_coverage
 
-OBJECT_OUTCOMES = ("tp", "dup", "crowd", "fn")
+OBJECT_OUTCOMES = playing("tp", "dup", "crowd", "fn")  # whose object is their GT box (a classifier's correct, missed)
 
 
 class InstanceKey(NamedTuple):
@@ -89,7 +89,7 @@ def object_cells(outcome: str, box: torch.Tensor, gt_boxes: torch.Tensor, grid: 
     """Cells [h, w] (coverage in [0, 1]) that count as an instance's object. box [4]: the instance's box (its
     GT box for tp / dup / crowd / fn, else its prediction); gt_boxes [G, 4]: the GT objects of its image;
     grid units."""
-    boxes = gt_boxes if outcome == "fp" and len(gt_boxes) else box[None]
+    boxes = gt_boxes if OUTCOME_ROLES[outcome] == "fp" and len(gt_boxes) else box[None]
     return box_coverage(boxes, grid).amax(0)
 
 
@@ -108,23 +108,28 @@ def flag_map(outcome: str, saliency: torch.Tensor, cells: torch.Tensor, config: 
     total = float(saliency.sum())
     share = float((saliency * (1 - cells)).sum()) / total if total > 0 else 0.0
     norm = float(saliency[~reach(cells, config.reach_cells)].sum()) / total if total > 0 else 0.0
+    role = OUTCOME_ROLES[outcome]
     flags = Flags(off_object_share=share, off_object_norm=norm,
-                  flag_off_object=outcome in ("tp", "dup") and norm >= config.off_object,
-                  flag_background_fp=outcome == "fp" and norm >= config.background,
-                  flag_miss_elsewhere=outcome == "fn" and norm >= config.off_object)
-    flags.flag_reason = reason(flags, config)
+                  flag_off_object=role in ("tp", "dup") and norm >= config.off_object,
+                  flag_background_fp=role == "fp" and norm >= config.background,
+                  flag_miss_elsewhere=role == "fn" and norm >= config.off_object)
+    flags.flag_reason = reason(flags, config, classify=role != outcome)
     return flags
 
 
-def reason(flags: Flags, config: FindingsConfig) -> str | None:
+def reason(flags: Flags, config: FindingsConfig, classify: bool = False) -> str | None:
     """Why an instance is flagged, in words (None when it is not): where its map went, against the threshold
-    that flagged it, beside the raw share a reader might otherwise go by."""
+    that flagged it, beside the raw share a reader might otherwise go by; in a classifier's words with
+    `classify`."""
     if flags.flag_off_object:
-        what, box, threshold = "correct detection looking off its object", "its box", config.off_object
+        what = "correct prediction looking off its object" if classify else "correct detection looking off its object"
+        box, threshold = "its box", config.off_object
     elif flags.flag_background_fp:
-        what, box, threshold = "false positive driven by background", "any GT box", config.background
+        what = "wrong class driven by background" if classify else "false positive driven by background"
+        box, threshold = "any GT box", config.background
     elif flags.flag_miss_elsewhere:
-        what, box, threshold = "miss whose best query looked elsewhere", "its box", config.off_object
+        what = "true class whose map looked elsewhere" if classify else "miss whose best query looked elsewhere"
+        box, threshold = "its box", config.off_object
     else:
         return None
     cells = f"the cells {box} touches"
@@ -184,7 +189,7 @@ class Case:
     @property
     def explained_box(self) -> list[float]:
         """The box its detection score is measured on: the GT box for a miss, else the prediction."""
-        return row_box(self.row, "gt" if self.row["outcome"] == "fn" else "pred")  # type: ignore[return-value]
+        return row_box(self.row, "gt" if self.row["outcome"] == "fn" else "pred")  # a classifier's: the image  # type: ignore[return-value]
 
 
 def describe_instance(row: dict[str, Any], saliency: np.ndarray, gt_boxes: torch.Tensor, geometry: Geometry,

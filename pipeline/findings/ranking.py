@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from eive_audit.pipeline.config import OUTCOME_ROLES
 from eive_audit.pipeline.findings.flags import InstanceFinding
 
 PRIOR_FEATURES = ("margin", "off_object_norm", "fp", "fn")
@@ -58,8 +59,9 @@ def features(row: Mapping[str, Any], finding: InstanceFinding, threshold: float)
     drop = 0.0 if finding.verification_drop is None else min(max(finding.verification_drop, 0.0), 1.0)
     specific = 0.0 if finding.specificity is None else min(max(finding.specificity, 0.0), 1.0)
     m = margin(float(row["score"]), threshold)
-    return {"margin": m, "off_object_norm": float(finding.off_object_norm), "fp": float(row["outcome"] == "fp"),
-            "fn": float(row["outcome"] == "fn"), "drop": drop, "drop_x_weak": drop * (1.0 - m),
+    role = OUTCOME_ROLES[row["outcome"]]
+    return {"margin": m, "off_object_norm": float(finding.off_object_norm), "fp": float(role == "fp"),
+            "fn": float(role == "fn"), "drop": drop, "drop_x_weak": drop * (1.0 - m),
             "specificity": specific, "localised": float(finding.specificity is not None)}
 
 

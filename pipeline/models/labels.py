@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from eive_audit.pipeline.models.locate import read_model_config
+from eive_audit.pipeline.models.families import OPEN_CLIP_CONFIG
+from eive_audit.pipeline.models.locate import read_model_config, resolve_model_path
 
 
 def label_to_category(model_labels: dict[int, str], categories: dict[int, str]) -> tuple[dict[int, int], str]:
@@ -21,8 +23,18 @@ def label_to_category(model_labels: dict[int, str], categories: dict[int, str]) 
 
 
 def labels_of_model(model: str | Path) -> dict[int, str] | None:
-    """A local model's labels (index -> name) from its config.json; None for a hub id or a config without them."""
+    """A local model's labels (index -> name) from its config: transformers' `id2label`, timm's `label_names`,
+    an OpenCLIP zero-shot directory's class names (`open_clip_config.json`); None for a hub id or a config
+    without them."""
+    clip = Path(resolve_model_path(model)) / OPEN_CLIP_CONFIG
+    if clip.is_file():
+        names = (json.loads(clip.read_text()).get("zero_shot") or {}).get("class_names")
+        return dict(enumerate(map(str, names))) if names else None
     config = read_model_config(model)
-    if config is None or not config.get("id2label"):
+    if config is None:
         return None
-    return {int(index): str(name) for index, name in config["id2label"].items()}
+    if config.get("id2label"):
+        return {int(index): str(name) for index, name in config["id2label"].items()}
+    if config.get("label_names"):
+        return dict(enumerate(map(str, config["label_names"])))
+    return None

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+# The models shipped in the package, by the name the command line gives them: the small detector and the tiny ViT
+# classifier, each trained by the project's own `eive-audit train` on synthetic planted-cue data (see their cards).
+SHIPPED_MODELS = {"default": DEFAULT_MODEL_DIR, "default-vit": Path(__file__).parent / "default_vit"}
 
 
 class ModelLoadError(ValueError):
@@ -15,8 +18,8 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(name: str | Path) -> str:
-    """`default` names the shipped model; anything else is a local directory or a hub id."""
-    return str(DEFAULT_MODEL_DIR) if str(name) == "default" else str(name)
+    """`default` and `default-vit` name the shipped models; anything else is a local directory or a hub id."""
+    return str(SHIPPED_MODELS.get(str(name), name))
 
 
 def read_model_config(name: str | Path) -> dict[str, Any] | None:
