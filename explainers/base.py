@@ -39,6 +39,7 @@ class Needs:
     gradients: bool = False  # autograd through the model
     model_types: frozenset[str] = frozenset()  # the model types it is defined for; empty: every family
     tasks: frozenset[str] = DETECT  # detect (DETR-family detectors) and / or classify (ViT classifiers)
+    reconstructed: bool = False  # no public code: rebuilt from the paper's abstract, its defaults chosen by measurement
 
 
 # The built-in explainers and their needs. The explainer `a-b` is the class that explainers/a_b.py registers,
@@ -57,7 +58,7 @@ BUILTIN: dict[str, Needs] = {
     "cdam": Needs(gradients=True, tasks=CLASSIFY),
     "cdam-smooth": Needs(gradients=True, tasks=CLASSIFY),
     "cdam-integrated": Needs(gradients=True, tasks=CLASSIFY),
-    "iba": Needs(gradients=True, tasks=CLASSIFY),  # reconstructed from the abstract (METHODS.md 3c)
+    "iba": Needs(gradients=True, tasks=CLASSIFY, reconstructed=True),  # METHODS.md 3c
     "grad-cam": Needs(gradients=True, tasks=CLASSIFY),  # the grad-cam package (pytorch-grad-cam)
     "score-cam": Needs(tasks=CLASSIFY),  # the grad-cam package: forwards of masked images
 }
@@ -149,6 +150,8 @@ def capabilities(name: str) -> str:
                                         (needs.gradients, "gradients")) if wanted]
     if needs.model_types:
         wants.append(f"model types {', '.join(sorted(needs.model_types))}")
+    if needs.reconstructed:
+        wants.append("RECONSTRUCTED from the paper's abstract, no public code")
     return f"{name} ({'; '.join(wants)})"
 
 
