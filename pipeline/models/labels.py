@@ -10,11 +10,18 @@ from eive_audit.pipeline.models.locate import read_model_config, resolve_model_p
 
 
 def label_to_category(model_labels: dict[int, str], categories: dict[int, str]) -> tuple[dict[int, int], str]:
-    """Map model label index -> dataset category id: by name when every category has a model label,
-    else by position (labels in order onto category ids in order, for random-init models named LABEL_k)."""
+    """Map model label index -> dataset category id: by name when every category has a model label, else by
+    position (labels in order onto category ids in order) when no name matches at all (random-init models
+    named LABEL_k). A partial match is refused: one stray class folder or a renamed class would otherwise
+    shift every label of a by-position mapping, silently."""
     by_name = {name: idx for idx, name in model_labels.items()}
-    if all(name in by_name for name in categories.values()):
+    named = [name for name in categories.values() if name in by_name]
+    if len(named) == len(categories):
         return {by_name[name]: cat for cat, name in categories.items()}, "name"
+    if named:
+        missing = sorted(set(categories.values()) - set(named))
+        raise ValueError(f"the model has no label named {', '.join(map(repr, missing[:5]))}"
+                         f"{' ...' if len(missing) > 5 else ''} (its labels: {', '.join(list(by_name)[:10])})")
     if len(model_labels) < len(categories):
         raise ValueError(
             f"the model has {len(model_labels)} labels and none of the names match; the dataset has {len(categories)} categories"
