@@ -1,5 +1,6 @@
 """Prefect artifacts of a finished audit run: a markdown summary (counts, flags, cues, where to review it), a
-table of the worst correct detections, and what changed since the previous run of the dataset (reports.diff).
+table of the worst correct detections (a classifier's: correct predictions), and what changed since the
+previous run of the dataset (reports.diff).
 
 They put the run's outcome on the flow run's page in the Prefect UI, where a scheduled audit is seen,
 so nobody has to open the store to learn whether last night's audit found something. Both are read back
@@ -15,6 +16,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from eive_audit.pipeline.config import sql_outcome_in
 from eive_audit.reports.diff import diff_markdown
 from eive_audit.reports.views import open_command
 from eive_audit.storage.catalog import query
@@ -23,19 +25,26 @@ from eive_audit.storage.schema import FLAGGED
 WORST_LIMIT = 20
 CUES_LISTED = 10
 
-# Correct detections whose map puts the least mass on their object: "right for the wrong reasons" first.
-_WORST_SQL = """
+# Correct detections (or a classifier's correct predictions) whose map puts the least mass on their object:
+# "right for the wrong reasons" first.
+_WORST_SQL = f"""
 SELECT instance_id, image_id, explainer, label_name, round(score::DOUBLE, 3) AS score,
        round(iou::DOUBLE, 3) AS iou, round(mass_in_gt::DOUBLE, 3) AS mass_in_gt,
        round(mass_in_pred::DOUBLE, 3) AS mass_in_pred, peak_in_gt
-FROM instances WHERE run_id = ? AND outcome = 'tp' AND mass_in_gt IS NOT NULL
+FROM instances WHERE run_id = ? AND {sql_outcome_in("tp")} AND mass_in_gt IS NOT NULL
 ORDER BY mass_in_gt, instance_id, explainer LIMIT ?
 """
 
 _RUN_SQL = """
-SELECT status, model, explainers, n_images, n_instances, n_errors, round(seconds, 1) AS seconds
+SELECT status, model, task, explainers, n_images, n_instances, n_errors, round(seconds, 1) AS seconds
 FROM runs WHERE run_id = ?
 """
+
+# What the flag columns mark, and what the worst table lists, in a detector's and in a classifier's words.
+_FLAG_WORDS = {"detect": ("off object", "background false positives", "misses looking elsewhere"),
+               "classify": ("correct predictions off their object", "wrong predictions driven by background",
+                            "true classes looked for elsewhere")}
+_WORST_WORDS = {"detect": "correct detections", "classify": "correct predictions"}
 
 _TIMING_SQL = """
 SELECT round(median(forward_ms::DOUBLE), 1) AS forward_ms, round(median(explain_ms::DOUBLE), 1) AS explain_ms,
@@ -67,7 +76,8 @@ def artifact_key(*parts: str) -> str:
 
 
 def worst_detections(store: Path, run_id: str, limit: int = WORST_LIMIT) -> list[dict[str, Any]]:
-    """The `limit` correct detections of the run with the least saliency mass inside their GT box."""
+    """The `limit` correct detections (or correct predictions) of the run with the least saliency mass inside
+    their GT box (a classifier's: the object box of the class)."""
     return query(store, _WORST_SQL, [run_id, limit]).to_pylist()
 
 
@@ -80,6 +90,7 @@ def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dat
     outcomes = ", ".join(f"{row['outcome']} {row['n']}" for row in query(store, _OUTCOMES_SQL, [run_id]).to_pylist())
     flags = query(store, _FLAGGED_SQL, [run_id]).to_pylist()[0]
     cues = query(store, _CUES_SQL, [run_id]).to_pylist()
+    off_object, background, elsewhere = _FLAG_WORDS[run["task"]]
     lines = [
         f"# Audit `{run_id}`",
         "",
@@ -94,8 +105,8 @@ def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dat
         f"| run time | {run['seconds']} s |",
         f"| forward, per image (median) | {timing['forward_ms']} ms ({timing['forward_s']} s in all) |",
         f"| explain, per image (median) | {timing['explain_ms']} ms ({timing['explain_s']} s in all) |",
-        f"| flagged instances | {flags['flagged']} (off object {flags['off_object']}, background false positives "
-        f"{flags['background_fp']}, misses looking elsewhere {flags['miss_elsewhere']}) |",
+        f"| flagged instances | {flags['flagged']} ({off_object} {flags['off_object']}, {background} "
+        f"{flags['background_fp']}, {elsewhere} {flags['miss_elsewhere']}) |",
         f"| candidate cues | {len(cues)} ({sum(c['confirmed'] for c in cues)} confirmed) |",
         f"| HTML report | {_link(report) if report else 'not written'} |",
         f"| FiftyOne dataset | {f'`{fiftyone_dataset}`: `{open_command(fiftyone_dataset)}`' if fiftyone_dataset else 'not pushed'} |",
@@ -136,7 +147,9 @@ def publish_run_artifacts(store: Path, run_id: str, report: Path | None = None, 
                                  description=f"Audit {run_id}: what changed since run {diff['base']}")
     create_markdown_artifact(summary_markdown(store, run_id, report, fiftyone_dataset), key=keys["summary"],
                              description=f"Audit {run_id}: counts, timings and where to review it")
+    task = query(store, "SELECT task FROM runs WHERE run_id = ?", [run_id]).column("task")[0].as_py()
+    box = "GT box" if task == "detect" else "object box of their class"
     create_table_artifact(worst_detections(store, run_id, limit), key=keys["worst"],
-                          description=f"Audit {run_id}: the {limit} correct detections with the least saliency "
-                                      "mass inside their GT box (mass_in_gt)")
+                          description=f"Audit {run_id}: the {limit} {_WORST_WORDS[task]} with the least saliency "
+                                      f"mass inside their {box} (mass_in_gt)")
     return keys

@@ -13,6 +13,18 @@ Everything is read through `storage.catalog.query` (read-only DuckDB); nothing h
   with that map as `heatmap`, the explained query's box as `prediction`, its GT box as `ground_truth`, and
   `instance_id`, `explainer`, `outcome`, `label_name`, `run_id` and the scores as sample fields.
 
+A classification run (`runs.task` classify: an instance is the predicted class, its box the whole image, or the
+true class of a wrong prediction, outcome missed) is pushed with a classifier's labels instead. On an image,
+`ground_truth` is an `fo.Classification` of the true class (from the run's index when it is still there, else
+the correct / missed rows), `prediction` the predicted class (`confidence` its probability, `outcome` correct,
+wrong or det, the scores as on a detection), `missed` the true class of a wrong prediction with its own scores,
+`objects` the index's object boxes of the image's class (else the one box the rows were scored against; unset
+without boxes) and `heatmap_<explainer>` the map of the predicted class. An instance sample's `prediction` is the
+class its map explains (for a missed row the true class the model should have said), beside the image's
+`ground_truth` and `objects`. The evaluation is `evaluate_classifications` over the images with a true class. The
+two label layouts cannot share a dataset (`ground_truth` is a Classification here, Detections there): a push into
+a dataset of the other task is refused.
+
 Scores come from the `instances` table generically: every numeric or boolean column except the box
 corners (they become the boxes) and `label` (the category id, which names the boxes). Columns that
 describe the detection itself (`_DETECTION_COLUMNS`) are the same for every explainer; every other one
@@ -49,6 +61,7 @@ its App config's `colorscale`, so `launch_app` sets that one too.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -64,11 +77,13 @@ import fiftyone as fo
 import fiftyone.utils.coco as fouc
 import numpy as np
 import pyarrow as pa
+from fiftyone import ViewExpression as E
 from fiftyone import ViewField as F
 from fiftyone.core.collections import SampleCollection
 from fiftyone.core.view import DatasetView
 from PIL import Image
 
+from eive_audit.pipeline.config import OUTCOME_ROLES, playing
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.sources.decode import fit_size
 from eive_audit.reports.overlay import map_to_image
@@ -79,6 +94,7 @@ from eive_audit.storage.maps import decode_map
 
 KEY_FIELD = "push_key"
 LABEL_FIELDS = ("predictions", "missed")  # the image dataset's fields that hold instances
+CLASSIFY_LABEL_FIELDS = ("prediction", "missed")  # those of a classification run's images (Classification labels)
 
 # Numeric columns that describe the detection rather than its map: the same for every explainer.
 _DETECTION_COLUMNS = frozenset({"image_id", "query", "score", "iou", "gt_annotation_id"})
@@ -94,6 +110,8 @@ HEATMAP_FLOOR = 0.1  # share of a map's maximum below which the App leaves the i
 _PNG_MAX = 255  # heatmap PNGs are 8-bit
 OUTCOME_COLORS = {"tp": "#00e676", "fp": "#ff1744", "dup": "#ff9100", "crowd": "#9e9e9e", "det": "#00b0ff",
                   "fn": "#ff00ff"}  # a miss in magenta: no colorscale entry, no other outcome
+# a classifier's outcomes in the colour of the detection outcome each plays
+OUTCOME_COLORS |= {outcome: OUTCOME_COLORS[role] for outcome, role in OUTCOME_ROLES.items() if outcome != role}
 CUE_COLOR = "#ffffff"  # in no colorscale entry, so a cue's dot stands out on the map it marks
 _OUTCOME_FIELDS = ("predictions", "missed", "prediction")  # the detection fields whose boxes carry `outcome`
 
@@ -105,6 +123,9 @@ class _Run:
     run_id: str
     explainers: list[str]  # in the order of `runs.explainers`: the first one's scores go unprefixed
     coco: Path | None
+    task: str = "detect"  # detect or classify (`runs.task`)
+    index: Path | None = None  # a classification run's index (json or csv), None for an ImageFolder tree
+    images: Path | None = None  # the image root the index's files are relative to
 
 
 @dataclass(frozen=True)
@@ -150,13 +171,15 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
     images = query(store, "SELECT * FROM images WHERE run_id = ? AND status = 'ok' ORDER BY image_id", [run_id])
     instances = query(store, "SELECT * FROM instances WHERE run_id = ? ORDER BY image_id, instance_id, explainer",
                       [run_id])
-    image_samples, instance_samples = _samples(store, run, images.to_pylist(), instances)
+    samples_of = _classified_samples if run.task == "classify" else _samples
+    image_samples, instance_samples = samples_of(store, run, images.to_pylist(), instances)
     image_ds, instance_ds = _dataset(dataset), _dataset(f"{dataset}-instances")
+    _check_task(image_ds, instance_ds, run.task)
     for ds, samples in ((image_ds, image_samples), (instance_ds, instance_samples)):
         ds.merge_samples(samples, key_field=KEY_FIELD, merge_lists=False, overwrite=True, progress=False)
-        ds.add_dynamic_sample_fields()  # declares the detections' attributes, so the App can filter on them
-    eval_key = _evaluate(image_ds, run) if run.coco is not None else None
-    views = _save_views(image_ds, instance_ds, run, review_views(), overwrite_views)
+        ds.add_dynamic_sample_fields()  # declares the labels' attributes, so the App can filter on them
+    eval_key = _evaluate(image_ds, run)
+    views = _save_views(image_ds, instance_ds, run, review_views(run.task), overwrite_views)
     for cue_id, ids in _cues(instances).items():
         name = cue_view(run.run_id, cue_id)
         if any(save_cue_view(dataset, name, ids, run_id=run_id, overwrite=overwrite_views).values()):
@@ -169,8 +192,8 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
             "views": views, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def review_views() -> list[_View]:
-    """The views every push saves on both datasets.
+def review_views(task: str = "detect") -> list[_View]:
+    """The views every push of a `task` run saves on both datasets (see `_classifier_views` for classify).
 
     The off-object views take the flags the audit wrote with each shard (`pipeline.findings.flags`, the run's
     `findings.off_object` and `findings.background` thresholds), so a view holds exactly the instances the
@@ -181,6 +204,8 @@ def review_views() -> list[_View]:
     image its `missed` box, not the GT box under it and the image's other GT boxes; on an instance sample its
     GT box, not the box of the query that explains it (its map is the heatmap).
     """
+    if task == "classify":
+        return _classifier_views()
     return [
         _View(TP_OFF_OBJECT, "correct detections the audit flags as looking off their object (flag_off_object, "
                                "from the resolution-aware off_object_norm; flag_reason says why; lowest mass_in_gt "
@@ -192,6 +217,29 @@ def review_views() -> list[_View]:
         _View(MISSED, "missed GT objects (fn), explained through the query that overlaps them most; only the "
                       "missed box is drawn (the image's other GT boxes and the query's own box are left out)",
               F("outcome") == "fn", hidden_on_images=("ground_truth",), hidden_on_instances=("prediction",)),
+        _View(LOWEST_INSERTION_AUC, "instances with an insertion AUC, lowest first: maps the model does not "
+                                      "need", F("insertion_auc") != None, "insertion_auc"),  # noqa: E711
+    ]
+
+
+def _classifier_views() -> list[_View]:
+    """A classification run's review views: the detection views' rules on the outcomes that play those roles
+    (`pipeline.config.OUTCOME_ROLES`), so each holds what the same flag columns select in SQL. A wrong
+    prediction's `flag_background_fp` reads its map off every object box of the image (the box of the class it
+    wrongly named is the whole image). The missed view shows the true class alone on an image (its `missed`
+    label: the prediction is filtered out, the image's `ground_truth`, the same class, left out); on an instance
+    sample the explained class is the true one, so nothing is hidden there."""
+    return [
+        _View(TP_OFF_OBJECT, "correct predictions the audit flags as looking off their object (flag_off_object, "
+                               "from the resolution-aware off_object_norm against the object box of the class; "
+                               "flag_reason says why; lowest mass_in_gt first): right, maybe for the wrong reason",
+              F("outcome").is_in(playing("tp")) & (F("flag_off_object") == True), "mass_in_gt"),  # noqa: E712
+        _View(FP_BACKGROUND, "wrong predictions driven by background: flag_background_fp (enough of the map off "
+                               "the cells every object box reaches, off_object_norm; flag_reason says why)",
+              F("outcome").is_in(playing("fp")) & (F("flag_background_fp") == True)),  # noqa: E712
+        _View(MISSED, "the true class of each wrong prediction, explained on the whole image: where the model "
+                      "looked for the class it should have said; on an image only that class is shown",
+              F("outcome").is_in(playing("fn")), hidden_on_images=("ground_truth",)),
         _View(LOWEST_INSERTION_AUC, "instances with an insertion AUC, lowest first: maps the model does not "
                                       "need", F("insertion_auc") != None, "insertion_auc"),  # noqa: E711
     ]
@@ -259,11 +307,13 @@ def field_name(text: str) -> str:
 
 
 def _load_run(store: Path, run_id: str) -> _Run:
-    rows = query(store, "SELECT explainers, config_json FROM runs WHERE run_id = ?", [run_id]).to_pylist()
+    rows = query(store, "SELECT * FROM runs WHERE run_id = ?", [run_id]).to_pylist()
     if not rows:
         raise KeyError(f"no run {run_id!r} in the store at {store}")
-    coco = json.loads(rows[0]["config_json"]).get("coco")
-    return _Run(_safe(run_id), [_safe(name) for name in rows[0]["explainers"].split(",")], Path(coco) if coco else None)
+    config = json.loads(rows[0]["config_json"])
+    coco, index = config.get("coco"), config.get("index")
+    return _Run(_safe(run_id), [_safe(name) for name in rows[0]["explainers"].split(",")], Path(coco) if coco else None,
+                rows[0].get("task") or "detect", Path(index) if index else None, Path(config["images"]))
 
 
 def _safe(name: str) -> str:
@@ -273,15 +323,25 @@ def _safe(name: str) -> str:
     return name
 
 
-def _samples(store: Path, run: _Run, images: Rows, instances: pa.Table) -> tuple[list[fo.Sample], list[fo.Sample]]:
-    """The image samples and the instance samples of the run, writing their heatmap PNGs."""
+def _grids(store: Path, run: _Run) -> dict[tuple[str, str], np.ndarray]:
+    """The run's maps, decoded, by (instance id, explainer)."""
     maps = query(store, 'SELECT instance_id, explainer, grid_h, grid_w, "map" FROM maps WHERE run_id = ?', [run.run_id])
-    grids = {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in maps.to_pylist()}
-    sizes = {image["image_id"]: (image["width"], image["height"]) for image in images}
-    ground_truth, categories = _ground_truth(run.coco, instances, sizes)
+    return {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in maps.to_pylist()}
+
+
+def _by_image(instances: pa.Table) -> dict[int, Rows]:
     by_image: dict[int, Rows] = {}
     for row in instances.to_pylist():
         by_image.setdefault(row["image_id"], []).append(row)
+    return by_image
+
+
+def _samples(store: Path, run: _Run, images: Rows, instances: pa.Table) -> tuple[list[fo.Sample], list[fo.Sample]]:
+    """The image samples and the instance samples of the run, writing their heatmap PNGs."""
+    grids = _grids(store, run)
+    sizes = {image["image_id"]: (image["width"], image["height"]) for image in images}
+    ground_truth, categories = _ground_truth(run.coco, instances, sizes)
+    by_image = _by_image(instances)
     columns = _score_columns(instances.schema)
     image_samples, instance_samples = [], []
     for image in images:
@@ -364,6 +424,119 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
     return sample, instance_samples
 
 
+@dataclass(frozen=True)
+class _Truth:
+    """What a classification index says of one image: its class and its object boxes (xyxy, original pixels)."""
+
+    label: str
+    boxes: list[list[float]]
+
+
+def _read_index(index: Path | None, images: Path | None) -> tuple[dict[Path, _Truth], dict[int, str]]:
+    """(resolved image path -> its `_Truth`, class id -> name) from a classification index (json, or csv with
+    `file`, `label` and optional `x0..y1`; the format of `pipeline.sources`), read again because reports do not
+    import the sources; empty for a run without one or whose index is gone. Images are matched by file, which
+    every index format names (ids are optional in them)."""
+    if index is None or images is None or not index.is_file():
+        return {}, {}
+    entries: dict[Path, _Truth] = {}
+    if index.suffix.lower() == ".csv":
+        with index.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                truth = entries.setdefault((images / row["file"]).resolve(), _Truth(row["label"], []))
+                if (row.get("x0") or "").strip():
+                    truth.boxes.append([float(row[corner]) for corner in _CORNERS])
+        classes = sorted({truth.label for truth in entries.values()})
+    else:
+        data = json.loads(index.read_text())
+        for image in data["images"]:
+            entries[(images / image["file"]).resolve()] = _Truth(image["label"], [list(map(float, box))
+                                                                                   for box in image.get("boxes") or []])
+        classes = data.get("classes") or sorted({truth.label for truth in entries.values()})
+    return entries, dict(enumerate(classes))
+
+
+def _classified_samples(store: Path, run: _Run, images: Rows, instances: pa.Table
+                        ) -> tuple[list[fo.Sample], list[fo.Sample]]:
+    """A classification run's image samples and instance samples, writing their heatmap PNGs."""
+    grids = _grids(store, run)
+    index, categories = _read_index(run.index, run.images)
+    by_image = _by_image(instances)
+    columns = _score_columns(instances.schema)
+    image_samples, instance_samples = [], []
+    for image in images:
+        rows = by_image.get(image["image_id"], [])
+        truth = index.get(Path(image["file_path"]).resolve()) or _truth_of_rows(rows, categories)
+        sample, mine = _classified_image(run, store, image, rows, grids, columns, truth, categories)
+        image_samples.append(sample)
+        instance_samples.extend(mine)
+    return image_samples, instance_samples
+
+
+def _truth_of_rows(rows: Rows, categories: dict[int, str]) -> _Truth | None:
+    """An image's true class and object box as its rows know them, where the index is gone or was an ImageFolder
+    tree: the class of its correct or missed row and the one box the rows were scored against; None for an
+    unlabelled image, or one whose class the model lacks (its wrong prediction has no missed row)."""
+    known = [row for row in rows if OUTCOME_ROLES[row["outcome"]] in ("tp", "fn")]
+    if not known:
+        return None
+    box = [known[0][f"gt_{corner}"] for corner in _CORNERS]
+    return _Truth(_label(known[0], categories), [] if None in box else [box])
+
+
+def _classified_image(run: _Run, store: Path, image: dict[str, Any], rows: Rows, grids: dict[tuple[str, str], np.ndarray],
+                      columns: list[str], truth: _Truth | None, categories: dict[int, str]
+                      ) -> tuple[fo.Sample, list[fo.Sample]]:
+    """One classified image's sample and its instance samples. Labels are made afresh for every sample (a
+    label is a document with its own id)."""
+    size = (image["width"], image["height"])
+    common = {"filepath": image["file_path"], "metadata": fo.ImageMetadata(width=size[0], height=size[1]),
+              "run_id": run.run_id}
+
+    def known() -> dict[str, Any]:
+        """The image's true class and object boxes, as labels."""
+        if truth is None:
+            return {"ground_truth": None, "objects": None}
+        boxes = [fo.Detection(label=truth.label, bounding_box=_relative(box, size)) for box in truth.boxes]
+        return {"ground_truth": fo.Classification(label=truth.label),
+                "objects": fo.Detections(detections=boxes) if boxes else None}
+
+    folder = store / "heatmaps" / f"run_id={run.run_id}"
+    by_instance: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_instance.setdefault(row["instance_id"], {})[row["explainer"]] = row
+    labels: dict[str, fo.Classification | None] = {"prediction": None, "missed": None}  # a re-push clears them too
+    predicted: str | None = None
+    peaks: list[fo.Keypoint] = []
+    instance_samples = []
+    for instance_id, per_explainer in by_instance.items():
+        facts = next(iter(per_explainer.values()))
+        label = _label(facts, categories)
+        missed = OUTCOME_ROLES[facts["outcome"]] == "fn"
+        predicted = predicted if missed else instance_id
+        labels["missed" if missed else "prediction"] = fo.Classification(
+            label=label, confidence=facts["score"], audit_instance_id=instance_id, outcome=facts["outcome"],
+            run_id=run.run_id, **_merged_scores(per_explainer, run.explainers, columns))
+        for explainer, row in per_explainer.items():
+            key = (instance_id, explainer)
+            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
+                       if key in grids else None)
+            peak = _cue_peak(row, label, size)
+            peaks.extend([peak] if peak else [])
+            instance_samples.append(fo.Sample(
+                **common, **known(), **{column: row[column] for column in columns}, heatmap=heatmap, cue_peak=peak,
+                instance_id=instance_id, explainer=explainer, outcome=row["outcome"], label_name=row["label_name"],
+                prediction=fo.Classification(label=label, confidence=row["score"], outcome=row["outcome"]),
+                **{KEY_FIELD: f"{run.run_id}/{explainer}/{instance_id}"}))
+    heatmaps = {f"heatmap_{field_name(explainer)}": _heatmap(
+        folder / "images" / explainer / f"{image['image_id']}.png", grids[(predicted, explainer)], image)
+        for explainer in run.explainers if (predicted, explainer) in grids}
+    sample = fo.Sample(**common, **known(), **labels, **heatmaps, image_id=image["image_id"],
+                       cue_peak=fo.Keypoints(keypoints=peaks) if peaks else None,
+                       **{KEY_FIELD: f"{run.run_id}/{image['file_path']}"})
+    return sample, instance_samples
+
+
 def _merged_scores(per_explainer: dict[str, dict[str, Any]], explainers: list[str], columns: list[str]) -> dict[str, Any]:
     """A detection's attributes: its own columns once, the first explainer's scores unprefixed, the others'
     as `<explainer>_<column>`."""
@@ -384,9 +557,13 @@ def _label(row: dict[str, Any], categories: dict[int, str]) -> str:
 
 def _relative_box(row: dict[str, Any], prefix: str, size: tuple[int, int]) -> list[float] | None:
     """`<prefix>_x0..y1` (absolute xyxy) as FiftyOne's relative [x, y, w, h]; None where the row has no such box."""
-    x0, y0, x1, y1 = (row[f"{prefix}_{corner}"] for corner in _CORNERS)
-    if x0 is None:
-        return None
+    box = [row[f"{prefix}_{corner}"] for corner in _CORNERS]
+    return None if box[0] is None else _relative(box, size)
+
+
+def _relative(box: list[float], size: tuple[int, int]) -> list[float]:
+    """An absolute xyxy box as FiftyOne's relative [x, y, w, h] on an image of `size` (width, height)."""
+    x0, y0, x1, y1 = box
     width, height = size
     return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
 
@@ -438,37 +615,79 @@ def _dataset(name: str) -> fo.Dataset:
     return fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
 
 
-def _evaluate(image_ds: fo.Dataset, run: _Run) -> str:
-    """FiftyOne's COCO-style evaluation of the run's predictions against its GT; returns the eval key.
+def _evaluate(image_ds: fo.Dataset, run: _Run) -> str | None:
+    """FiftyOne's evaluation of the run's predictions against its GT: COCO-style for a detection run with a
+    COCO json, `evaluate_classifications` over a classification run's images that have a true class (each
+    image's boolean `eval_<run>` says whether its prediction is right); returns the eval key, None when there
+    is nothing to evaluate against.
 
-    One evaluation per run, none per explainer: an explainer explains the detections and changes none, so
-    each would evaluate the same boxes to the same result. Explainers differ in their maps, which the scores
+    One evaluation per run, none per explainer: an explainer explains the predictions and changes none, so
+    each would evaluate the same labels to the same result. Explainers differ in their maps, which the scores
     (`mass_in_gt`, the AUCs, the flags) and the per-explainer views compare."""
     eval_key = f"eval_{field_name(run.run_id)}"
+    if run.task == "classify":
+        judged = _of_run(image_ds, run.run_id).exists("ground_truth").exists("prediction")
+        if not len(judged):
+            return None
+    elif run.coco is None:
+        return None
     if eval_key in image_ds.list_evaluations():
         image_ds.delete_evaluation(eval_key)  # a re-push evaluates afresh
-    _of_run(image_ds, run.run_id).evaluate_detections("predictions", gt_field="ground_truth", eval_key=eval_key,
-                                                      progress=False)
+    if run.task == "classify":
+        judged.evaluate_classifications("prediction", gt_field="ground_truth", eval_key=eval_key, progress=False)
+    else:
+        _of_run(image_ds, run.run_id).evaluate_detections("predictions", gt_field="ground_truth", eval_key=eval_key,
+                                                          progress=False)
     return eval_key
+
+
+def _check_task(image_ds: fo.Dataset, instance_ds: fo.Dataset, task: str) -> None:
+    """Refuse to push a `task` run into datasets holding the other task's runs: their label fields have the
+    same names and other types (Detections, Classification), which one dataset cannot hold."""
+    held = _held_task(image_ds, instance_ds)
+    if held not in (None, task):
+        raise ValueError(f"dataset {image_ds.name!r} holds {held} runs, whose labels are not a {task} run's: push "
+                         "this run to another dataset (--dataset)")
+
+
+def _held_task(image_ds: fo.Dataset, instance_ds: fo.Dataset) -> str | None:
+    """The task of the runs the datasets hold, None while they hold none."""
+    if image_ds.has_field("predictions"):
+        return "detect"
+    for ds in (image_ds, instance_ds):
+        if ds.has_field("prediction"):
+            return "classify" if ds.get_field("prediction").document_type is fo.Classification else "detect"
+    return None
 
 
 def _of_run(ds: fo.Dataset, run_id: str | None) -> DatasetView:
     return ds.match(F("run_id") == run_id) if run_id is not None else ds.view()
 
 
+def _label_fields(ds: fo.Dataset) -> dict[str, bool]:
+    """The image dataset's fields that hold instances, each with whether it is a list (Detections) rather than
+    one label (a classification run's Classification)."""
+    if ds.has_field("predictions"):
+        return dict.fromkeys(LABEL_FIELDS, True)
+    return {field: False for field in CLASSIFY_LABEL_FIELDS if ds.has_field(field)}
+
+
 def _image_view(ds: fo.Dataset, run_id: str | None, condition: Any) -> DatasetView:
     """The run's images that have an instance (prediction or miss) meeting `condition`, showing only those."""
     view = _of_run(ds, run_id)
-    for field in LABEL_FIELDS:
+    fields = _label_fields(ds)
+    for field in fields:
         view = view.filter_labels(field, condition, only_matches=False)
-    counts = [F(f"{field}.detections").length() for field in LABEL_FIELDS]
-    return view.match(sum(counts[1:], counts[0]) > 0)
+    counts = [F(f"{field}.detections").length() if listed else F(field).exists().if_else(1, 0)
+              for field, listed in fields.items()]
+    return view.match(sum(counts, E(0)) > 0)
 
 
-def _lowest_over_labels(field: str) -> Any:
+def _lowest_over_labels(ds: fo.Dataset, field: str) -> Any:
     """The smallest `field` over an image's remaining instances: what an image view is sorted by."""
-    values = [F(f"{label_field}.detections.{field}") for label_field in LABEL_FIELDS]
-    return values[0].extend(*values[1:]).min()
+    values = [F(f"{label_field}.detections.{field}") if listed else E([F(f"{label_field}.{field}")])
+              for label_field, listed in _label_fields(ds).items()]
+    return E([]).extend(*values).min()
 
 
 def _save_views(image_ds: fo.Dataset, instance_ds: fo.Dataset, run: _Run, views: list[_View], overwrite: bool) -> list[str]:
@@ -480,7 +699,7 @@ def _save_views(image_ds: fo.Dataset, instance_ds: fo.Dataset, run: _Run, views:
         on_images = _image_view(image_ds, run.run_id, view.condition)
         on_instances = _of_run(instance_ds, run.run_id).match(view.condition)
         if view.sort_field is not None:
-            on_images = on_images.sort_by([(_lowest_over_labels(view.sort_field), 1), ("filepath", 1)])
+            on_images = on_images.sort_by([(_lowest_over_labels(image_ds, view.sort_field), 1), ("filepath", 1)])
             on_instances = sorted_by(on_instances, view.sort_field)
         saved = [_save(ds, name, _without(shown, hidden), view.description, overwrite) for ds, shown, hidden in (
             (image_ds, on_images, view.hidden_on_images), (instance_ds, on_instances, view.hidden_on_instances))]

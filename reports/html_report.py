@@ -4,6 +4,10 @@ Everything is inline (CSS, figures as base64 PNG data URIs) and the page carries
 that forbids loading anything else and running scripts, so an image or a link smuggled into the data
 cannot make the page reach out. Every value read from the store is escaped. All data comes through
 `storage.catalog.query`, read-only.
+
+A classification run (`runs.task` classify) is reported in a classifier's words: its instances are predictions,
+correct or wrong, and the true class of a wrong one (missed), each explained on the whole image, so the cards draw
+the object box of the image's class (when the index gives one) and no box for the prediction.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eive_audit.pipeline.config import OUTCOME_ROLES, sql_outcome_in
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.sources.decode import decode_rgb, fit_size
 from eive_audit.reports.diff import MATCH_IOU, diff_command, support_change
@@ -92,15 +97,48 @@ class _Rule:
     view_holds: str
 
 
-_MISSES = _Rule("Missed objects", "outcome = 'fn'", "mass_in_gt ASC NULLS LAST",
+_MISSES = _Rule("Missed objects", sql_outcome_in("fn"), "mass_in_gt ASC NULLS LAST",
                 "missed GT boxes (fn), each explained through the query whose box overlaps it most, "
                 "least mass_in_gt first (the query looked elsewhere)", MISSED, "every missed object of the run")
-_FALSE_POSITIVES = _Rule("False positives", "outcome IN ('fp', 'dup')", "score DESC",
+_FALSE_POSITIVES = _Rule("False positives", sql_outcome_in("fp", "dup"), "score DESC",
                          "false positives and duplicates, most confident first", FP_BACKGROUND,
                          "the false positives flagged as driven by background")
-_CORRECT = _Rule("Correct, but looking elsewhere", "outcome = 'tp' AND mass_in_gt IS NOT NULL", "mass_in_gt ASC",
+_CORRECT = _Rule("Correct, but looking elsewhere", f"{sql_outcome_in('tp')} AND mass_in_gt IS NOT NULL", "mass_in_gt ASC",
                  "correct detections (tp) with the least mass_in_gt", TP_OFF_OBJECT,
                  "the correct detections flagged off their object")
+
+
+@dataclass(frozen=True)
+class _Words:
+    """How the page names a task's instances: a detector's detections and misses, or a classifier's predictions
+    and the true classes of its wrong ones. The gallery's rules are the same SQL in either words."""
+
+    task: str
+    rules: tuple[_Rule, _Rule, _Rule]  # misses, wrong ones, correct ones looking elsewhere: the gallery's order
+    thing: str  # what one instance is
+    model: str
+    score: str  # what a re-scored instance's score is
+    tp: str  # the flag_* columns' subjects
+    fp: str
+    fn: str
+
+
+_WORDS = {
+    "detect": _Words("detect", (_MISSES, _FALSE_POSITIVES, _CORRECT), "detection", "detector", "score",
+                     "correct detections", "false positives", "missed objects"),
+    "classify": _Words("classify", (
+        _Rule("The true class of wrong predictions", sql_outcome_in("fn"), "mass_in_gt ASC NULLS LAST",
+              "the true class of each wrong prediction (missed), explained on the whole image, least mass_in_gt "
+              "first (where the model looked for the class it should have said)", MISSED,
+              "the true class of every wrong prediction of the run"),
+        _Rule("Wrong predictions", sql_outcome_in("fp", "dup"), "score DESC", "wrong predictions, most confident "
+              "first", FP_BACKGROUND, "the wrong predictions flagged as driven by background"),
+        _Rule("Correct predictions, but looking elsewhere", f"{sql_outcome_in('tp')} AND mass_in_gt IS NOT NULL",
+              "mass_in_gt ASC", "correct predictions with the least mass_in_gt (the map's share on the object box of "
+              "their class)", TP_OFF_OBJECT, "the correct predictions flagged off their object")),
+        "prediction", "classifier", "class probability", "correct predictions", "wrong predictions",
+        "the true classes of wrong predictions"),
+}
 
 
 def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
@@ -120,20 +158,21 @@ def write_report(store: Path, run_id: str, out: Path, top_failures: int = 24,
         raise ValueError(f"no run {run_id!r} in the store at {store}")
     run = runs[0]
     config = json.loads(run["config_json"])
+    words = _WORDS[run.get("task") or "detect"]
     explainers = run["explainers"].split(",")
     review = _Review(store, run_id, (config.get("review") or {}).get("fiftyone_dataset"))
     every_map = [(explainer_view(run_id, e), f"every map of explainer {e}", False) for e in explainers]
-    chosen = _chosen_ids(store, run_id, explainers[0], top_failures)
+    chosen = _chosen_ids(store, run_id, explainers[0], top_failures, words.rules)
     spurious = _most_spurious(store, run_id)
     in_gallery = [instance_id for _, _, group in chosen for instance_id in group]
     cards = _cards(store, run_id, explainers, Path(config["images"]),
                    [*in_gallery, *(r["instance_id"] for r in spurious if r["instance_id"] not in in_gallery)])
     sections = [
         ("summary", "Run", _summary(store, run) + review.block(every_map)),
-        *([("changes", f"Changes since run {diff['base']}", _changes(store, diff))] if diff else []),
-        ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"])
-         + _findings(store, run_id, config["findings"], spurious, cards, set(in_gallery), review)),
-        ("failures", "Failure gallery", _failures(chosen, cards, explainers[0], top_failures, review)),
+        *([("changes", f"Changes since run {diff['base']}", _changes(store, diff, words))] if diff else []),
+        ("findings", "Findings: candidate cues", _flags(store, run_id, config["findings"], words)
+         + _findings(store, run_id, config["findings"], spurious, cards, set(in_gallery), review, words)),
+        ("failures", "Failure gallery", _failures(chosen, cards, explainers[0], top_failures, review, words)),
         ("plots", "Score distributions", _plots(store, run_id) + review.block(
             [(view_name(run_id, LOWEST_INSERTION_AUC), "instances with an insertion AUC, lowest first", True)])),
         ("config", "Configuration", _table(["key", "value"], _config_rows(config)) + review.block(every_map)),
@@ -272,11 +311,16 @@ def _summary(store: Path, run: dict[str, Any]) -> str:
                        [("count", *(row["n"] for row in images), n_errors)])
     instances = query(store, "SELECT explainer, outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY ALL",
                       [run_id]).to_pylist()
-    outcomes = sorted({row["outcome"] for row in instances})
+    present = {row["outcome"] for row in instances}
+    outcomes = [o for o in OUTCOME_ROLES if o in present] + sorted(present - set(OUTCOME_ROLES))  # right, wrong, missed
     counts = {(row["explainer"], row["outcome"]): row["n"] for row in instances}
     by_outcome = _table(["explainer", *outcomes, "all"],
                         [(e, *(counts.get((e, o), 0) for o in outcomes), sum(counts.get((e, o), 0) for o in outcomes))
                          for e in sorted({row["explainer"] for row in instances})])
+    if run.get("task") == "classify":
+        by_outcome += ('<p class="note">correct: the predicted class is the true one; wrong: it is not; missed: '
+                       "the true class of a wrong prediction, explained too; det: an image without a true class."
+                       "</p>")
     timing = query(store, """
         SELECT median(forward_ms) AS f50, quantile_cont(forward_ms, 0.95) AS f95,
                median(explain_ms) AS e50, quantile_cont(explain_ms, 0.95) AS e95
@@ -287,7 +331,7 @@ def _summary(store: Path, run: dict[str, Any]) -> str:
             f"<div><h3>Instances by outcome</h3>{by_outcome}</div><div><h3>Timings</h3>{timings}</div></div>")
 
 
-def _flags(store: Path, run_id: str, findings: dict[str, Any]) -> str:
+def _flags(store: Path, run_id: str, findings: dict[str, Any], words: _Words = _WORDS["detect"]) -> str:
     """How many instances each off-object flag marks, per explainer: the flag columns the audit wrote with
     every shard (at the run's `findings` thresholds), the very ones the FiftyOne views filter on."""
     rows = query(store, "SELECT explainer, count(*) FILTER (flag_off_object) AS off_object, "
@@ -296,12 +340,20 @@ def _flags(store: Path, run_id: str, findings: dict[str, Any]) -> str:
                         "FROM instances WHERE run_id = ? GROUP BY explainer ORDER BY explainer", [run_id]).to_pylist()
     reach = ("the cells its box touches" if findings["reach_cells"] == 0
              else f"{findings['reach_cells']} cell(s) around the cells its box touches")
-    rule = (f"<p>Flags read the normalised off-object share (off_object_norm): the share of a map beyond {reach} "
+    lead = (f"<p>Flags read the normalised off-object share (off_object_norm): the share of a map beyond {reach} "
             "at the attention grid, so a map on a small or thin object's cells is not off it (the raw share off "
-            f"the box, off_object_share, is kept beside it). A correct detection or duplicate is flagged from "
-            f"{_format(findings['off_object'])} (flag_off_object), a false positive from "
-            f"{_format(findings['background'])} off every GT object (flag_background_fp), a miss whose query put "
-            f"{_format(findings['off_object'])} off the missed object (flag_miss_elsewhere).</p>")
+            "the box, off_object_share, is kept beside it). ")
+    if words.task == "classify":
+        rule = (f"{lead}The box is the object box of the image's class, where the index gives boxes (without them "
+                f"nothing is flagged). A correct prediction is flagged from {_format(findings['off_object'])} off "
+                f"its object (flag_off_object), a wrong prediction from {_format(findings['background'])} off every "
+                f"object box of the image (flag_background_fp), the true class of a wrong prediction when its map "
+                f"put {_format(findings['off_object'])} off the object (flag_miss_elsewhere).</p>")
+    else:
+        rule = (f"{lead}A correct detection or duplicate is flagged from "
+                f"{_format(findings['off_object'])} (flag_off_object), a false positive from "
+                f"{_format(findings['background'])} off every GT object (flag_background_fp), a miss whose query put "
+                f"{_format(findings['off_object'])} off the missed object (flag_miss_elsewhere).</p>")
     return rule + _table(["explainer", "flag_off_object", "flag_background_fp", "flag_miss_elsewhere", "instances"],
                          [tuple(row.values()) for row in rows])
 
@@ -315,13 +367,12 @@ def _most_spurious(store: Path, run_id: str) -> list[dict[str, Any]]:
 
 
 def _findings(store: Path, run_id: str, findings: dict[str, Any], spurious: list[dict[str, Any]],
-              cards: dict[str, str], in_gallery: set[str], review: _Review) -> str:
+              cards: dict[str, str], in_gallery: set[str], review: _Review, words: _Words = _WORDS["detect"]) -> str:
     """One row per candidate cue (a cluster of flagged instances of one class whose off-object peaks look
     alike), confirmed ones first, then each cue with its verification in words and its marked exemplar crops;
     then the most spurious instances, each row linked to its card (in the gallery, or below the table)."""
-    views = review.block([(view_name(run_id, TP_OFF_OBJECT), "correct detections flagged off their object", True),
-                          (view_name(run_id, FP_BACKGROUND), "false positives flagged as driven by background",
-                           True)])
+    views = review.block([(view_name(run_id, TP_OFF_OBJECT), f"{words.tp} flagged off their object", True),
+                          (view_name(run_id, FP_BACKGROUND), f"{words.fp} flagged as driven by background", True)])
     if not spurious:
         return f"<p>No findings for this run (the findings step was off).</p>{views}"
     cues = query(store, "SELECT * FROM findings WHERE run_id = ? ORDER BY confirmed DESC, support DESC, cue_id",
@@ -329,20 +380,21 @@ def _findings(store: Path, run_id: str, findings: dict[str, Any], spurious: list
     budget = query(store, "SELECT count(*) AS n, count(verification_drop) AS verified, count(specificity) AS localised, "
                           "count(*) FILTER (verification_drop >= ?) AS confirmed FROM instances WHERE run_id = ?",
                    [findings["confirm_drop"], run_id]).to_pylist()[0]
+    rescored = "every detection re-scored" if words.task == "detect" else "every instance's class probability re-scored"
     intro = ("<p>Within the forward budget, each image has the surroundings of all its objects blurred at once "
-             "(the objects kept) and every detection re-scored, the images of the most suspicious instances first "
+             f"(the objects kept) and {rescored}, the images of the most suspicious instances first "
              "(by their margin over the score threshold, normalised off-object share and outcome); the largest "
              "drops are then localised, tile by tile and window by window, and the window whose blur hurts most "
-             "becomes the peak. Each peak is described by the detector's feature "
+             f"becomes the peak. Each peak is described by the {words.model}'s feature "
              "there, its position relative to the box and its colour; peaks of one class that cluster are a "
              "candidate cue. The spurious score is the "
-             "probability that the detection relies on something besides its object, from all of that.</p>"
-             f"<p><b>Verification drop</b>: how much the detection's score falls, relative to its score, when "
+             f"probability that the {words.thing} relies on something besides its object, from all of that.</p>"
+             f"<p><b>Verification drop</b>: how much the {words.thing}'s {words.score} falls, relative to itself, when "
              f"the image around the objects (where the off-object peak lies) is blurred: 0.5 means it halved. A "
              f"cue is <b>confirmed</b> when its members' mean drop is {_format(findings['confirm_drop'])} or more: "
-             "the detector needs that region. A small drop says it hardly does; a <b>negative</b> drop means "
+             f"the {words.model} needs that region. A small drop says it hardly does; a <b>negative</b> drop means "
              "blurring <i>raised</i> the score: the region is not the evidence (if anything it distracted the "
-             "detector).</p>"
+             f"{words.model}).</p>"
              f"<p>Forward budget: {budget['verified']} of {budget['n']} instances verified "
              f"({budget['n'] - budget['verified']} skipped), {budget['localised']} of {budget['confirmed']} "
              "confirmed ones localised.</p>")
@@ -353,7 +405,7 @@ def _findings(store: Path, run_id: str, findings: dict[str, Any], spurious: list
     table = _table(["cue", "class", "support (of described)", "mean spurious score", "peak offset (box w, h)",
                     "verification drop", "confirmed"], cue_rows) if cues else "<p>No candidate cue: no cluster of described peaks.</p>"
     peaks = _exemplar_peaks(store, run_id) if cues else {}
-    blocks = "".join(_cue(c, peaks, cards, findings["confirm_drop"], review) for c in cues)
+    blocks = "".join(_cue(c, peaks, cards, findings["confirm_drop"], review, words.model) for c in cues)
     top = _table(["instance (card)", "explainer", "outcome", "class", "score", "off-object (normalised)",
                   "off-object (raw)", "verification drop", "spurious score", "cue", "why flagged"],
                  [(_link(r["instance_id"], cards), *list(r.values())[1:]) for r in spurious])
@@ -381,15 +433,15 @@ def _link(instance_id: str, cards: dict[str, str]) -> _Html:
     return _Html(f'<a href="#{html.escape(_card_id(instance_id))}">{text}</a>' if instance_id in cards else text)
 
 
-def _drop_in_words(drop: float | None, confirm_drop: float) -> str:
+def _drop_in_words(drop: float | None, confirm_drop: float, model: str = "detector") -> str:
     """What a cue's mean verification drop says, as a reviewer would put it."""
     if drop is None:
         return "not verified: none of its members' images fit the forward budget, so nothing tested the region"
     if drop < 0:
         return (f"verification drop {drop:.2f}: blurring raised its members' scores by {-drop:.0%} on average, "
                 "so the region is not the evidence")
-    verdict = ("the detector needs the region" if drop >= confirm_drop
-               else f"below the {confirm_drop:.2f} that confirms a cue: the detector hardly needs the region")
+    verdict = (f"the {model} needs the region" if drop >= confirm_drop
+               else f"below the {confirm_drop:.2f} that confirms a cue: the {model} hardly needs the region")
     return f"verification drop {drop:.2f}: blurring cut its members' scores by {drop:.0%} on average; {verdict}"
 
 
@@ -406,7 +458,7 @@ def _exemplar_peaks(store: Path, run_id: str) -> dict[tuple[str, str], dict[str,
 
 
 def _cue(cue: dict[str, Any], peaks: dict[tuple[str, str], dict[str, Any]], cards: dict[str, str],
-         confirm_drop: float, review: _Review) -> str:
+         confirm_drop: float, review: _Review, model: str = "detector") -> str:
     """A cue's block, styled as confirmed or not: badge and verification in words, its exemplar crops with the
     peak marked and each captioned with its instance id (linked to its card when there is one), its FiftyOne
     view."""
@@ -415,7 +467,7 @@ def _cue(cue: dict[str, Any], peaks: dict[tuple[str, str], dict[str, Any]], card
                     for png, instance_id in zip(cue["exemplar_crops"], cue["exemplar_ids"]))
     head = (f"{_badge(cue['confirmed'])} <b>{html.escape(cue['cue_id'])}</b> · {html.escape(cue['label_name'])} · "
             f"{cue['support']} of {cue['flagged_in_class']} described peaks · "
-            f"{html.escape(_drop_in_words(cue['verification_drop'], confirm_drop))}")
+            f"{html.escape(_drop_in_words(cue['verification_drop'], confirm_drop, model))}")
     view = review.line(cue_view(review.run_id, cue["cue_id"]), "its members", True)
     return (f'<div class="finding {kind}" id="{html.escape(_cue_id(cue["cue_id"]))}"><p>{head}</p>'
             f'<figure class="cue">{crops}</figure><p class="note">In FiftyOne, {view}</p></div>')
@@ -435,11 +487,11 @@ def _crop(png: bytes, instance_id: str, peak: dict[str, Any] | None, cards: dict
             f'<figcaption>{_link(instance_id, cards)}<br><span class="note">{marked}</span></figcaption></figure>')
 
 
-def _changes(store: Path, diff: dict[str, Any]) -> str:
+def _changes(store: Path, diff: dict[str, Any], words: _Words = _WORDS["detect"]) -> str:
     """What changed since the diff's base run (reports.diff): its summary, the cues that appeared, grew,
     shrank or vanished, the instances newly and no longer flagged, and the per-class measures."""
     parts = [f'<p class="note">Against the previous run of this dataset, <b>{html.escape(diff["base"])}</b>. '
-             f"Instances match by image file, explainer, class and overlapping boxes (IoU &ge; {MATCH_IOU}), cues "
+             f"Instances match by image file, explainer, class{_matched_boxes(words)}, cues "
              f"by class, peak offset and colour. All of it as JSON: {_code(diff_command(store, diff))}</p>",
              _table(["measure", "value"], list(diff["summary"].items()))]
     for title, key in (("Cues that appeared", "appeared"), ("Cues that grew", "grew"), ("Cues that shrank", "shrank"),
@@ -461,6 +513,12 @@ def _changes(store: Path, diff: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _matched_boxes(words: _Words) -> str:
+    """How the diff matches boxes, in the page's words (a classifier's instances all have the whole image)."""
+    return (f" and overlapping boxes (IoU &ge; {MATCH_IOU})" if words.task == "detect"
+            else " (a classifier's boxes are all the whole image)")
+
+
 def _plots(store: Path, run_id: str) -> str:
     """One figure per score (per class, per outcome, per explainer); a note for a score that is all null."""
     rows = query(store, f"SELECT explainer, label_name, outcome, {', '.join(PLOTTED_SCORES)} FROM instances "
@@ -480,12 +538,15 @@ def _plots(store: Path, run_id: str) -> str:
     return f'{legend}<div class="plots">{"".join(figures)}</div>{note}'
 
 
-def _chosen_ids(store: Path, run_id: str, explainer: str, top: int) -> list[tuple[_Rule, int, list[str]]]:
-    """(rule, slots, instance ids) per rule, ranked by the run's first explainer: misses and false positives
-    get a third of `top` each, correct detections every slot the others leave."""
+def _chosen_ids(store: Path, run_id: str, explainer: str, top: int,
+                rules: tuple[_Rule, _Rule, _Rule] = (_MISSES, _FALSE_POSITIVES, _CORRECT)
+                ) -> list[tuple[_Rule, int, list[str]]]:
+    """(rule, slots, instance ids) per rule of `rules` (misses, wrong ones, correct ones), ranked by the run's
+    first explainer: misses and wrong ones get a third of `top` each, correct ones every slot the others leave."""
     chosen = []
     left = top
-    for rule, quota in ((_MISSES, top // 3), (_FALSE_POSITIVES, top // 3), (_CORRECT, top)):
+    misses, wrong, correct = rules
+    for rule, quota in ((misses, top // 3), (wrong, top // 3), (correct, top)):
         slots = min(quota, left)
         ids = query(store, f"SELECT instance_id FROM instances WHERE run_id = ? AND explainer = ? AND {rule.where} "
                            f"ORDER BY {rule.order}, instance_id LIMIT ?", [run_id, explainer, slots]
@@ -507,19 +568,39 @@ def _cards(store: Path, run_id: str, explainers: list[str], image_root: Path, id
     by_instance: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: explainers.index(r["explainer"])):  # panels in the run's explainer order
         by_instance.setdefault(row["instance_id"], []).append(row)
-    return {i: _card(by_instance[i], image_root) for i in ids if i in by_instance}
+    classes = _image_classes(store, run_id, sorted({row["image_id"] for row in rows if row.get("task") == "classify"}))
+    return {i: _card(by_instance[i], image_root, classes.get(by_instance[i][0]["image_id"]))
+            for i in ids if i in by_instance}
+
+
+def _image_classes(store: Path, run_id: str, image_ids: list[int]) -> dict[int, dict[str, str]]:
+    """Classified images' predicted and true classes, by image id ("predicted", "true": each where the image
+    has it): what a card of either instance of a wrong prediction names beside its own class."""
+    if not image_ids:
+        return {}
+    rows = query(store, "SELECT DISTINCT image_id, outcome, label_name FROM instances WHERE run_id = ? AND "
+                        "list_contains(?, image_id)", [run_id, image_ids]).to_pylist()
+    classes: dict[int, dict[str, str]] = {}
+    for row in rows:
+        role = OUTCOME_ROLES[row["outcome"]]
+        found = classes.setdefault(row["image_id"], {})
+        if role in ("tp", "fn"):
+            found["true"] = row["label_name"]
+        if role != "fn":
+            found["predicted"] = row["label_name"]
+    return classes
 
 
 def _failures(chosen: list[tuple[_Rule, int, list[str]]], cards: dict[str, str], ranked_by: str, top: int,
-              review: _Review) -> str:
+              review: _Review, words: _Words = _WORDS["detect"]) -> str:
     """The gallery: how cards were chosen, then one card per instance with every explainer's map, each kind
     with the FiftyOne view holding its like."""
     how = "".join(f"<li>up to {slots}: {html.escape(rule.chosen)}</li>" for rule, slots, _ in chosen)
     intro = (f'<p class="note">{top} cards at most, ranked by the scores of explainer '
              f"<b>{html.escape(ranked_by)}</b>:</p><ul>{how}</ul>"
              '<p class="note">Each card shows the image as audited, then every explainer\'s map over it (colours as '
-             "in the colour bar at the top of the page), with the explained query's box (solid cyan), the GT box "
-             "(dashed green) and, where the findings described one, the explainer's peak (red ring: its map's strongest "
+             f"in the colour bar at the top of the page), with {_boxes_drawn(words)} and, where the findings "
+             "described one, the explainer's peak (red ring: its map's strongest "
              "window off the object, or the window whose blur hurt the score most once localised).</p>")
     parts = [intro]
     for rule, _, group in chosen:
@@ -528,6 +609,14 @@ def _failures(chosen: list[tuple[_Rule, int, list[str]]], cards: dict[str, str],
         parts.append(f"<h3>{html.escape(rule.title)} ({len(shown)})</h3><div class=\"grid\">{body}</div>"
                      + review.block([(view_name(review.run_id, rule.view), rule.view_holds, True)]))
     return "".join(parts)
+
+
+def _boxes_drawn(words: _Words) -> str:
+    """What boxes a card draws, in the page's words."""
+    if words.task == "classify":
+        return ("the object box of the image's class where the index gives one (dashed green; a prediction's box "
+                "is the whole image, so none is drawn for it)")
+    return "the explained query's box (solid cyan), the GT box (dashed green)"
 
 
 def _read_image(file_path: str | None, root: Path) -> np.ndarray | None:
@@ -544,9 +633,11 @@ def _read_image(file_path: str | None, root: Path) -> np.ndarray | None:
         return None
 
 
-def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
+def _card(rows: list[dict[str, Any]], image_root: Path, classes: dict[str, str] | None = None) -> str:
     """One instance: its maps (one panel per explainer) over the image with both boxes, scores beneath.
-    Image and maps are drawn on the raster the image is decoded to; the boxes stay in original pixels."""
+    Image and maps are drawn on the raster the image is decoded to; the boxes stay in original pixels.
+    A classifier's instance (`task` classify) draws only its object box (its own box is the whole image) and
+    says what it is against `classes`, its image's predicted and true classes (`_image_classes`)."""
     first = rows[0]
     size = (first["height"], first["width"])
     width, height = fit_size(first["width"], first["height"], PANEL_PIXELS)
@@ -561,21 +652,46 @@ def _card(rows: list[dict[str, Any]], image_root: Path) -> str:
               for row in rows]
     pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
     gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]
-    is_miss = first["outcome"] == "fn"
-    png = overlay(image, panels, pred, None if None in gt else gt,
-                  pred_label="best-overlapping query's box" if is_miss else "predicted box", size=size)
+    classified = first.get("task") == "classify"
+    if classified:
+        png = overlay(image, panels, None, None if None in gt else gt, size=size,
+                      gt_label=f"object box ({(classes or {}).get('true', 'true class')})")
+    else:
+        png = overlay(image, panels, pred, None if None in gt else gt,
+                      pred_label="best-overlapping query's box" if first["outcome"] == "fn" else "predicted box",
+                      size=size)
     scores = _table(["score", *(row["explainer"] for row in rows)],
                     [(c, *(row[c] for row in rows)) for c in CAPTION_SCORES if any(row[c] is not None for row in rows)])
     note = '<br><span class="note">image unavailable: maps drawn on grey</span>' if missing_image else ""
     name = Path(first["file_path"] or "?").name
     head = (f"<b>{html.escape(first['label_name'])}</b> · {html.escape(first['outcome'])} · "
-            f"score {_format(first['score'])} · IoU {_format(first['iou'])}<br>"
-            f"instance {html.escape(first['instance_id'])} · {html.escape(name)}")
+            + (_class_head(first, classes or {}) if classified
+               else f"score {_format(first['score'])} · IoU {_format(first['iou'])}")
+            + f"<br>instance {html.escape(first['instance_id'])} · {html.escape(name)}")
     layout = "failure" if len(rows) > 1 else "failure stacked"  # one map: caption beneath, two cards a row
     return (f'<figure class="{layout}" id="{html.escape(_card_id(first["instance_id"]))}" '
             f'data-instance="{html.escape(first["instance_id"])}">'
             f"{_img(png, 'saliency of ' + first['instance_id'], 'overlay')}"
             f"<figcaption>{head}{note}{scores}</figcaption></figure>")
+
+
+def _class_head(row: dict[str, Any], classes: dict[str, str]) -> str:
+    """A classifier's card head after its class and outcome: the class's probability and what the class is
+    against the image's true class (or prediction, for the true class of a wrong one); escaped HTML."""
+    label = row["label_name"]
+    probability = f"p({html.escape(label)}) {_format(row['score'])}"
+    role = OUTCOME_ROLES[row["outcome"]]
+    if role == "tp":
+        said = "the predicted class is the true class"
+    elif role == "fp":
+        said = (f"predicted, but the true class is <b>{html.escape(classes['true'])}</b>" if "true" in classes
+                else "predicted, but the true class is none of the model's")
+    elif role == "fn":
+        said = (f"the true class, which the model missed: it said <b>{html.escape(classes['predicted'])}</b>"
+                if "predicted" in classes else "the true class, which the model missed")
+    else:
+        said = "predicted; the image has no true class"
+    return f"{probability}<br>{said}"
 
 
 def _errors(store: Path, run_id: str) -> str:

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 # One fixed colour per outcome, so every figure of a report reads the same way.
 OUTCOME_COLOURS = {"tp": "#2e7d32", "fp": "#c62828", "dup": "#ef6c00", "crowd": "#757575", "fn": "#1565c0",
-                   "det": "#6a1b9a"}
+                   "det": "#6a1b9a", "correct": "#2e7d32", "wrong": "#c62828", "missed": "#1565c0"}
 PRED_COLOUR, GT_COLOUR, PEAK_COLOUR = "#00e5ff", "#76ff03", "#ff1744"
 HEAT_COLOURS = "inferno"
 # What a colour of a map panel means: each map is divided by its own maximum (maps of different explainers, and of
@@ -124,13 +124,15 @@ def _blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return (1 - alpha) * (image[..., :3] / 255.0) + alpha * colormaps[HEAT_COLOURS](norm)[..., :3]
 
 
-def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box, gt_box: Box | None,
-            pred_label: str = "predicted box", size: tuple[int, int] | None = None) -> bytes:
+def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box | None, gt_box: Box | None,
+            pred_label: str = "predicted box", size: tuple[int, int] | None = None, gt_label: str = "GT box") -> bytes:
     """The uint8 RGB image as it is, then with each panel's map over it, side by side, both boxes on each and
     a panel's findings peak ringed; PNG bytes. The plain image comes first so the object a map explains is
     seen whole, however strong the map over it.
 
-    pred_label names the explained query's box in the legend (for a miss it is the best-overlapping query's).
+    pred_label names the explained query's box in the legend (for a miss it is the best-overlapping query's);
+    no pred_box draws none (a classifier's box is the whole image: a frame round the panel says nothing).
+    gt_label names the GT box (a classifier's: the object box of the image's class).
     size: the original image's (H, W), which the boxes are in, when `image` (and each heat map, on the same
     raster) is a smaller copy of it (at most PANEL_PIXELS a side is ever shown); by default the image's own.
     Image and map are drawn with extent (0, W, H, 0): original pixel i spans [i, i + 1], the continuous
@@ -147,7 +149,8 @@ def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box, gt_box: B
     # title laid out) made the gallery twice as slow to draw.
     ax = figure.add_axes((margin / fig_w, legend_band / fig_h, 1 - 2 * margin / fig_w, panel_h / fig_h))
     step = width + gap / scale
-    boxes = [(pred_box, PRED_COLOUR, "-")] + ([(gt_box, GT_COLOUR, "--")] if gt_box is not None else [])
+    boxes = ([(pred_box, PRED_COLOUR, "-")] if pred_box is not None else []) + (
+        [(gt_box, GT_COLOUR, "--")] if gt_box is not None else [])
     for i, (name, pixels, peak) in enumerate(shown):
         left = i * step
         ax.imshow(pixels, extent=(left, left + width, height, 0))
@@ -166,13 +169,14 @@ def overlay(image: np.ndarray, panels: Sequence[Panel], pred_box: Box, gt_box: B
     ax.set_ylim(height, 0)
     ax.set_aspect("auto")  # the axes already has the row's shape
     ax.set_axis_off()
-    handles = [Line2D([], [], color=PRED_COLOUR, lw=2, label=pred_label)]
+    handles = [Line2D([], [], color=PRED_COLOUR, lw=2, label=pred_label)] if pred_box is not None else []
     if gt_box is not None:
-        handles.append(Line2D([], [], color=GT_COLOUR, lw=2, ls="--", label="GT box"))
+        handles.append(Line2D([], [], color=GT_COLOUR, lw=2, ls="--", label=gt_label))
     if any(peak is not None for _, _, peak in shown):
         handles.append(Line2D([], [], color=PEAK_COLOUR, lw=0, marker="o", mfc="none", label="findings' peak"))
-    figure.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=7, frameon=False,
-                  borderaxespad=0.1)
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=7, frameon=False,
+                      borderaxespad=0.1)
     return _png(figure)
 
 

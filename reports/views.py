@@ -2,7 +2,9 @@
 
 The push (`reports.fiftyone_push`) saves them; the HTML report, the Prefect artifacts and the CLI point to
 them. Kept apart from the push so those can name a view without importing FiftyOne (which starts its
-database at import).
+database at import). A classification run's views have the same names: its outcomes correct, wrong and missed
+play tp, fp and fn (`pipeline.config.OUTCOME_ROLES`), so `tp-off-object` holds its correct predictions flagged off
+their object, `fp-background` its wrong ones driven by background, `missed` the true classes of wrong ones.
 """
 
 from __future__ import annotations
