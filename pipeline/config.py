@@ -471,13 +471,21 @@ class TrainConfig(_Part):
     lambda_in: float = Field(0.5, ge=0.0, description="AAJTS concentration weight")
     lambda_stab: float = Field(0.1, ge=0.0, description="AAJTS stability weight")
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        if value is not None and value not in FAMILIES and value not in VIT_FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)} (detect) or {', '.join(VIT_FAMILIES)} "
+                             f"(classify), got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _fits_task(self) -> "TrainConfig":
         if self.task == "detect":
             if self.coco is None:
                 raise ValueError("training a detector needs the COCO annotation json (coco)")
             if self.family is not None and self.family not in FAMILIES:
-                raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+                raise ValueError(f"family {self.family} is a classifier: train it with task classify")
         else:
             if self.aajts:
                 raise ValueError("aajts trains a detector's cross-attention: it is for task detect")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from eive_audit import cli
 from eive_audit.explainers import BUILTIN, check_supported, explainer_class
 from eive_audit.pipeline.config import EXPLAINER_SETTINGS, AuditConfig, FaithfulnessConfig, TrainConfig
-from eive_audit.pipeline.models.families import FAMILIES
+from eive_audit.pipeline.models.families import FAMILIES, VIT_FAMILIES
 
 # Every answer below comes well under this on an idle machine (see the report of issue 14); the bound is
 # generous because the test suite shares two cores with other work.
@@ -195,7 +195,8 @@ def test_a_bad_train_setting_names_its_flag() -> None:
     result = CliRunner().invoke(cli.app, ["train", "--coco", "a.json", "--images", ".", "--out", "m",
                                           "--family", "yolo", "--steps", "0"])
     assert result.exit_code == 2
-    assert "--family: family must be one of " + ", ".join(FAMILIES) + ", got 'yolo'" in result.output
+    assert (f"--family: family must be one of {', '.join(FAMILIES)} (detect) or {', '.join(VIT_FAMILIES)} "
+            "(classify), got 'yolo'") in result.output
     assert "--steps: Input should be greater than or equal to 1" in result.output
 
 
@@ -207,6 +208,11 @@ def test_every_builtin_explainer_registers_its_stated_needs_on_first_use() -> No
 def test_check_supported_refuses_dense_attention_methods_on_a_deformable_family_and_unknown_names() -> None:
     deformable, dense = FAMILIES["deformable-detr-small"], FAMILIES["conditional-detr-small"]
     for name, needs in BUILTIN.items():
+        if "detect" not in needs.tasks:
+            with pytest.raises(ValueError, match=f"{name} explains classify models, not conditional-detr-small"):
+                check_supported([name], dense)
+            check_supported([name], VIT_FAMILIES["vit-tiny"])
+            continue
         check_supported([name], dense)
         check_supported([name], None)
         if needs.dense_attention:
@@ -216,3 +222,5 @@ def test_check_supported_refuses_dense_attention_methods_on_a_deformable_family_
             check_supported([name], deformable)
     with pytest.raises(ValueError, match="unknown explainer 'nope'"):
         check_supported(["nope"], None)
+    with pytest.raises(ValueError, match="eive explains detect models, not vit-tiny"):
+        check_supported(["eive"], VIT_FAMILIES["vit-tiny"])
