@@ -171,10 +171,10 @@ def push_run(store: Path, run_id: str, dataset: str, overwrite_views: bool = Tru
     images = query(store, "SELECT * FROM images WHERE run_id = ? AND status = 'ok' ORDER BY image_id", [run_id])
     instances = query(store, "SELECT * FROM instances WHERE run_id = ? ORDER BY image_id, instance_id, explainer",
                       [run_id])
-    samples_of = _classified_samples if run.task == "classify" else _samples
-    image_samples, instance_samples = samples_of(store, run, images.to_pylist(), instances)
     image_ds, instance_ds = _dataset(dataset), _dataset(f"{dataset}-instances")
     _check_task(image_ds, instance_ds, run.task)
+    samples_of = _classified_samples if run.task == "classify" else _samples
+    image_samples, instance_samples = samples_of(store, run, images.to_pylist(), instances)
     for ds, samples in ((image_ds, image_samples), (instance_ds, instance_samples)):
         ds.merge_samples(samples, key_field=KEY_FIELD, merge_lists=False, overwrite=True, progress=False)
         ds.add_dynamic_sample_fields()  # declares the labels' attributes, so the App can filter on them
@@ -238,7 +238,8 @@ def _classifier_views() -> list[_View]:
                                "the cells every object box reaches, off_object_norm; flag_reason says why)",
               F("outcome").is_in(playing("fp")) & (F("flag_background_fp") == True)),  # noqa: E712
         _View(MISSED, "the true class of each wrong prediction, explained on the whole image: where the model "
-                      "looked for the class it should have said; on an image only that class is shown",
+                      "looked for the class it should have said (its map is the instance sample's heatmap; an "
+                      "image's heatmap stays its prediction's); on an image only that class is shown",
               F("outcome").is_in(playing("fn")), hidden_on_images=("ground_truth",)),
         _View(LOWEST_INSERTION_AUC, "instances with an insertion AUC, lowest first: maps the model does not "
                                       "need", F("insertion_auc") != None, "insertion_auc"),  # noqa: E711
@@ -326,7 +327,8 @@ def _safe(name: str) -> str:
 def _grids(store: Path, run: _Run) -> dict[tuple[str, str], np.ndarray]:
     """The run's maps, decoded, by (instance id, explainer)."""
     maps = query(store, 'SELECT instance_id, explainer, grid_h, grid_w, "map" FROM maps WHERE run_id = ?', [run.run_id])
-    return {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in maps.to_pylist()}
+    return {(m["instance_id"], m["explainer"]): decode_map(m["map"], m["grid_h"], m["grid_w"])
+            for m in maps.to_pylist()}
 
 
 def _by_image(instances: pa.Table) -> dict[int, Rows]:
@@ -467,7 +469,7 @@ def _classified_samples(store: Path, run: _Run, images: Rows, instances: pa.Tabl
     for image in images:
         rows = by_image.get(image["image_id"], [])
         truth = index.get(Path(image["file_path"]).resolve()) or _truth_of_rows(rows, categories)
-        sample, mine = _classified_image(run, store, image, rows, grids, columns, truth, categories)
+        sample, mine = _classified_image(store, run, image, rows, grids, columns, truth, categories)
         image_samples.append(sample)
         instance_samples.extend(mine)
     return image_samples, instance_samples
@@ -484,9 +486,9 @@ def _truth_of_rows(rows: Rows, categories: dict[int, str]) -> _Truth | None:
     return _Truth(_label(known[0], categories), [] if None in box else [box])
 
 
-def _classified_image(run: _Run, store: Path, image: dict[str, Any], rows: Rows, grids: dict[tuple[str, str], np.ndarray],
-                      columns: list[str], truth: _Truth | None, categories: dict[int, str]
-                      ) -> tuple[fo.Sample, list[fo.Sample]]:
+def _classified_image(store: Path, run: _Run, image: dict[str, Any], rows: Rows,
+                      grids: dict[tuple[str, str], np.ndarray], columns: list[str], truth: _Truth | None,
+                      categories: dict[int, str]) -> tuple[fo.Sample, list[fo.Sample]]:
     """One classified image's sample and its instance samples. Labels are made afresh for every sample (a
     label is a document with its own id)."""
     size = (image["width"], image["height"])

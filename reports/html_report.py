@@ -118,14 +118,13 @@ class _Words:
     thing: str  # what one instance is
     model: str
     score: str  # what a re-scored instance's score is
-    tp: str  # the flag_* columns' subjects
+    tp: str  # what flag_off_object and flag_background_fp mark
     fp: str
-    fn: str
 
 
 _WORDS = {
     "detect": _Words("detect", (_MISSES, _FALSE_POSITIVES, _CORRECT), "detection", "detector", "score",
-                     "correct detections", "false positives", "missed objects"),
+                     "correct detections", "false positives"),
     "classify": _Words("classify", (
         _Rule("The true class of wrong predictions", sql_outcome_in("fn"), "mass_in_gt ASC NULLS LAST",
               "the true class of each wrong prediction (missed), explained on the whole image, least mass_in_gt "
@@ -136,8 +135,7 @@ _WORDS = {
         _Rule("Correct predictions, but looking elsewhere", f"{sql_outcome_in('tp')} AND mass_in_gt IS NOT NULL",
               "mass_in_gt ASC", "correct predictions with the least mass_in_gt (the map's share on the object box of "
               "their class)", TP_OFF_OBJECT, "the correct predictions flagged off their object")),
-        "prediction", "classifier", "class probability", "correct predictions", "wrong predictions",
-        "the true classes of wrong predictions"),
+        "prediction", "classifier", "class probability", "correct predictions", "wrong predictions"),
 }
 
 
@@ -389,8 +387,8 @@ def _findings(store: Path, run_id: str, findings: dict[str, Any], spurious: list
              "there, its position relative to the box and its colour; peaks of one class that cluster are a "
              "candidate cue. The spurious score is the "
              f"probability that the {words.thing} relies on something besides its object, from all of that.</p>"
-             f"<p><b>Verification drop</b>: how much the {words.thing}'s {words.score} falls, relative to itself, when "
-             f"the image around the objects (where the off-object peak lies) is blurred: 0.5 means it halved. A "
+             f"<p><b>Verification drop</b>: how much the {words.thing}'s {words.score} falls, relative to its "
+             "score, when the image around the objects (where the off-object peak lies) is blurred: 0.5 means it halved. A "
              f"cue is <b>confirmed</b> when its members' mean drop is {_format(findings['confirm_drop'])} or more: "
              f"the {words.model} needs that region. A small drop says it hardly does; a <b>negative</b> drop means "
              "blurring <i>raised</i> the score: the region is not the evidence (if anything it distracted the "
@@ -652,10 +650,10 @@ def _card(rows: list[dict[str, Any]], image_root: Path, classes: dict[str, str] 
               for row in rows]
     pred = [first[k] for k in ("pred_x0", "pred_y0", "pred_x1", "pred_y1")]
     gt = [first[k] for k in ("gt_x0", "gt_y0", "gt_x1", "gt_y1")]
-    classified = first.get("task") == "classify"
+    classified, classes = first.get("task") == "classify", classes or {}
     if classified:
         png = overlay(image, panels, None, None if None in gt else gt, size=size,
-                      gt_label=f"object box ({(classes or {}).get('true', 'true class')})")
+                      gt_label=f"object box ({classes.get('true', 'true class')})")
     else:
         png = overlay(image, panels, pred, None if None in gt else gt,
                       pred_label="best-overlapping query's box" if first["outcome"] == "fn" else "predicted box",
@@ -665,7 +663,7 @@ def _card(rows: list[dict[str, Any]], image_root: Path, classes: dict[str, str] 
     note = '<br><span class="note">image unavailable: maps drawn on grey</span>' if missing_image else ""
     name = Path(first["file_path"] or "?").name
     head = (f"<b>{html.escape(first['label_name'])}</b> · {html.escape(first['outcome'])} · "
-            + (_class_head(first, classes or {}) if classified
+            + (_class_head(first, classes) if classified
                else f"score {_format(first['score'])} · IoU {_format(first['iou'])}")
             + f"<br>instance {html.escape(first['instance_id'])} · {html.escape(name)}")
     layout = "failure" if len(rows) > 1 else "failure stacked"  # one map: caption beneath, two cards a row

@@ -62,12 +62,18 @@ def _rows(store: Path, sql: str, *params: object) -> list[dict]:
 
 PUSH = """
 import json, sys
+from dataclasses import replace
+from pathlib import Path
 import fiftyone as fo
-from fiftyone import ViewField as F
-from eive_audit.reports.fiftyone_push import push_run
+from eive_audit.reports.fiftyone_push import _classified_samples, _load_run, push_run
+from eive_audit.storage.catalog import query
 
 args = json.loads(sys.argv[1])
 result = push_run(args["store"], args["run"], args["dataset"])
+run = replace(_load_run(Path(args["store"]), args["run"]), index=None)  # as if the index were gone: the rows' truth
+image_rows = query(args["store"], "SELECT * FROM images WHERE run_id = ? AND status = 'ok'", [args["run"]]).to_pylist()
+without_index, _ = _classified_samples(Path(args["store"]), run, image_rows, query(
+    args["store"], "SELECT * FROM instances WHERE run_id = ?", [args["run"]]))
 detections = fo.Dataset(args["dataset"] + "-detect")  # a detection run's layout: a classify push is refused
 detections.add_sample(fo.Sample(filepath="/x.png", predictions=fo.Detections()))
 fo.Dataset(args["dataset"] + "-detect-instances")
@@ -99,6 +105,7 @@ print(json.dumps({
               for n in views},
     "image_order": images.load_saved_view(args["lowest"]).values("image_id"),
     "instance_order": instances.load_saved_view(args["lowest"]).values("instance_id"),
+    "without_index": {s.filepath: [s.ground_truth.label, boxes(s.objects)] for s in without_index},
     "missed_view": [missed.count("prediction"), missed.count("missed"), missed.has_field("ground_truth")],
     "evaluations": images.list_evaluations(),
     "app": [sorted(ds.app_config.active_fields.paths) + [ds.app_config.color_scheme.color_by]
@@ -109,7 +116,8 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def pushed(run: tuple[Path, str, Path], fiftyone_env: dict[str, str]) -> dict:
-    """The run pushed to DATASET, read back in the same subprocess (one FiftyOne start for the module)."""
+    """The run pushed to DATASET and read back, and its image samples as a push without the index would make
+    them, in one subprocess (one FiftyOne start for the module)."""
     store, run_id, _ = run
     return _python(PUSH, json.dumps({"store": str(store), "run": run_id, "dataset": DATASET,
                                      "missed": view_name(run_id, MISSED),
@@ -160,6 +168,21 @@ def test_one_image_sample_per_image_with_its_true_class_prediction_and_object_bo
     assert pushed["push"]["eval_key"] == f"eval_{run_id}" and pushed["evaluations"] == [f"eval_{run_id}"]
 
 
+def test_without_the_index_the_truth_comes_from_the_rows(run: tuple[Path, str, Path], pushed: dict) -> None:
+    """The true class of the correct or missed row, and the one object box the rows were scored against (the
+    largest of the image's class)."""
+    store, run_id, index = run
+    truth = _index(index)
+    assert len(pushed["without_index"]) == N_VAL
+    for filepath, (label, objects) in pushed["without_index"].items():
+        entry = truth[str(Path(filepath).resolve())]
+        largest = max(entry["boxes"], key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        x0, y0, x1, y1 = largest
+        ((box_label, *box),) = objects
+        assert label == box_label == entry["label"]
+        assert box == pytest.approx([x0 / 96, y0 / 96, (x1 - x0) / 96, (y1 - y0) / 96], abs=1e-5)
+
+
 def test_instance_samples_explain_their_class_beside_the_image_s_truth(run: tuple[Path, str, Path],
                                                                        pushed: dict) -> None:
     """A missed row's sample explains the true class: its `prediction` is that class, with its probability."""
@@ -182,7 +205,8 @@ def test_instance_samples_explain_their_class_beside_the_image_s_truth(run: tupl
 def test_an_image_s_heatmap_is_the_map_of_its_predicted_class(pushed: dict) -> None:
     maps = {s["instance_id"]: s["heatmap"] for s in pushed["instances"]}
     for sample in pushed["images"]:
-        with Image.open(sample["heatmap"]) as heatmap, Image.open(maps[sample["prediction"]["audit_instance_id"]]) as own:
+        own_map = maps[sample["prediction"]["audit_instance_id"]]
+        with Image.open(sample["heatmap"]) as heatmap, Image.open(own_map) as own:
             assert heatmap.size == (96, 96) and heatmap.mode == "L"
             np.testing.assert_array_equal(np.asarray(heatmap), np.asarray(own))
 
@@ -245,13 +269,15 @@ def _png(src: str) -> np.ndarray:
 def test_the_report_speaks_of_predictions_and_true_classes(run: tuple[Path, str, Path], report: str) -> None:
     store, run_id, _ = run
     gallery = _Tags(_section(report, "failures")).plain()
-    for title in ("The true class of wrong predictions", "Wrong predictions", "Correct predictions, but looking elsewhere"):
+    for title in ("The true class of wrong predictions", "Wrong predictions",
+                  "Correct predictions, but looking elsewhere"):
         assert f"{title} (" in gallery, title
     summary = _section(report, "summary")
     assert "<th>correct</th><th>wrong</th><th>missed</th><th>all</th>" in summary, "outcomes in a classifier's order"
     heads = [text for text in _Tags(_section(report, "failures")).text if " · " in text]
     assert heads and not any("IoU" in text for text in heads), "a classifier's card has no IoU"
-    assert "predicted, but the true class is" in gallery and "the true class, which the model missed: it said" in gallery
+    assert "predicted, but the true class is" in gallery
+    assert "the true class, which the model missed: it said" in gallery
     page = _Tags(report).plain()
     for section in ("summary", "changes", "findings", "failures", "plots"):
         text = _Tags(_section(report, section)).plain()
@@ -265,7 +291,8 @@ def test_the_report_speaks_of_predictions_and_true_classes(run: tuple[Path, str,
 
 
 def test_cards_draw_the_object_box_and_no_whole_image_box(report: str) -> None:
-    overlays = [a["src"] for t, a in _Tags(_section(report, "failures")).tags if t == "img" and a.get("class") == "overlay"]
+    overlays = [a["src"] for t, a in _Tags(_section(report, "failures")).tags
+                if t == "img" and a.get("class") == "overlay"]
     assert len(overlays) == TOP_FAILURES
     cyan, green = (np.array(tuple(bytes.fromhex(c[1:]))) for c in (PRED_COLOUR, GT_COLOUR))
     for src in overlays:
@@ -287,7 +314,8 @@ def test_the_artifacts_name_correct_predictions(run: tuple[Path, str, Path]) -> 
 def test_chromium_renders_the_classification_gallery(report: str, tmp_path: Path) -> None:
     """Every image decodes, and a screenshot of the gallery (tmp_path/gallery.png, for a reviewer to look at)
     shows the cards."""
-    head, header = report[:report.index("<body>")], report[report.index('<header class="top">'):report.index("</header>")]
+    head = report[:report.index("<body>")]
+    header = report[report.index('<header class="top">'):report.index("</header>")]
     page = tmp_path / "gallery.html"
     page.write_text(f"{head}<body>{header}</header>{_section(report, 'failures')}</section></body></html>")
     shot = tmp_path / "gallery.png"
