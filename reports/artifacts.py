@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eive_audit.pipeline.config import sql_outcome_in
+from eive_audit.pipeline.config import OUTCOME_ROLES, sql_outcome_in
 from eive_audit.reports.diff import diff_markdown
 from eive_audit.reports.views import open_command
 from eive_audit.storage.catalog import query
@@ -87,7 +87,8 @@ def summary_markdown(store: Path, run_id: str, report: Path | None, fiftyone_dat
     if not runs:
         raise KeyError(f"no run {run_id!r} in the store at {store}")
     run, timing = runs[0], query(store, _TIMING_SQL, [run_id]).to_pylist()[0]
-    outcomes = ", ".join(f"{row['outcome']} {row['n']}" for row in query(store, _OUTCOMES_SQL, [run_id]).to_pylist())
+    counts = {row["outcome"]: row["n"] for row in query(store, _OUTCOMES_SQL, [run_id]).to_pylist()}
+    outcomes = ", ".join(f"{outcome} {counts[outcome]}" for outcome in OUTCOME_ROLES if outcome in counts)  # right first
     flags = query(store, _FLAGGED_SQL, [run_id]).to_pylist()[0]
     cues = query(store, _CUES_SQL, [run_id]).to_pylist()
     off_object, background, elsewhere = _FLAG_WORDS[run["task"]]

@@ -342,8 +342,9 @@ def _flags(store: Path, run_id: str, findings: dict[str, Any], words: _Words = _
             "at the attention grid, so a map on a small or thin object's cells is not off it (the raw share off "
             "the box, off_object_share, is kept beside it). ")
     if words.task == "classify":
-        rule = (f"{lead}The box is the object box of the image's class, where the index gives boxes (without them "
-                f"nothing is flagged). A correct prediction is flagged from {_format(findings['off_object'])} off "
+        rule = (f"{lead}The box is the object box of the image's class, where the index gives boxes (without "
+                "them an instance's object is the whole image: nothing is off it, nothing flagged). A correct "
+                f"prediction is flagged from {_format(findings['off_object'])} off "
                 f"its object (flag_off_object), a wrong prediction from {_format(findings['background'])} off every "
                 f"object box of the image (flag_background_fp), the true class of a wrong prediction when its map "
                 f"put {_format(findings['off_object'])} off the object (flag_miss_elsewhere).</p>")
