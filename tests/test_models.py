@@ -13,7 +13,7 @@ import torch
 from eive_audit.pipeline.models.detr import DetrAdapter, ModelLoadError
 from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.families import FAMILIES, build_config
-from eive_audit.pipeline.models.preprocess import PreprocessConfig
+from eive_audit.pipeline.models.preprocess import PreprocessConfig, preprocess
 from eive_audit.pipeline.sources.decode import decode_rgb
 
 
@@ -25,8 +25,11 @@ def _hook_counts(model: torch.nn.Module) -> list[int]:
 
 def _check_contract(adapter: DetrAdapter, images: list[torch.Tensor]) -> None:
     batch = adapter.preprocess(images)
+    # transformers' own hooks come with any first forward: a 64 px one adds them (a second forward of the real
+    # batch cost an 800 px DETR-R50 pass, seconds on a CPU), and the real batch's forward must leave them so.
+    warm_up = preprocess([torch.zeros(3, 64, 64, dtype=torch.uint8)], PreprocessConfig(64, 64), adapter.device)
     with torch.inference_mode():
-        adapter.forward(batch)
+        adapter.forward(warm_up)
         hooks_before = _hook_counts(adapter.model)
         out = adapter.forward(batch)
     b, q = len(images), adapter.model.config.num_queries
