@@ -1,5 +1,7 @@
 """Scheduled audits against a real Prefect server: `eive-audit schedule` registers a cron deployment, a run
 of it audits into the store and leaves its artifacts, and every process started here is gone afterwards.
+The server is the session's (tests/conftest.py `prefect_api`: Prefect's test harness, a real API server in
+a process of its own), so the test pays no second server start.
 
 Processes get SIGTERM, not SIGINT: a shell that starts pytest in the background makes its children ignore
 SIGINT, and Prefect's runner stops (pausing its schedule) on SIGTERM.
@@ -9,12 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,12 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "eive_audit"]
 T = TypeVar("T")
 N_IMAGES = 8  # of the synth val split: what the test claims of a scheduled run does not depend on its size
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, log: Path | None = None) -> T:
@@ -106,24 +101,19 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}", **extra}
 
 
-def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Path, synth_val_subset,
+def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Path, synth_val_subset, prefect_api: str,
                                                                         tmp_path: Path) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect"
     home.mkdir()
     config = AuditConfig(images=synth / "images" / "val", coco=synth_val_subset(N_IMAGES, tmp_path / "val.json"),
                          out=tmp_path / "store", shard_size=1000, device="cpu", review={"report": False})
     yaml_file = config.to_yaml(tmp_path / "nightly.yaml")
     seen: list[psutil.Process] = []
-    with ExitStack() as stack:  # unwinds in reverse: the serving process stops (pausing its schedule) first
-        stack.enter_context(_started([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                      "--port", str(port), "--no-ui"], _env(home), tmp_path / "server.log", seen))
-        _wait_for("the server's /api/health", lambda: _healthy(url), 90, tmp_path / "server.log")
-        serve_log = tmp_path / "serve.log"
-        stack.enter_context(_started([*CLI, "schedule", "--config", str(yaml_file), "--cron", "0 2 * * *"],
-                                     _env(home, PREFECT_API_URL=url, PREFECT_RUNNER_POLL_FREQUENCY="1"), serve_log, seen))
-        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+    serve_log = tmp_path / "serve.log"
+    # The serving process, stopped on the way out (which pauses its schedule).
+    with _started([*CLI, "schedule", "--config", str(yaml_file), "--cron", "0 2 * * *"],
+                  _env(home, PREFECT_API_URL=prefect_api, PREFECT_RUNNER_POLL_FREQUENCY="1"), serve_log, seen):
+        with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
             deployment = _wait_for("deployment audit/nightly", lambda: client.read_deployment_by_name("audit/nightly"),
                                    90, serve_log)
             assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
@@ -145,12 +135,6 @@ def test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process(synth: Pa
     assert set(by_key) == {f"audit-{run_id}-summary", f"audit-{run_id}-worst"}
     assert f"# Audit `{run_id}`" in by_key[f"audit-{run_id}-summary"].data
     assert f"| images | {N_IMAGES} |" in by_key[f"audit-{run_id}-summary"].data
-
-
-def _healthy(url: str) -> bool | None:
-    import httpx
-
-    return True if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
 
 
 def _final_state(client, flow_run_id):
