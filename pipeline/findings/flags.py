@@ -123,13 +123,13 @@ def reason(flags: Flags, config: FindingsConfig, classify: bool = False) -> str 
     `classify`."""
     if flags.flag_off_object:
         what = "correct prediction looking off its object" if classify else "correct detection looking off its object"
-        box, threshold = "its box", config.off_object
+        box, threshold = "its object's box" if classify else "its box", config.off_object
     elif flags.flag_background_fp:
         what = "wrong class driven by background" if classify else "false positive driven by background"
-        box, threshold = "any GT box", config.background
+        box, threshold = "any object box" if classify else "any GT box", config.background
     elif flags.flag_miss_elsewhere:
         what = "true class whose map looked elsewhere" if classify else "miss whose best query looked elsewhere"
-        box, threshold = "its box", config.off_object
+        box, threshold = "its object's box" if classify else "its box", config.off_object
     else:
         return None
     cells = f"the cells {box} touches"
