@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eive_audit.storage.catalog import query, refresh_catalog
+from eive_audit.storage.catalog import query, reader, refresh_catalog
 from eive_audit.storage.schema import FLAGGED
 from eive_audit.storage.writer import read_table, table_path, write_table
 
@@ -79,21 +79,22 @@ def run_summary(root: Path, run_id: str) -> dict[str, Any]:
     """Counts of the run read back through DuckDB: images, errors, instances by outcome, instances with
     faithfulness, flagged instances, the instances the findings' forward budget verified and localised (the
     rest it skipped) and candidate cues."""
-    outcomes = query(root, "SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome "
-                           "ORDER BY outcome", [run_id])
+    with reader(root, ("images", "errors", "instances", "findings")) as read:
+        outcomes = read("SELECT outcome, count(*) AS n FROM instances WHERE run_id = ? GROUP BY outcome "
+                        "ORDER BY outcome", [run_id])
 
-    def count(table: str, condition: str = "TRUE") -> int:
-        return query(root, f"SELECT count(*) AS n FROM {table} WHERE run_id = ? AND {condition}",
-                     [run_id]).column("n")[0].as_py()
+        def count(table: str, condition: str = "TRUE") -> int:
+            return read(f"SELECT count(*) AS n FROM {table} WHERE run_id = ? AND {condition}",
+                        [run_id]).column("n")[0].as_py()
 
-    return {"run_id": run_id, "images": count("images"), "audited": count("images", "status = 'ok'"),
-            "errors": count("errors"),
-            "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
-            "with_faithfulness": count("instances", "insertion_auc IS NOT NULL"),
-            "flagged": count("instances", FLAGGED),
-            "verified": count("instances", "verification_drop IS NOT NULL"),
-            "localised": count("instances", "specificity IS NOT NULL"),
-            "candidate_cues": count("findings")}
+        return {"run_id": run_id, "images": count("images"), "audited": count("images", "status = 'ok'"),
+                "errors": count("errors"),
+                "instances": dict(zip(outcomes.column("outcome").to_pylist(), outcomes.column("n").to_pylist())),
+                "with_faithfulness": count("instances", "insertion_auc IS NOT NULL"),
+                "flagged": count("instances", FLAGGED),
+                "verified": count("instances", "verification_drop IS NOT NULL"),
+                "localised": count("instances", "specificity IS NOT NULL"),
+                "candidate_cues": count("findings")}
 
 
 def summary_counts(summary: Mapping[str, Any]) -> dict[str, int]:

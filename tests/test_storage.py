@@ -60,7 +60,7 @@ SAMPLES: dict[str, list[dict[str, Any]]] = {
              spurious_score=0.5, flag_off_object=False, flag_reason=None, flag_background_fp=False, flag_miss_elsewhere=False, cue_id="eive:dog:0",
              verification_drop=0.5, localised_drop=0.5, specificity=0.25, peak_x=12.0,
              peak_y=20.0),
-        dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", outcome="fp", query=9,
+        dict(instance_id="1-q9", image_id=1, shard="s0", explainer="eive", task="detect", outcome="fp", query=9,
              label_name="cat", score=0.5, pred_x0=0.0, pred_y0=0.0, pred_x1=4.0, pred_y1=4.0),
     ],
     "maps": [
@@ -410,9 +410,10 @@ def test_a_rerun_never_turns_a_finished_run_back(tmp_path: Path) -> None:
 
 def _shard_rows(image_id: int, n: int) -> dict[str, list[dict[str, Any]]]:
     """A part of a shard as the audit yields it: `n` instances of one image, maps as float arrays."""
-    base = {"image_id": image_id, "explainer": "eive", "task": "detect"}
+    base = {"image_id": image_id, "explainer": "eive"}
     return {"images": [{"image_id": image_id, "status": "ok"}],
-            "instances": [base | {"instance_id": f"{image_id}-q{q}", "outcome": "tp", "query": q, "label_name": "dog",
+            "instances": [base | {"instance_id": f"{image_id}-q{q}", "task": "detect", "outcome": "tp", "query": q,
+                                  "label_name": "dog",
                                   "score": 0.5, "pred_x0": 0.0, "pred_y0": 0.0, "pred_x1": 1.0, "pred_y1": 1.0}
                           for q in range(n)],
             "maps": [base | {"instance_id": f"{image_id}-q{q}", "grid_h": 1, "grid_w": 2,

@@ -13,9 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.cluster import HDBSCAN
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.findings.flags import Case, InstanceKey
@@ -89,6 +86,10 @@ def cluster_peaks(descriptors: np.ndarray, config: FindingsConfig) -> np.ndarray
         return np.full(len(descriptors), -1)
     features, rest = descriptors[:, :-8], descriptors[:, -8:]
     dims = min(config.feature_dims, features.shape[1], len(descriptors) - 1)
+    from sklearn.cluster import HDBSCAN  # here: scikit-learn (with scipy, pandas) costs seconds to import
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
     reduced = PCA(n_components=dims, random_state=0).fit_transform(features) if dims > 0 else features[:, :0]
     x = StandardScaler().fit_transform(np.concatenate([reduced, rest], axis=1))
     labels = HDBSCAN(min_cluster_size=config.min_support, min_samples=config.min_support, copy=True).fit_predict(x)
