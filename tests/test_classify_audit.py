@@ -1,0 +1,169 @@
+"""Classification audits end to end through the real CLI: `run --task classify` on a random-init ViT of the
+shipped ViT's architecture (`vit-synth`; the shipped model's own quality is tests/test_train_classify.py's) over a
+synthetic planted-cue val set (with one index entry whose file is missing), then what a user reads back: the
+tables in SQL (a store holding a detection run too), the instances' outcomes against a plain forward of the
+model, faithfulness, the report, the FiftyOne push (in a subprocess against the session's mongod), and the
+one-line refusals of a run that cannot work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import CLI, invoke, run_ok
+from eive_audit.pipeline.models.families import write_random_model
+from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
+from eive_audit.pipeline.models.vit import ViTAdapter
+from eive_audit.pipeline.sources.decode import decode_rgb
+from eive_audit.pipeline.sources.synthetic import CATEGORIES
+from eive_audit.pipeline.sources.synthetic_classify import generate_classify
+from eive_audit.storage.catalog import query
+
+N_VAL = 24
+EXPLAINERS = "legrad,cdam"
+
+pytestmark = pytest.mark.xdist_group("classify-audit")  # one audited run for the module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh synthetic classification val split (a seed the shipped ViT never saw), its index given one more
+    entry whose image file does not exist."""
+    root = tmp_path_factory.mktemp("classify")
+    index = generate_classify(root, 0, N_VAL, seed=11)["val"]
+    content = json.loads(index.read_text())
+    content["images"].append({"id": 10_000, "file": "gone.png", "label": "circle"})
+    index.write_text(json.dumps(content))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init `vit-synth` classifier named with the synthetic classes."""
+    return write_random_model("vit-synth", list(CATEGORIES), tmp_path_factory.mktemp("vit") / "model")
+
+
+@pytest.fixture(scope="module")
+def audited(data: Path, model: Path, synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The classification run, and a detection run of the shipped detector on 4 images into the same store."""
+    store = tmp_path_factory.mktemp("store") / "store"
+    summary = run_ok("--task", "classify", "--model", model, "--index", data / "annotations" / "val.json",
+                     "--images", data / "images" / "val", "--out", store, "--explainer", EXPLAINERS,
+                     "--faithfulness", "all", "--faithfulness-steps", "5", "--findings-min-support", "3",
+                     "--device", "cpu")
+    subset = synth / "annotations" / "val4.json"
+    coco = json.loads((synth / "annotations" / "val.json").read_text())
+    keep = {image["id"] for image in coco["images"][:4]}
+    subset.write_text(json.dumps({**coco, "images": [i for i in coco["images"] if i["id"] in keep],
+                                  "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
+    detection = run_ok("--coco", subset, "--images", synth / "images" / "val", "--out", store, "--no-findings",
+                       "--no-report", "--device", "cpu")
+    return {"store": store, "summary": summary, "detection": detection, "data": data, "model": model}
+
+
+def test_instances_are_the_prediction_and_the_true_class_of_a_wrong_one(audited: dict) -> None:
+    store, run = audited["store"], audited["summary"]["run_id"]
+    rows = query(store, "SELECT * FROM instances WHERE run_id = ? ORDER BY image_id, instance_id, explainer",
+                 [run]).to_pylist()
+    assert {r["task"] for r in rows} == {"classify"} and {r["explainer"] for r in rows} == set(EXPLAINERS.split(","))
+    by_image: dict[int, set[tuple[str, str]]] = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], set()).add((row["outcome"], row["label_name"]))
+        assert (row["pred_x0"], row["pred_y0"], row["pred_x1"], row["pred_y1"]) == (0, 0, 96, 96)  # whole image
+        # the index gives object boxes: scored wherever the map has mass (an all-zero map locates nothing)
+        assert (row["mass_in_gt"] is None) == (row["mass_in_pred"] is None)
+        assert row["mass_in_gt"] is None or 0 <= row["mass_in_gt"] <= 1
+        assert row["deletion_auc"] is not None and row["insertion_auc"] is not None
+    assert sum(r["mass_in_gt"] is not None for r in rows) > len(rows) / 2
+    assert len(by_image) == N_VAL  # the missing file is no image of the audit
+    index = json.loads((audited["data"] / "annotations" / "val.json").read_text())
+    truth = {image["id"]: image["label"] for image in index["images"]}
+    for image_id, instances in by_image.items():
+        outcomes = sorted(outcome for outcome, _ in instances)
+        assert outcomes in (["correct"], ["missed", "wrong"]), (image_id, instances)
+        if outcomes == ["correct"]:
+            assert instances == {("correct", truth[image_id])}
+        else:
+            assert ("missed", truth[image_id]) in instances
+    maps = query(store, "SELECT DISTINCT grid_h, grid_w FROM maps WHERE run_id = ?", [run]).to_pylist()
+    assert maps == [{"grid_h": 12, "grid_w": 12}]
+
+
+def test_outcomes_agree_with_a_plain_forward_of_the_model(audited: dict) -> None:
+    """What the audit stored as each image's prediction is what the model says on that image alone."""
+    store, run = audited["store"], audited["summary"]["run_id"]
+    adapter = ViTAdapter.load(audited["model"], "cpu")
+    rows = query(store, "SELECT DISTINCT i.image_id, i.label_name, i.score, g.file_path FROM instances i JOIN images g "
+                        "USING (run_id, image_id) WHERE run_id = ? AND outcome IN ('correct', 'wrong') "
+                        "ORDER BY image_id", [run]).to_pylist()
+    images = [decode_rgb(Path(r["file_path"]), None) for r in rows]
+    with torch.inference_mode():
+        probs = adapter.class_probs(adapter.forward(adapter.preprocess(images)).logits)
+    names = [adapter.label_names[int(k)] for k in probs.argmax(-1)]
+    assert names == [r["label_name"] for r in rows]
+    assert probs.max(-1).values.tolist() == pytest.approx([r["score"] for r in rows], abs=1e-4)
+
+
+def test_bad_entry_is_an_error_row_and_the_run_goes_on(audited: dict) -> None:
+    store, summary = audited["store"], audited["summary"]
+    errors = query(store, "SELECT image_id, type FROM errors WHERE run_id = ?", [summary["run_id"]]).to_pylist()
+    assert errors == [{"image_id": 10_000, "type": "missing_file"}]
+    assert summary["audited"] == N_VAL and summary["images"] == N_VAL + 1
+
+
+def test_a_store_holds_both_tasks(audited: dict) -> None:
+    out = invoke("sql", "--store", audited["store"], "--format", "json",
+                 "SELECT r.task, count(DISTINCT i.instance_id) > 0 AS has_rows FROM runs r JOIN instances i "
+                 "USING (run_id) GROUP BY r.task ORDER BY r.task")
+    assert out.code == 0, out.stderr
+    assert json.loads(out.stdout) == [{"task": "classify", "has_rows": True}, {"task": "detect", "has_rows": True}]
+
+
+def test_report_of_the_classification_run(audited: dict) -> None:
+    report = Path(audited["summary"]["report"])
+    page = report.read_text()
+    assert "legrad" in page and "cdam" in page and "correct" in page
+
+
+def test_push_writes_classifications_and_heatmaps(audited: dict, fiftyone_env: dict[str, str]) -> None:
+    run = audited["summary"]["run_id"]
+    pushed = subprocess.run([*CLI, "push", "--store", str(audited["store"]), "--run", run, "--dataset", "cls"],
+                            env=fiftyone_env, capture_output=True, text=True, timeout=600)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    dump = subprocess.run([sys.executable, "-c", DUMP], env=fiftyone_env, capture_output=True, text=True, timeout=600)
+    assert dump.returncode == 0, dump.stderr[-3000:]
+    seen = json.loads(dump.stdout)
+    n_rows = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?", [run]).to_pylist()[0]["n"]
+    assert seen["images"] == N_VAL and seen["instances"] == n_rows
+    assert seen["ground_truth"] == "Classification" and seen["prediction"] == "Classification"
+    assert {"heatmap_legrad", "heatmap_cdam"} <= set(seen["fields"])
+
+
+DUMP = """
+import json
+import fiftyone as fo
+images, instances = fo.load_dataset("cls"), fo.load_dataset("cls-instances")
+first = images.first()
+print(json.dumps({"images": len(images), "instances": len(instances), "fields": list(images.get_field_schema()),
+                  "ground_truth": type(first["ground_truth"]).__name__, "prediction": type(first["prediction"]).__name__}))
+"""
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--task", "classify", "--coco", "{index}"], "coco annotations are for task detect"),
+    (["--task", "classify", "--index", "{index}", "--model", "{detector}"], "is a detector"),
+    (["--task", "classify", "--index", "{index}", "--model", "{vit}", "--explainer", "eive"],
+     "eive explains detect models"),
+    (["--index", "{index}"], "index is for task classify"),
+])
+def test_a_run_that_cannot_work_stops_with_one_line(audited: dict, tmp_path: Path, args: list[str], says: str) -> None:
+    """Each refused before the Prefect server starts, with one line (exit 2)."""
+    index = audited["data"] / "annotations" / "val.json"
+    result = invoke("run", "--images", audited["data"] / "images" / "val", "--out", tmp_path / "store",
+                    *[a.format(index=index, detector=DEFAULT_MODEL_DIR, vit=audited["model"]) for a in args])
+    assert result.code == 2 and says in result.stderr, result.stderr
