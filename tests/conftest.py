@@ -43,9 +43,9 @@ COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 # last on one worker while the other idles.
 HEAVY_FIRST = ("test_shipped_model_eive_maps_beat_random_maps_on_both_aucs",  # test_audit.py
                "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows", "fiftyone",
-               "shipped-audit", "test_quick_benchmark_ranks_cue_reliant_instances_first",
+               "shipped-audit", "classify-audit", "test_quick_benchmark_ranks_cue_reliant_instances_first",
                "test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed",
-               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "cli-review", "diff",
+               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "cli-review", "review-classify", "diff",
                "deformable", "test_fine_tuning_with_aajts_concentrates_the_attention", "report", "explainers",
                "test_an_audit_of_16_bit_pngs_finds_what_the_8_bit_audit_finds",  # test_decode.py
                "test_train_cli_smoke_run_writes_a_loadable_model", "test_detr_r50_at_800px")  # test_train, test_models
