@@ -1,4 +1,5 @@
-"""Prefect flow that trains a detector: one task, one process; rerunning the same flow resumes it."""
+"""Prefect flow that trains a model (a detector, or a classifier with task classify): one task, one process;
+rerunning the same flow resumes it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.train import train
+from eive_audit.pipeline.train_classify import train_classifier
 
 
 def _losses_text(losses: dict[str, float]) -> str:
@@ -44,10 +46,12 @@ class ProgressLines:
 
 @task(name="train-detector-steps")
 def train_task(config: TrainConfig) -> dict[str, float]:
-    """Run the training loop showing its progress on stderr: on a terminal a bar with the step and the
-    current losses (with AAJTS, its concentration and stability terms too), else `ProgressLines`."""
+    """Run the task's training loop (`train`, or `train_classifier` for task classify) showing its progress on
+    stderr: on a terminal a bar with the step and the current logged values (the loss; with AAJTS, its
+    concentration and stability terms too; for a classifier, the batch's accuracy), else `ProgressLines`."""
+    run = train_classifier if config.task == "classify" else train
     if not sys.stderr.isatty():
-        return train(config, on_step=ProgressLines(config.steps, config.log_every))
+        return run(config, on_step=ProgressLines(config.steps, config.log_every))
     columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -56,10 +60,11 @@ def train_task(config: TrainConfig) -> dict[str, float]:
         def show(step: int, losses: dict[str, float]) -> None:
             progress.update(bar, completed=step, losses=_losses_text(losses))
 
-        return train(config, on_step=show)
+        return run(config, on_step=show)
 
 
 @flow(name="train-detector")
 def train_flow(config: TrainConfig) -> dict[str, float]:
-    """Train (or resume) the detector described by `config`; returns the training summary."""
+    """Train (or resume) the model described by `config` (a detector, or a classifier for task classify);
+    returns the training summary."""
     return train_task(config)
