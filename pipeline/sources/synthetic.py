@@ -236,10 +236,19 @@ def make_scene(seed: int, split: str, index: int, params: SynthParams) -> Scene:
     return Scene(tuple(objects), tuple(cues), int(rng.integers(2**31)))
 
 
+def _base_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.25, 0.75, size=3)
+
+
+def background_colour(seed: int) -> np.ndarray:
+    """The base colour (RGB in [0, 1]) of the background `seed` draws, which its texture varies around."""
+    return _base_colour(np.random.default_rng(seed))
+
+
 def _background(seed: int, size: int) -> np.ndarray:
     """A textured background in [0, 1]: a base colour, smooth blotches, stripes and grain."""
     rng = np.random.default_rng(seed)
-    base = rng.uniform(0.25, 0.75, size=3)
+    base = _base_colour(rng)
     coarse = rng.normal(0.0, 1.0, size=(5, 5, 3)).astype(np.float32)
     blotch = np.stack(
         [np.asarray(Image.fromarray(coarse[..., c]).resize((size, size), Image.BICUBIC)) for c in range(3)], -1
