@@ -70,8 +70,10 @@ def test_fine_tuning_matches_labels_by_name_and_refuses_unknown_categories(synth
     mapping = fine_tune_label_map(source, model_labels)
     assert {source.categories[c]: model_labels[label] for c, label in mapping.items()} == {
         name: name for name in source.categories.values()}
-    with pytest.raises(ValueError, match="no label for the dataset categories"):
+    with pytest.raises(ValueError, match="no label named 'hexagon'"):
         fine_tune_label_map(source, {0: "circle", 1: "square", 2: "triangle", 3: "star"})
+    with pytest.raises(ValueError, match="no label for the dataset categories"):
+        fine_tune_label_map(source, {k: f"LABEL_{k}" for k in range(5)})
 
 
 def test_a_checkpoint_resumes_only_under_the_settings_that_wrote_it(synth: Path, tmp_path: Path) -> None:
