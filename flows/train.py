@@ -44,7 +44,7 @@ class ProgressLines:
         self._previous = (step, now)
 
 
-@task(name="train-detector-steps")
+@task(name="train-steps", task_run_name="train-{config.task}-steps")
 def train_task(config: TrainConfig) -> dict[str, float]:
     """Run the task's training loop (`train`, or `train_classifier` for task classify) showing its progress on
     stderr: on a terminal a bar with the step and the current logged values (the loss; with AAJTS, its
@@ -63,7 +63,7 @@ def train_task(config: TrainConfig) -> dict[str, float]:
         return run(config, on_step=show)
 
 
-@flow(name="train-detector")
+@flow(name="train", flow_run_name="train-{config.task}")
 def train_flow(config: TrainConfig) -> dict[str, float]:
     """Train (or resume) the model described by `config` (a detector, or a classifier for task classify);
     returns the training summary."""
