@@ -40,7 +40,8 @@ def test_every_package_folder_is_listed_and_in_the_wheel_with_the_shipped_model(
     assert set(setuptools["packages"]) == packages
     names = set(wheel.namelist())
     assert {package.replace(".", "/") + "/__init__.py" for package in packages} <= names
-    assert "eive_audit/pipeline/models/default/model.safetensors" in names
+    assert {f"eive_audit/pipeline/models/{shipped}/{file}" for shipped in ("default", "default_vit")
+            for file in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md")} <= names
 
 
 def test_the_console_script_is_the_top_layer(wheel: zipfile.ZipFile) -> None:
