@@ -31,13 +31,14 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _synth_args(synth: Path, model: Path, out: Path) -> list[str]:
+def _synth_args(synth: Path, model: Path, out: Path, coco: Path | None = None) -> list[str]:
     """The small model on the synth val split. No findings: a random-init model flags nearly every instance,
     which makes findings cost seven times the audit, and what these tests check (resume, SQL, faithfulness
-    budgets) lives in the shards' tables, not in findings (tests/test_findings.py)."""
-    return ["--coco", str(synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
+    budgets) lives in the shards' tables, not in findings (tests/test_findings.py). No report either: its
+    figures cost half a small run and are tests/test_report.py's. `coco`: a subset of the split instead."""
+    return ["--coco", str(coco or synth / "annotations" / "val.json"), "--images", str(synth / "images" / "val"),
             "--model", str(model), "--out", str(out), "--score-threshold", "0", "--max-detections", "5",
-            "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-findings"]
+            "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-findings", "--no-report"]
 
 
 def _table_counts(store: Path, run_id: str) -> dict[str, int]:
@@ -87,7 +88,7 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(synth: Path, sma
 def test_bad_images_become_error_rows_and_the_run_goes_on(broken: tuple[Path, Path], small_model: Path, tmp_path: Path) -> None:
     ann, images = broken
     summary = _run("--coco", str(ann), "--images", str(images), "--model", str(small_model), "--out", str(tmp_path),
-                   "--score-threshold", "0", "--max-detections", "3", "--device", "cpu")
+                   "--score-threshold", "0", "--max-detections", "3", "--device", "cpu", "--no-report")
     errors = query(tmp_path, "SELECT image_id, annotation_id, stage, type FROM errors ORDER BY image_id, annotation_id")
     assert [tuple(r.values()) for r in errors.to_pylist()] == [
         (2, None, "source", "missing_file"), (3, None, "source", "unreadable_image"),
@@ -138,7 +139,7 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
                    "--batch-size", "2", "--device", "cpu",
                    # every forward at 800 px costs seconds on a CPU and a random-init model's drops are noise: a
                    # verification (one forward an image) shows findings work at real size; nothing is localised
-                   "--findings-forward-budget", "1")
+                   "--findings-forward-budget", "1", "--no-report")
     assert summary["images"] == n and summary["errors"] == 0
     store = tmp_path / "store"
     per_image = query(store, "SELECT image_id, count(*) FILTER (WHERE outcome != 'fn') AS kept FROM instances "
@@ -154,8 +155,10 @@ def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path,
 
 
 @SMALL_MODEL
-def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, small_model: Path, tmp_path: Path) -> None:
-    args = _synth_args(synth, small_model, tmp_path)
+def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, synth_val_subset, small_model: Path,
+                                                           tmp_path: Path) -> None:
+    """Three runs of 12 images (60 instances: room for every budget, and the runs a third of the split's cost)."""
+    args = _synth_args(synth, small_model, tmp_path, coco=synth_val_subset(12, tmp_path / "val12.json"))
     sample = _run(*args, "--faithfulness", "sample:5", "--faithfulness-steps", "3")
     rows = query(tmp_path, "SELECT deletion_auc, insertion_auc, faithfulness_steps FROM instances WHERE run_id = ?",
                  [sample["run_id"]]).to_pylist()
@@ -197,7 +200,8 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, synt
                          faithfulness={"instances": "all", "steps": 10}, device="cpu")
     # --no-findings: this test asks about the faithfulness of the stored maps, which findings do not touch
     summary = _run("--coco", str(config.coco), "--images", str(config.images), "--out", str(tmp_path),
-                   "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu", "--no-findings")
+                   "--faithfulness", "all", "--faithfulness-steps", "10", "--device", "cpu", "--no-findings",
+                   "--no-report")
     rows = query(tmp_path, "SELECT i.*, m.grid_h, m.grid_w, m.map FROM instances i JOIN maps m "
                            "USING (run_id, instance_id, explainer) WHERE run_id = ? AND outcome = 'tp' ORDER BY image_id",
                  [summary["run_id"]]).to_pylist()
@@ -224,7 +228,8 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, synt
 @SMALL_MODEL
 def test_image_folder_audit_has_detections_but_no_false_positives(synth: Path, small_model: Path, tmp_path: Path) -> None:
     summary = _run("--images", str(synth / "images" / "val"), "--model", str(small_model), "--out", str(tmp_path),
-                   "--score-threshold", "0", "--max-detections", "2", "--shard-size", "20", "--device", "cpu")
+                   "--score-threshold", "0", "--max-detections", "2", "--shard-size", "20", "--device", "cpu",
+                   "--no-report")
     assert summary["images"] == 40 and summary["instances"] == {"det": 80}
     rows = query(tmp_path, "SELECT count(*) AS n FROM instances WHERE mass_in_gt IS NULL AND mass_in_pred IS NOT NULL")
     assert rows.column("n")[0].as_py() == 80, "no GT: GT scores stay null, the map still scores its own box"
@@ -330,7 +335,7 @@ def test_a_failed_run_is_failed_with_its_error_and_a_rerun_finishes_it(synth: Pa
     and a later rerun that fails in its review step leaves the finished run finished."""
     from eive_audit.flows import audit as flow
 
-    args = [*_synth_args(synth, small_model, tmp_path), "--no-report"]
+    args = _synth_args(synth, small_model, tmp_path)
 
     def boom(*_: object, **__: object) -> None:
         raise RuntimeError("disk on fire")

@@ -240,7 +240,7 @@ def test_audit_runs_end_to_end_with_several_explainers(synth: Path, tmp_path: Pa
     names = ("eive", "chefer", "drise")
     config = AuditConfig(images=synth / "images" / "val", coco=subset, out=tmp_path / "store",
                          max_detections=3, batch_size=2, shard_size=2, device="cpu",
-                         explainers={"eive": {}, "chefer": {}, "drise": {"n_masks": 8}})
+                         explainers={"eive": {}, "chefer": {}, "drise": {"n_masks": 8}}, review={"report": False})
     summary = audit(config)
     assert summary["images"] == 4 and summary["errors"] == 0
     per_explainer = query(config.out, "SELECT explainer, count(*) AS n, count(DISTINCT instance_id) AS ids, "

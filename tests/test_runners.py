@@ -1,8 +1,8 @@
 """Scale-out: the same audit on two threads, on a real Dask LocalCluster of two worker processes (one of them
-killed by its PID mid-run) and on a local Ray stores exactly the rows of the sequential run, table by table;
-the runner options reach the config from the CLI, a config file and a schedule; several GPUs are shared
-out one per worker. The clusters are real (prefect-dask, prefect-ray), so each run costs tens of seconds:
-the runs share one module, one dataset and one sequential baseline."""
+killed by its PID mid-run) and on a local Ray (slow: `make test-all`) stores exactly the rows of the sequential
+run, table by table; the runner options reach the config from the CLI, a config file and a schedule; several
+GPUs are shared out one per worker. The clusters are real (prefect-dask, prefect-ray), so each run costs tens of
+seconds: the runs share one module, one dataset and one sequential baseline."""
 
 from __future__ import annotations
 
@@ -123,6 +123,10 @@ def test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequenti
     assert not _dask_workers(), "the cluster's processes end with the run"
 
 
+# slow (`make test-all`): a local Ray's start and its two workers' torch imports cost 70 s of CI's two cores, a tenth
+# of its budget. The distributed path it shares with Dask (shards as tasks, rows merged by key) is the Dask test's
+# above; Ray's own wiring (address, CPUs, no dashboard) is test_every_runner_the_config_offers_is_built_... below.
+@pytest.mark.slow
 def test_a_local_ray_stores_exactly_the_sequential_rows(config_of, sequential, tmp_path: Path) -> None:
     import ray
 
