@@ -1,6 +1,6 @@
-"""Classification audits end to end through the real CLI: `run --task classify` on a random-init ViT of the
-shipped ViT's architecture (`vit-synth`; the shipped model's own quality is tests/test_train_classify.py's) over a
-synthetic planted-cue val set (with one index entry whose file is missing), then what a user reads back: the
+"""Classification audits end to end through the real CLI: `run --task classify` with the task's default model,
+the shipped ViT (its quality is tests/test_train_classify.py's), over a fresh synthetic planted-cue val set
+(with one index entry whose file is missing), then what a user reads back: the
 tables in SQL (a store holding a detection run too), the instances' outcomes against a plain forward of the
 model, faithfulness, the report, the FiftyOne push (in a subprocess against the session's mongod), and the
 one-line refusals of a run that cannot work."""
@@ -16,11 +16,9 @@ import pytest
 import torch
 
 from cli import CLI, invoke, run_ok
-from eive_audit.pipeline.models.families import write_random_model
 from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.vit import ViTAdapter
 from eive_audit.pipeline.sources.decode import decode_rgb
-from eive_audit.pipeline.sources.synthetic import CATEGORIES
 from eive_audit.pipeline.sources.synthetic_classify import generate_classify
 from eive_audit.storage.catalog import query
 
@@ -43,16 +41,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init `vit-synth` classifier named with the synthetic classes."""
-    return write_random_model("vit-synth", list(CATEGORIES), tmp_path_factory.mktemp("vit") / "model")
-
-
-@pytest.fixture(scope="module")
-def audited(data: Path, model: Path, synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The classification run, and a detection run of the shipped detector on 4 images into the same store."""
+def audited(data: Path, synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The classification run (no --model: the shipped ViT), and a detection run of the shipped detector on 4
+    images into the same store."""
     store = tmp_path_factory.mktemp("store") / "store"
-    summary = run_ok("--task", "classify", "--model", model, "--index", data / "annotations" / "val.json",
+    summary = run_ok("--task", "classify", "--index", data / "annotations" / "val.json",
                      "--images", data / "images" / "val", "--out", store, "--explainer", EXPLAINERS,
                      "--faithfulness", "all", "--faithfulness-steps", "5", "--findings-min-support", "3",
                      "--device", "cpu")
@@ -63,7 +56,7 @@ def audited(data: Path, model: Path, synth: Path, tmp_path_factory: pytest.TempP
                                   "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
     detection = run_ok("--coco", subset, "--images", synth / "images" / "val", "--out", store, "--no-findings",
                        "--no-report", "--device", "cpu")
-    return {"store": store, "summary": summary, "detection": detection, "data": data, "model": model}
+    return {"store": store, "summary": summary, "detection": detection, "data": data, "model": "default-vit"}
 
 
 def test_instances_are_the_prediction_and_the_true_class_of_a_wrong_one(audited: dict) -> None:
@@ -107,6 +100,20 @@ def test_outcomes_agree_with_a_plain_forward_of_the_model(audited: dict) -> None
     names = [adapter.label_names[int(k)] for k in probs.argmax(-1)]
     assert names == [r["label_name"] for r in rows]
     assert probs.max(-1).values.tolist() == pytest.approx([r["score"] for r in rows], abs=1e-4)
+
+
+def test_the_shipped_vit_s_shortcut_shows_in_the_audit(audited: dict) -> None:
+    """The shipped ViT learned to call a shape with the cue beside it a hexagon: its wrong predictions are
+    hexagons on images with the cue, and the findings' ranking puts hexagons with the cue first."""
+    store, run = audited["store"], audited["summary"]["run_id"]
+    index = json.loads((audited["data"] / "annotations" / "val.json").read_text())
+    cued = {cue["image_id"] for cue in index["cues"]}
+    wrong = query(store, "SELECT DISTINCT image_id, label_name FROM instances WHERE run_id = ? AND outcome = 'wrong'",
+                  [run]).to_pylist()
+    assert wrong and all(r["label_name"] == "hexagon" and r["image_id"] in cued for r in wrong), wrong
+    top = query(store, "SELECT image_id, label_name FROM instances WHERE run_id = ? "
+                       "ORDER BY spurious_score DESC NULLS LAST LIMIT 3", [run]).to_pylist()
+    assert all(r["label_name"] == "hexagon" and r["image_id"] in cued for r in top), top
 
 
 def test_bad_entry_is_an_error_row_and_the_run_goes_on(audited: dict) -> None:
