@@ -1,5 +1,8 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv if missing and is safe to rerun.
 PYTHON ?= python3
+# Independent install steps run side by side (pip's install and apt's Chromium, each a minute or more on a
+# fresh machine); the steps of one chain still run in order.
+MAKEFLAGS += --jobs=2
 VENV := .venv
 BIN := $(VENV)/bin
 

@@ -8,12 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from eive_audit.pipeline.config import FindingsConfig
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"auroc", "precision@10", "precision@25", "precision@100", "recall@100"}
 
 
+# slow (`make test-all`): the quick mode audits 120 images with findings and FiftyOne Brain, 80 s of CI's two cores.
+# The default suite keeps its parts: findings on the shipped detector's audit (tests/test_findings.py: localised
+# peaks of the cued class on the planted cue) and the classification audit ranking cued hexagons first
+# (tests/test_classify_audit.py).
+@pytest.mark.slow
 def test_quick_benchmark_ranks_cue_reliant_instances_first(tmp_path: Path, fiftyone_env: dict[str, str]) -> None:
     env = {**fiftyone_env, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "spurious_recovery.py"), "--quick",
