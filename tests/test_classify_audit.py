@@ -174,3 +174,14 @@ def test_a_run_that_cannot_work_stops_with_one_line(audited: dict, tmp_path: Pat
     result = invoke("run", "--images", audited["data"] / "images" / "val", "--out", tmp_path / "store",
                     *[a.format(index=index, detector=DEFAULT_MODEL_DIR, vit=audited["model"]) for a in args])
     assert result.code == 2 and says in result.stderr, result.stderr
+
+
+def test_the_demo_of_the_task_audits_fresh_data_with_the_shipped_vit(tmp_path: Path) -> None:
+    """`eive-audit demo --task classify` needs no model and no data: the shipped ViT on a fresh synthetic split."""
+    result = invoke("demo", "--task", "classify", "--out", tmp_path / "demo", "--n-val", "8")
+    assert result.code == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["images"], summary["errors"]) == (8, 0) and Path(summary["report"]).is_file()
+    assert "Predictions most likely right or wrong for the wrong reason" in result.stderr
+    [config] = query(tmp_path / "demo", "SELECT config_json FROM runs").column("config_json").to_pylist()
+    assert (json.loads(config)["task"], json.loads(config)["model"]) == ("classify", "default-vit")
