@@ -157,14 +157,3 @@ class EphemeralServer(SubprocessASGIServer):
 
 
 EphemeralServer()  # the default instance (key None), unless one is there already
-
-
-def api_url_for_workers() -> str | None:
-    """The Prefect API that worker processes of this run should report to: PREFECT_API_URL where set, else this
-    process's running ephemeral server. Without it, every Dask or Ray worker would start an ephemeral server
-    of its own (seconds each, under the start lock), and the run's task runs would scatter over them."""
-    url = get_current_settings().api.url
-    if url:
-        return url
-    server = SubprocessASGIServer._instances.get(None)  # noqa: SLF001 - Prefect's default-server slot (see above)
-    return server.api_url if server is not None and server.running else None

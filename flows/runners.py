@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from eive_audit.flows.ephemeral import api_url_for_workers
 from eive_audit.pipeline.config import AuditConfig
 
 DASK_DASHBOARD = "127.0.0.1:8787"  # a local cluster's dashboard, on loopback; Dask takes another port when busy
@@ -72,6 +72,21 @@ def _worker_env() -> dict[str, str]:
     (PREFECT_API_URL), as any distributed Prefect run does."""
     url = api_url_for_workers()
     return {"PREFECT_API_URL": url} if url else {}
+
+
+def api_url_for_workers() -> str | None:
+    """The Prefect API that worker processes of this run should report to: PREFECT_API_URL where set, else this
+    process's running ephemeral server (flows.ephemeral). Without it, every Dask or Ray worker would start an
+    ephemeral server of its own (seconds each, under the start lock), and the run's task runs would scatter
+    over them."""
+    url = get_current_settings().api.url
+    if url:
+        return url
+    # Prefect's server module costs seconds to import; without an API URL this process has imported it already.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)  # noqa: SLF001 - Prefect's default-server slot
+    return server.api_url if server is not None and server.running else None
 
 
 # config.runner -> the task runner for the config.

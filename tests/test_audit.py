@@ -130,7 +130,11 @@ def _coco_subset(coco_tiny: Path, tmp_path: Path, n_images: int | None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("n_images", [2, pytest.param(None, marks=pytest.mark.slow)])  # 2: one batch
+# slow (`make test-all`): 800 px DETR-R50 forwards cost a minute of CI's two cores. The default suite keeps the
+# published architecture's batched 800 px forward on real COCO images (tests/test_models.py::test_detr_r50_at_800px)
+# and the audit path on the small models here.
+@pytest.mark.slow
+@pytest.mark.parametrize("n_images", [2, None])  # 2: one batch
 def test_detr_r50_audit_of_real_coco_images(coco_tiny: Path, detr_r50_dir: Path, tmp_path: Path, n_images: int | None) -> None:
     ann = _coco_subset(coco_tiny, tmp_path, n_images)
     n = len(json.loads(ann.read_text())["images"])
@@ -185,8 +189,8 @@ def test_faithfulness_budgets_fill_exactly_the_chosen_rows(synth: Path, synth_va
 
 
 def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, synth_val_subset, tmp_path: Path) -> None:
-    """The same instances and protocol, once with EIVE's stored maps and once with random maps, on 20 images
-    (about 50 true positives; all 40 cost twice as much and claim nothing more)."""
+    """The same instances and protocol, once with EIVE's stored maps and once with random maps, on 10 images
+    (about 25 true positives; 20 or all 40 cost two or four times as much and claim nothing more)."""
     import torch
 
     from eive_audit.pipeline.shard import model_and_source
@@ -196,7 +200,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, synt
     from eive_audit.pipeline.metrics.faithfulness import FaithfulnessConfig
     from eive_audit.storage.maps import decode_map
 
-    config = AuditConfig(images=synth / "images" / "val", coco=synth_val_subset(20, tmp_path / "val20.json"), out=tmp_path,
+    config = AuditConfig(images=synth / "images" / "val", coco=synth_val_subset(10, tmp_path / "val10.json"), out=tmp_path,
                          faithfulness={"instances": "all", "steps": 10}, device="cpu")
     # --no-findings: this test asks about the faithfulness of the stored maps, which findings do not touch
     summary = _run("--coco", str(config.coco), "--images", str(config.images), "--out", str(tmp_path),
@@ -205,7 +209,7 @@ def test_shipped_model_eive_maps_beat_random_maps_on_both_aucs(synth: Path, synt
     rows = query(tmp_path, "SELECT i.*, m.grid_h, m.grid_w, m.map FROM instances i JOIN maps m "
                            "USING (run_id, instance_id, explainer) WHERE run_id = ? AND outcome = 'tp' ORDER BY image_id",
                  [summary["run_id"]]).to_pylist()
-    assert len(rows) >= 20 and all(r["insertion_auc"] is not None for r in rows)
+    assert len(rows) >= 15 and all(r["insertion_auc"] is not None for r in rows)
     adapter, source, label_map = model_and_source(config)
     generator = torch.Generator().manual_seed(0)
     random_deletion, random_insertion = [], []

@@ -124,3 +124,16 @@ def test_light_modules_load_no_torch_transformers_or_prefect(module: str) -> Non
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing {module} loads {done.stdout.strip()}"
+
+
+def test_the_flows_load_prefect_s_server_only_where_they_may_start_it() -> None:
+    """Prefect's server module costs seconds to import: a process reporting to a server (PREFECT_API_URL: a
+    user's server, a Dask or Ray worker of a run) never starts the ephemeral one, so it does not load it."""
+    import os
+
+    code = "import sys, eive_audit.flows.runners; print('prefect.server.api.server' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    loaded = [subprocess.run([sys.executable, "-c", code], env=extra, capture_output=True, text=True, timeout=300)
+              for extra in (env, {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"})]
+    assert all(done.returncode == 0 for done in loaded), [done.stderr[-2000:] for done in loaded]
+    assert [done.stdout.strip() for done in loaded] == ["True", "False"]
