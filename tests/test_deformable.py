@@ -207,8 +207,11 @@ def test_odam_on_the_finest_projected_level_and_model_agnostic_drise_explain_a_d
         assert maps.shape == (1, *outputs.grid) and maps.sum() > 0, explainer.name
 
 
-@pytest.mark.parametrize(("family", "levels", "size"),
-                         [("deformable-detr", 4, (800, 1067)), ("rt-detr", 3, (480, 640))])
+@pytest.mark.parametrize(("family", "levels", "size"), [
+    # slow (`make test-all`): an 800 px Deformable DETR forward costs 25 s on a CPU; the published RT-DETR at
+    # its real size (next) and the small deformable models above keep the multi-scale path in the default suite
+    pytest.param("deformable-detr", 4, (800, 1067), marks=pytest.mark.slow),
+    ("rt-detr", 3, (480, 640))])
 def test_real_size_models_explain_every_kept_detection(family: str, levels: int, size: tuple[int, int]) -> None:
     adapter = _adapter(family)
     batch = adapter.preprocess([torch.randint(0, 255, (3, 480, 640), dtype=torch.uint8)])

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CREATE = """
 import fiftyone as fo
 ds = fo.Dataset("eive-db-check", persistent=True)
@@ -24,6 +26,10 @@ print(len(ds), det.label, det["mass_in_gt"])
 """
 
 
+# slow (`make test-all`): two FiftyOne starts, each starting its own mongod, 30 s of CI. The bundled binary
+# itself serves every FiftyOne test of the default suite (conftest.py's session mongod), each read back in a
+# new process; this one checks FiftyOne's own start of it.
+@pytest.mark.slow
 def test_dataset_survives_a_new_process(tmp_path: Path) -> None:
     env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(tmp_path / "db"), "FIFTYONE_DO_NOT_TRACK": "true"}
     subprocess.run([sys.executable, "-c", CREATE], env=env, check=True, capture_output=True, timeout=180)
