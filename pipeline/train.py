@@ -24,12 +24,13 @@ exactly transformers' set loss.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -203,6 +204,41 @@ def _save(model: PreTrainedModel, out: Path, preprocess_config: PreprocessConfig
     tmp.rename(out)
 
 
+def resume_state(checkpoint: Path, config: TrainConfig, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> tuple[int, float]:
+    """Load the optimizer state of `checkpoint` (written by `write_checkpoint`) and return the step it reached
+    and the training seconds spent so far; refuse a checkpoint of a run with other settings (`run_identity`)."""
+    state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
+    if state.get("identity", run_identity(config)) != run_identity(config):  # older checkpoints have none
+        raise ValueError(f"{checkpoint} was written by a run with other settings; remove it or use another --out "
+                         f"(checkpoint: {state['identity']})")
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["elapsed"])
+
+
+def write_checkpoint(save: Callable[[Path], None], checkpoint: Path, config: TrainConfig,
+                     optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> None:
+    """The model (`save(directory)`) and what a resume needs: the optimizer, the step, the run's identity."""
+    save(checkpoint)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "identity": run_identity(config),
+                "elapsed": elapsed}, checkpoint / TRAINER_STATE)
+
+
+def write_final(save: Callable[[Path], None], config: TrainConfig, summary: dict[str, Any]) -> None:
+    """The trained model in `config.out` with `training_config.json` (config and summary), written beside it
+    first and moved in, and the checkpoint removed: an interrupted finish leaves the checkpoint to resume."""
+    out = Path(config.out)
+    final = out / ".final"
+    save(final)
+    (final / "training_config.json").write_text(
+        json.dumps({"config": json.loads(config.model_dump_json()), "summary": summary}, indent=2)
+    )
+    for path in final.iterdir():
+        path.replace(out / path.name)
+    final.rmdir()
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+
+
 def _step_loss(model: PreTrainedModel, batch: PixelBatch, labels: list[dict[str, torch.Tensor]],
                config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise and its logged parts: transformers' set loss, plus the AAJTS terms when on."""
@@ -237,14 +273,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         require_dense_attention(model)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start_step, elapsed = 0, 0.0
-    if resume:
-        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
-        if state.get("identity", run_identity(config)) != run_identity(config):  # older checkpoints have none
-            raise ValueError(f"{checkpoint} was written by a run with other settings; remove it or use another --out "
-                             f"(checkpoint: {state['identity']})")
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, elapsed = int(state["step"]), float(state["elapsed"])
+    start_step, elapsed = resume_state(checkpoint, config, optimizer, device) if resume else (0, 0.0)
+    save = functools.partial(_save, model, preprocess_config=preprocess_config)
     dataset = _TrainSet(records, cat_to_label, config.hflip, config.seed, preprocess_config.longest_edge)
     started, logged = time.perf_counter() - elapsed, {"loss": math.nan}
     for keys in _batches(len(records), min(config.batch_size, len(records)), config.seed, start_step, config.steps):
@@ -262,19 +292,9 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         if on_step is not None:
             on_step(step + 1, logged)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save(model, checkpoint, preprocess_config)
-            torch.save({"optimizer": optimizer.state_dict(), "step": step + 1, "identity": run_identity(config),
-                        "elapsed": time.perf_counter() - started}, checkpoint / TRAINER_STATE)
-    seconds = time.perf_counter() - started
+            write_checkpoint(save, checkpoint, config, optimizer, step + 1, time.perf_counter() - started)
     summary = {"steps": config.steps, **{f"final_{k}": v for k, v in logged.items()},
-               "train_seconds": round(seconds, 1), "device": str(device), "images": len(records)}
-    final = out / ".final"
-    _save(model, final, preprocess_config)
-    (final / "training_config.json").write_text(
-        json.dumps({"config": json.loads(config.model_dump_json()), "summary": summary}, indent=2)
-    )
-    for path in final.iterdir():
-        path.replace(out / path.name)
-    final.rmdir()
-    shutil.rmtree(checkpoint, ignore_errors=True)
+               "train_seconds": round(time.perf_counter() - started, 1), "device": str(device),
+               "images": len(records)}
+    write_final(save, config, summary)
     return summary

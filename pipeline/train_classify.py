@@ -18,6 +18,7 @@ quotes it (`python -m eive_audit.pipeline.train_classify --evaluate ...`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -40,7 +41,8 @@ from eive_audit.pipeline.models.preprocess import PreprocessConfig
 from eive_audit.pipeline.sources import ImageRecord, open_source
 from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic_classify import write_without_cues
-from eive_audit.pipeline.train import CHECKPOINT_DIR, TRAINER_STATE, _batches, _lr_factor, relabel, run_identity
+from eive_audit.pipeline.train import (CHECKPOINT_DIR, TRAINER_STATE, _batches, _lr_factor, relabel,
+                                      resume_state, write_checkpoint, write_final)
 
 
 def labelled_images(index: Path | None, images: Path) -> tuple[list[str], list[tuple[ImageRecord, int]]]:
@@ -143,14 +145,8 @@ def train_classifier(config: TrainConfig,
     )
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start_step, elapsed = 0, 0.0
-    if resume:
-        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
-        if state["identity"] != run_identity(config):
-            raise ValueError(f"{checkpoint} was written by a run with other settings; remove it or use another --out "
-                             f"(checkpoint: {state['identity']})")
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, elapsed = int(state["step"]), float(state["elapsed"])
+    start_step, elapsed = resume_state(checkpoint, config, optimizer, device) if resume else (0, 0.0)
+    save = functools.partial(_save, model, preprocess_config=preprocess_config)
     dataset = _TrainSet(examples, config.hflip, config.seed)
     targets = torch.tensor(label_of, device=device)
     started, logged = time.perf_counter() - elapsed, {"loss": math.nan, "accuracy": math.nan}
@@ -171,21 +167,11 @@ def train_classifier(config: TrainConfig,
         if on_step is not None:
             on_step(step + 1, logged)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save(model, checkpoint, preprocess_config)
-            torch.save({"optimizer": optimizer.state_dict(), "step": step + 1, "identity": run_identity(config),
-                        "elapsed": time.perf_counter() - started}, checkpoint / TRAINER_STATE)
+            write_checkpoint(save, checkpoint, config, optimizer, step + 1, time.perf_counter() - started)
     summary = {"steps": config.steps, **{f"final_{k}": v for k, v in logged.items()},
                "train_seconds": round(time.perf_counter() - started, 1), "device": str(device),
                "images": len(examples)}
-    final = out / ".final"
-    _save(model, final, preprocess_config)
-    (final / "training_config.json").write_text(
-        json.dumps({"config": json.loads(config.model_dump_json()), "summary": summary}, indent=2)
-    )
-    for path in final.iterdir():
-        path.replace(out / path.name)
-    final.rmdir()
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    write_final(save, config, summary)
     return summary
 
 
