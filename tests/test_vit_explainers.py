@@ -5,8 +5,6 @@ CDAM, and the reductions of smooth (zero noise) and integrated (one step) CDAM."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 from test_vit_models import images, write_tiny_models
 
 from eive_audit.explainers.base import get_explainer
-from eive_audit.pipeline.config import CdamIntegratedSettings, CdamSmoothSettings
+from eive_audit.pipeline.config import CdamIntegratedSettings, CdamSmoothSettings, ExplainerSettings
 from eive_audit.pipeline.models.targets import Targets
 from eive_audit.pipeline.models.vit import ViTAdapter
 
@@ -41,30 +39,41 @@ def targets_of(batch_index: list[int], labels: list[int]) -> Targets:
                    torch.tensor([[0.5, 0.5, 1.0, 1.0]]).expand(k, 4))
 
 
-def explain(adapter: ViTAdapter, name: str, pictures: list[torch.Tensor], targets: Targets) -> torch.Tensor:
-    """As the audit calls an explainer: after an inference-mode forward, itself in inference mode."""
+def explain(adapter: ViTAdapter, name: str, pictures: list[torch.Tensor], targets: Targets,
+            settings: ExplainerSettings | None = None) -> torch.Tensor:
+    """As the audit calls an explainer (with `settings`, else this module's test settings for it): after an
+    inference-mode forward, itself in inference mode."""
     with torch.inference_mode():
         batch = adapter.preprocess(pictures)
-        return get_explainer(name, EXPLAINERS[name]).explain(adapter, batch, adapter.forward(batch), targets)
+        chosen = settings if settings is not None else EXPLAINERS.get(name)
+        return get_explainer(name, chosen).explain(adapter, batch, adapter.forward(batch), targets)
 
 
-def _hooks(adapter: ViTAdapter) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in adapter.model.modules())
+def hooks(adapter: ViTAdapter) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in adapter.model.modules())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", list(EXPLAINERS))
-def test_maps_are_non_negative_finite_on_the_grid_and_batched_equals_per_image(
-        adapters: dict[str, ViTAdapter], kind: str, name: str) -> None:
-    adapter, pictures = adapters[kind], images(3)
+def check_map_contract(adapter: ViTAdapter, name: str, atol: float) -> None:
+    """Every ViT explainer's contract (tests/test_vit_baselines.py's too): a non-negative, finite map on the
+    patch grid per target, some mass in each, each image's maps as when it is explained alone (to `atol` of
+    the largest value), and no gradient or hook left on the model."""
+    pictures = images(3)
     maps = explain(adapter, name, pictures, targets_of(BATCH_INDEX, LABELS))
     assert maps.shape == (4, 4, 4) and maps.dtype == torch.float32
     assert bool(torch.isfinite(maps).all()) and bool((maps >= 0).all()) and bool((maps.flatten(1).amax(1) > 0).all())
     for image in range(3):
         members = [k for k, b in enumerate(BATCH_INDEX) if b == image]
         alone = explain(adapter, name, [pictures[image]], targets_of([0] * len(members), [LABELS[k] for k in members]))
-        torch.testing.assert_close(alone, maps[members], rtol=1e-4, atol=1e-6 * float(maps.max()))
-    assert all(p.grad is None for p in adapter.model.parameters()) and _hooks(adapter) == 0
+        torch.testing.assert_close(alone, maps[members], rtol=1e-4, atol=atol * float(maps.max()))
+    assert all(p.grad is None for p in adapter.model.parameters()) and hooks(adapter) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(EXPLAINERS))
+def test_maps_are_non_negative_finite_on_the_grid_and_batched_equals_per_image(
+        adapters: dict[str, ViTAdapter], kind: str, name: str) -> None:
+    check_map_contract(adapters[kind], name, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["legrad", "cdam", "cdam-smooth", "cdam-integrated"])
@@ -72,7 +81,7 @@ def test_gradient_explainers_leave_no_hook_after_an_error(adapters: dict[str, Vi
     adapter = adapters["timm"]
     with pytest.raises((IndexError, RuntimeError)):
         explain(adapter, name, images(2), targets_of([0, 1], [0, 7]))  # no label 7
-    assert _hooks(adapter) == 0 and all(p.grad is None for p in adapter.model.parameters())
+    assert hooks(adapter) == 0 and all(p.grad is None for p in adapter.model.parameters())
 
 
 def test_no_targets_give_no_maps(adapters: dict[str, ViTAdapter]) -> None:
