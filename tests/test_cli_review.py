@@ -227,11 +227,13 @@ def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
         artifact_key("__", "..")
 
 
-def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Path) -> None:
+def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Path,
+                                                                  subprocess_env: dict[str, str]) -> None:
     out = tmp_path / "demo-store"
-    # The demo as a user runs it: a fresh interpreter with its own temporary Prefect server.
+    # The demo as a user runs it, in a fresh interpreter; it reports to the session's Prefect server (a real
+    # `run` starting its own temporary one, on a fresh home and two at once, is tests/test_process.py's).
     done = subprocess.run([*CLI, "demo", "--out", str(out), "--n-val", "16"], capture_output=True, text=True,
-                          timeout=1800)
+                          env=subprocess_env, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     [line] = done.stdout.splitlines()  # stdout is the summary alone, for machines; the rest goes to stderr
     summary = json.loads(line)
