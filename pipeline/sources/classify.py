@@ -34,7 +34,7 @@ from eive_audit.pipeline.sources.coco import (EDGE_TOLERANCE_PX, _is_number, _no
                                               safe_join)
 from eive_audit.pipeline.sources.decode import display_size
 from eive_audit.pipeline.sources.folder import IMAGE_SUFFIXES
-from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, ImageStream, SourceError, SourceFormatError
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -192,7 +192,7 @@ def _image_size(image_id: int, path: Path) -> tuple[int, int, int | None] | Sour
         return SourceError(image_id, ErrorReason.UNREADABLE_IMAGE, f"cannot read image {path}: {exc}", path=str(path))
 
 
-class IndexSource:
+class IndexSource(ImageStream):
     """Images of a classification index (`.json` or `.csv`, by suffix) under `image_root`, each with its
     class and object boxes; `categories` are category id -> class name, ids 0..C-1 in `classes` order.
 
@@ -222,18 +222,10 @@ class IndexSource:
                     path=entry.file if isinstance(entry.file, str) else None))
         self._image_ids = sorted(copies)
 
-    def __len__(self) -> int:
-        return len(self._image_ids)
-
     @property
     def image_ids(self) -> list[int]:
         """Every image id of the index, once, sorted; a repeated id too (reading it yields its errors)."""
         return self._image_ids
-
-    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
-        yield from self.open_errors
-        for image_id in self.image_ids:
-            yield from self.read(image_id)
 
     def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
         """The record of one image, preceded by an error for each of its bad boxes; or its errors alone."""
@@ -285,7 +277,7 @@ class IndexSource:
         )
 
 
-class ImageFolderSource:
+class ImageFolderSource(ImageStream):
     """An ImageFolder tree `root/<class>/<image>` (torchvision's layout): the classes are the immediate
     subfolders holding an image (at any depth below them), sorted by name, category ids 0..C-1 in that order.
 
@@ -311,16 +303,9 @@ class ImageFolderSource:
         self._class_ids = {name: i for i, name in self.categories.items()}
         self.open_errors: tuple[SourceError, ...] = ()  # a tree has no annotations to screen
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     @property
     def image_ids(self) -> list[int]:
         return list(range(1, len(self.paths) + 1))
-
-    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
-        for image_id in self.image_ids:
-            yield from self.read(image_id)
 
     def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
         """The record of one image, or the error that stops it."""

@@ -24,7 +24,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from eive_audit.pipeline.sources.decode import display_size
-from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError, SourceFormatError
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, ImageStream, SourceError, SourceFormatError
 
 # Real COCO boxes overshoot the image by rounding; this much is clipped instead of rejected.
 EDGE_TOLERANCE_PX = 1.0
@@ -144,7 +144,7 @@ def _not_a_file(path: Path) -> str | None:
         return f"image file not found: {str(path):.300} ({exc.strerror})"
 
 
-class CocoSource:
+class CocoSource(ImageStream):
     """Images and boxes of a COCO annotation file, with category names from its `categories`.
 
     `open_errors` are the errors found when the file was opened that belong to no image of it (orphan or
@@ -164,18 +164,10 @@ class CocoSource:
             self.coco.createIndex()
         self.categories: dict[int, str] = {c["id"]: c["name"] for c in self.dataset["categories"]}
 
-    def __len__(self) -> int:
-        return len(self._image_ids)
-
     @property
     def image_ids(self) -> list[int]:
         """Every id of `images`, once, sorted; a repeated id too (reading it yields its errors)."""
         return self._image_ids
-
-    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
-        yield from self.open_errors
-        for image_id in self.image_ids:
-            yield from self.read(image_id)
 
     def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
         """The record of one image, preceded by an error for each of its bad annotations; or its errors alone."""

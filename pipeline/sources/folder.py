@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Iterator
 
 from eive_audit.pipeline.sources.decode import display_size
-from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, SourceError
+from eive_audit.pipeline.sources.records import ErrorReason, ImageRecord, ImageStream, SourceError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
-class FolderSource:
+class FolderSource(ImageStream):
     """Images under `root` (recursively, sorted by relative path); ids are 1-based positions in that order.
 
     A file that links outside `root` keeps its position and becomes an error, not a silent gap."""
@@ -24,16 +24,9 @@ class FolderSource:
         self.categories: dict[int, str] = {}
         self.open_errors: tuple[SourceError, ...] = ()  # a folder has no annotations to screen
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     @property
     def image_ids(self) -> list[int]:
         return list(range(1, len(self.paths) + 1))
-
-    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
-        for image_id in self.image_ids:
-            yield from self.read(image_id)
 
     def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
         """The record of one image, or the error that stops it."""

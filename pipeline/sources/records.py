@@ -7,7 +7,9 @@ audit writes to its `errors` table while the stream goes on. Only input that is 
 
 from __future__ import annotations
 
+import abc
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,3 +124,27 @@ class ImageRecord:
         if (self.class_label is None) != (self.class_name is None):
             raise ValueError(f"class label {self.class_label!r} and class name {self.class_name!r}: "
                              "give both or neither")
+
+
+class ImageStream(abc.ABC):
+    """The stream every source is: the errors found on opening that belong to no image (`open_errors`), then
+    each image id's record or errors (`read`) in `image_ids` order; its length is the number of image ids."""
+
+    open_errors: tuple[SourceError, ...] = ()
+
+    @property
+    @abc.abstractmethod
+    def image_ids(self) -> list[int]:
+        """Every image id of the source, once, in the order the stream reads them."""
+
+    @abc.abstractmethod
+    def read(self, image_id: int) -> Iterator[ImageRecord | SourceError]:
+        """The record of one image, or the errors that stop or accompany it."""
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __iter__(self) -> Iterator[ImageRecord | SourceError]:
+        yield from self.open_errors
+        for image_id in self.image_ids:
+            yield from self.read(image_id)
