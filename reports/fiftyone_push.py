@@ -399,10 +399,7 @@ def _image_samples(store: Path, run: _Run, image: dict[str, Any], rows: Rows, gr
             **_merged_scores(per_explainer, run.explainers, columns)))
         for explainer, row in per_explainer.items():
             gt_box = _relative_box(row, "gt", size)
-            key = (instance_id, explainer)
-            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
-                       if key in grids else None)
-            peak = _cue_peak(row, label, size)
+            heatmap, peak = _instance_marks(folder, instance_id, explainer, row, label, grids, image)
             peaks.extend([peak] if peak else [])
             instance_samples.append(fo.Sample(
                 **common, **{column: row[column] for column in columns}, heatmap=heatmap, cue_peak=peak,
@@ -520,10 +517,7 @@ def _classified_image(store: Path, run: _Run, image: dict[str, Any], rows: Rows,
             label=label, confidence=facts["score"], audit_instance_id=instance_id, outcome=facts["outcome"],
             run_id=run.run_id, **_merged_scores(per_explainer, run.explainers, columns))
         for explainer, row in per_explainer.items():
-            key = (instance_id, explainer)
-            heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
-                       if key in grids else None)
-            peak = _cue_peak(row, label, size)
+            heatmap, peak = _instance_marks(folder, instance_id, explainer, row, label, grids, image)
             peaks.extend([peak] if peak else [])
             instance_samples.append(fo.Sample(
                 **common, **known(), **{column: row[column] for column in columns}, heatmap=heatmap, cue_peak=peak,
@@ -568,6 +562,17 @@ def _relative(box: list[float], size: tuple[int, int]) -> list[float]:
     x0, y0, x1, y1 = box
     width, height = size
     return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
+def _instance_marks(folder: Path, instance_id: str, explainer: str, row: dict[str, Any], label: str,
+                    grids: dict[tuple[str, str], np.ndarray], image: dict[str, Any]
+                    ) -> tuple[fo.Heatmap | None, fo.Keypoint | None]:
+    """What an instance sample draws of its explainer's row: the map's heatmap PNG (None where the run stored no
+    map) and the findings' cue peak (None where they put none)."""
+    key = (instance_id, explainer)
+    heatmap = (_heatmap(folder / "instances" / explainer / f"{_safe(instance_id)}.png", grids[key], image)
+               if key in grids else None)
+    return heatmap, _cue_peak(row, label, (image["width"], image["height"]))
 
 
 def _cue_peak(row: dict[str, Any], label: str, size: tuple[int, int]) -> fo.Keypoint | None:
