@@ -197,7 +197,7 @@ class IndexSource(ImageStream):
     class and object boxes; `categories` are category id -> class name, ids 0..C-1 in `classes` order.
 
     Entries that share an id are each a duplicate_image_id row and none is audited, as in the COCO source.
-    Every error belongs to an image, so `open_errors` is empty; it is there for the sources' one interface.
+    Every error belongs to an image, so `open_errors` stays ImageStream's empty default.
     """
 
     def __init__(self, index: Path, image_root: Path) -> None:
@@ -209,7 +209,6 @@ class IndexSource(ImageStream):
         classes, entries = readers[self.index.suffix.lower()](self.index)
         self.categories: dict[int, str] = dict(enumerate(classes))
         self._class_ids = {name: i for i, name in self.categories.items()}
-        self.open_errors: tuple[SourceError, ...] = ()
         copies = Counter(entry.image_id for entry in entries)
         self._entries = {entry.image_id: entry for entry in entries if copies[entry.image_id] == 1}
         self._errors: dict[int, list[SourceError]] = defaultdict(list)
@@ -301,7 +300,6 @@ class ImageFolderSource(ImageStream):
                                     f"{self.root}/<class>/<image> (or give a classification index)")
         self.categories: dict[int, str] = dict(enumerate(classes))
         self._class_ids = {name: i for i, name in self.categories.items()}
-        self.open_errors: tuple[SourceError, ...] = ()  # a tree has no annotations to screen
 
     @property
     def image_ids(self) -> list[int]:

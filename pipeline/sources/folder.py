@@ -22,7 +22,6 @@ class FolderSource(ImageStream):
             raise NotADirectoryError(f"image folder not found: {self.root}")
         self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         self.categories: dict[int, str] = {}
-        self.open_errors: tuple[SourceError, ...] = ()  # a folder has no annotations to screen
 
     @property
     def image_ids(self) -> list[int]:
