@@ -634,6 +634,9 @@ def demo(
     classify = settings.get("task") == "classify"
     data = out / ("data-classify" if classify else "data")
     ann = data / "annotations" / "val.json"
+    # settings first: a mistyped flag stops the demo with one line before any image is rendered
+    config = _load_config(None, {**settings, "images": data / "images" / "val", "index" if classify else "coco": ann,
+                                 "out": out})
     if not ann.is_file():
         if classify:
             from eive_audit.pipeline.sources.synthetic_classify import generate_classify as generate
@@ -641,8 +644,6 @@ def demo(
             from eive_audit.pipeline.sources.synthetic import generate
         with showing_progress(), step("rendering", n_val) as advance:
             generate(data, 0, n_val, seed, progress=advance)
-    config = _load_config(None, {**settings, "images": data / "images" / "val", "index" if classify else "coco": ann,
-                                 "out": out})
     _preflight(config)
     summary = _audit(config)
     fiftyone_dataset = config.review.fiftyone_dataset

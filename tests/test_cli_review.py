@@ -252,6 +252,12 @@ def test_demo_audits_fresh_synthetic_data_and_shows_what_to_review(tmp_path: Pat
     assert worst in done.stderr, "the tp least on its object heads the first table"
 
 
+def test_a_demo_with_a_mistyped_flag_stops_in_one_line_before_rendering_anything(tmp_path: Path) -> None:
+    result = _invoke("demo", "--task", "clasify", "--out", tmp_path / "demo-store")
+    assert result.code == 2 and "did you mean 'classify'" in result.stderr, result.stderr
+    assert not (tmp_path / "demo-store").exists(), "no data rendered for a demo that cannot run"
+
+
 def test_the_config_schema_admits_every_explainers_parameters() -> None:
     """A Prefect server checks a deployment's parameters against this schema before any run starts."""
     import jsonschema
