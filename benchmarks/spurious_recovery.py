@@ -40,7 +40,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torchvision.ops import box_convert
 
-from eive_audit.pipeline.metrics.faithfulness import instance_scores
+from eive_audit.pipeline.models.targets import instance_scores
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic import generate, render_counterfactual

@@ -61,6 +61,8 @@ BUILTIN: dict[str, Needs] = {
     "iba": Needs(gradients=True, tasks=CLASSIFY, reconstructed=True),  # METHODS.md 3c
     "grad-cam": Needs(gradients=True, tasks=CLASSIFY),  # the grad-cam package (pytorch-grad-cam)
     "score-cam": Needs(tasks=CLASSIFY),  # the grad-cam package: forwards of masked images
+    # learned (METHODS.md 3d): a decoder trained for the model; a detector's needs its memory on one grid
+    "aha": Needs(dense_attention=True, gradients=True, tasks=BOTH),
 }
 
 

@@ -114,10 +114,30 @@ class ScoreCamSettings(ExplainerSettings):
     batch_size: int = _unhashed(default=64, ge=1, description="masked images per forward")
 
 
+class AhaSettings(ExplainerSettings):
+    """AHA (METHODS.md 3d): a decoder trained for the target model (`eive-audit train-explainer --method aha`)
+    predicts each instance's map in one forward; optionally refined on the instance by a few steps of its loss."""
+
+    model: Path | None = Field(None, description="the explainer directory train-explainer wrote; none: the one "
+                                                 "beside the audited model (MODEL/aha, as the shipped models have)")
+    refine_steps: int = Field(0, ge=0, description="test-time refinement: optimisation steps of AHA's loss on each "
+                                                   "instance's map (each costs 2 x 16 forwards an instance)")
+    refine_lr: float = Field(0.5, gt=0.0, description="Adam step size of the refinement, on the map logits")
+    seed: int = Field(0, description="seed of the refinement's Gumbel noise")
+    batch_size: int = _unhashed(default=8, ge=1, description="instances refined at once")
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Absolute, so the run means the same explainer from any working directory (a scheduled run)."""
+        return None if value is None else Path(value).expanduser().resolve()
+
+
 # Explainers with parameters; every other registered explainer takes ExplainerSettings (none).
 EXPLAINER_SETTINGS: dict[str, type[ExplainerSettings]] = {
     "eive": EiveSettings, "drise": DriseSettings, "cdam-smooth": CdamSmoothSettings,
-    "cdam-integrated": CdamIntegratedSettings, "iba": IbaSettings, "score-cam": ScoreCamSettings}
+    "cdam-integrated": CdamIntegratedSettings, "iba": IbaSettings, "score-cam": ScoreCamSettings, "aha": AhaSettings}
+AHA_DIR = "aha"  # a model directory's own AHA explainer, found by `--explainer aha` without --aha-model
 
 
 class FaithfulnessConfig(_Part):
@@ -274,7 +294,7 @@ class AuditConfig(_Part):
     # A union, so the JSON schema (which a Prefect server checks a deployment's parameters against) admits each
     # explainer's parameters; `_explainer_settings` picks the class by name.
     explainers: dict[str, SerializeAsAny[EiveSettings | DriseSettings | CdamSmoothSettings | CdamIntegratedSettings
-                                         | IbaSettings | ScoreCamSettings | ExplainerSettings]] = Field(
+                                         | IbaSettings | ScoreCamSettings | AhaSettings | ExplainerSettings]] = Field(
         default_factory=lambda: {"eive": EiveSettings()},
         description=f"explainers to run, in order, each with its parameters; with --task classify "
                     f"{','.join(CLASSIFY_EXPLAINERS)} by default")
@@ -341,6 +361,21 @@ class AuditConfig(_Part):
                 raise ValueError(f"{runner}_address is for runner {runner}, but runner is {self.runner}")
         return self
 
+    @model_validator(mode="after")
+    def _explainer_models(self) -> "AuditConfig":
+        """A learned explainer without its directory takes the audited model's own (MODEL/aha), so
+        `--explainer aha` alone runs a shipped model's shipped explainer; without one it is refused here, in
+        one line, before any image is read."""
+        missing = {name: s for name, s in self.explainers.items() if isinstance(s, AhaSettings) and s.model is None}
+        if not missing:
+            return self
+        beside = Path(resolve_model_path(self.model)) / AHA_DIR
+        if not beside.is_dir():
+            raise ValueError(f"aha needs an explainer trained for {self.model}: pass --aha-model DIR (written by "
+                             f"`eive-audit train-explainer --method aha --model {self.model}`); {beside} has none")
+        found = {name: s.model_copy(update={"model": beside.resolve()}) for name, s in missing.items()}
+        return self.model_copy(update={"explainers": {**self.explainers, **found}})
+
     @field_validator("explainers", mode="before")
     @classmethod
     def _explainer_settings(cls, value: Any) -> dict[str, ExplainerSettings]:
@@ -370,8 +405,7 @@ class AuditConfig(_Part):
         path = Path(resolve_model_path(self.model))
         if not path.is_dir():
             return {"model": self.model}
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        return {"model": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+        return {"model": str(path.resolve()), "files": _files_stamp(path)["files"]}
 
     @property
     def config_hash(self) -> str:
@@ -388,6 +422,10 @@ class AuditConfig(_Part):
                 stat = annotations.stat()
                 content[f"{name}_file"] = (stat.st_size, stat.st_mtime_ns)
         content |= self._model_fingerprint()
+        learned = {name: _files_stamp(Path(s.model)) for name, s in self.explainers.items()
+                   if isinstance(s, AhaSettings) and s.model is not None}
+        if learned:  # only then, so a run without a learned explainer keeps its id
+            content["explainer_models"] = learned
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -503,6 +541,65 @@ class TrainConfig(_Part):
         return self.family or ("conditional-detr-small" if self.task == "detect" else "vit-synth")
 
 
+class ExplainerTrainConfig(_Part):
+    """Everything that decides the training of a learned explainer (`eive-audit train-explainer`,
+    pipeline.train_explainer); saved in the explainer directory. Resumes under the rules of TrainConfig
+    (`pipeline.train.RESUMABLE_CHANGES`). The defaults of the loss are METHODS.md 3d's."""
+
+    method: Literal["aha"] = Field("aha", description="the learned explainer: aha (METHODS.md 3d)")
+    model: str = Field(description="the frozen target model: a directory, a hub id, default (the shipped detector) "
+                                   "or default-vit (the shipped ViT)")
+    images: Path = Field(description="image root of the training images")
+    coco: Path | None = Field(None, description="COCO json over the images (a detector; none: every image in the "
+                                                "folder); a detector is explained on its own detections")
+    index: Path | None = Field(None, description="classification index over the images (a classifier; none: an "
+                                                 "ImageFolder tree); a wrong prediction's true class is explained too")
+    out: Path = Field(description="explainer directory to write (its checkpoint/ folder resumes an interrupted run)")
+    steps: int = Field(600, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="images per step")
+    instances: int = Field(3, ge=1, description="a detector's instances explained per image and step: its "
+                                                "detections above score_threshold, best first, at least its best query")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="a detection counts from this score")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate after warm-up")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    clip_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
+    warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
+    lr_drop_fraction: float = Field(0.8, gt=0.0, le=1.0,
+                                    description="share of the steps after which the learning rate drops tenfold")
+    grid_min: int = Field(7, ge=2, description="smallest side of the random pooling grid a step sorts")
+    grid_max: int = Field(28, ge=2, description="largest side of the random pooling grid")
+    tau_start: float = Field(1.0, gt=0.0, description="Gumbel-Sinkhorn temperature at the first step")
+    tau_end: float = Field(0.3, gt=0.0, description="temperature at the last step (annealed geometrically)")
+    sinkhorn_iterations: int = Field(30, ge=1, description="Sinkhorn normalisations per sort")
+    percentiles: int = Field(16, ge=2, description="soft deletion steps of each curve, fractions 0 to 1")
+    peak_weight: float = Field(0.0025, ge=0.0, description="weight of the peak penalty")
+    reference: Literal["blur", "mean", "noise"] = Field("blur", description="what deleted pixels are blended "
+                                                        "toward: the faithfulness scores' own baselines")
+    blur_sigma: float = Field(10.0, gt=0.0, description="of the blur reference, in input pixels")
+    hidden: int = Field(64, ge=4, description="channels of the decoder")
+    blocks: list[int] | None = Field(None, description="a ViT's blocks whose patch tokens the decoder reads; none: "
+                                                       "the middle and the last")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between progress lines when stderr is not a terminal")
+    seed: int = Field(0, description="seed of the initialisation, data order, grids and Gumbel noise")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; none: torch's default")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ExplainerTrainConfig":
+        if self.grid_min > self.grid_max:
+            raise ValueError(f"grid_min {self.grid_min} is above grid_max {self.grid_max}")
+        if self.coco is not None and self.index is not None:
+            raise ValueError("coco is a detector's data and index a classifier's: give the one of the model")
+        return self
+
+
+def _files_stamp(path: Path) -> dict[str, Any]:
+    """A directory's files by name, size and mtime: what a retrained model or explainer changes."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return {"path": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
 def _results_fields(part: BaseModel) -> dict[str, Any]:
     """The fields of `part` that change results, recursively, as JSON values."""
     content: dict[str, Any] = {}
@@ -545,4 +642,9 @@ def _resolve_relative(settings: dict[str, Any], base: Path) -> dict[str, Any]:
     model = resolved.get("model")
     if isinstance(model, str) and model != "default" and (base / model).exists():
         resolved["model"] = str((base / model).resolve())
+    explainers = resolved.get("explainers")
+    if isinstance(explainers, dict):  # a learned explainer's directory, as the model's
+        resolved["explainers"] = {name: {**params, "model": str((base / params["model"]).resolve())}
+                                  if isinstance(params, dict) and isinstance(params.get("model"), str) else params
+                                  for name, params in explainers.items()}
     return resolved

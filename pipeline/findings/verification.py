@@ -20,7 +20,7 @@ from torchvision.ops import box_convert
 
 from eive_audit.pipeline.config import FindingsConfig
 from eive_audit.pipeline.findings.flags import Case, InstanceKey
-from eive_audit.pipeline.metrics.faithfulness import instance_scores
+from eive_audit.pipeline.models.targets import instance_scores
 from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.detr import DetrAdapter
 from eive_audit.pipeline.models.preprocess import PixelBatch

@@ -18,29 +18,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
-from torchvision.transforms.functional import gaussian_blur
 
 from eive_audit.pipeline.config import FaithfulnessConfig
 from eive_audit.pipeline.models.boxes import paired_box_iou
-from eive_audit.pipeline.models.targets import Targets
+from eive_audit.pipeline.models.perturb import baseline_images
+from eive_audit.pipeline.models.targets import Targets, instance_scores
 
 # (pixel_values [N, 3, H, W], pixel_mask [N, H, W]) -> (class probabilities [N, Q, C], boxes cxcywh [N, Q, 4])
 DetectFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def baseline_images(pixels: torch.Tensor, mask: torch.Tensor, config: FaithfulnessConfig) -> torch.Tensor:
-    """What deleted pixels become, per image [B, 3, H, W]: a strong blur, the mean colour, or uniform noise
-    over the image's own value range."""
-    valid = mask[:, None].float()
-    if config.baseline == "blur":
-        kernel = int(2 * round(3 * config.blur_sigma) + 1)
-        return gaussian_blur(pixels, [kernel, kernel], [config.blur_sigma, config.blur_sigma])
-    if config.baseline == "mean":
-        mean = (pixels * valid).sum((2, 3), keepdim=True) / valid.sum((2, 3), keepdim=True).clamp(min=1)
-        return mean.expand_as(pixels).clone()
-    generator = torch.Generator(device=pixels.device).manual_seed(config.seed)
-    lo, hi = pixels.amin((1, 2, 3), keepdim=True), pixels.amax((1, 2, 3), keepdim=True)
-    return lo + (hi - lo) * torch.rand(pixels.shape, generator=generator, device=pixels.device)
 
 
 def step_masks(maps: torch.Tensor, valid: torch.Tensor, steps: int, budget: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,14 +42,6 @@ def step_masks(maps: torch.Tensor, valid: torch.Tensor, steps: int, budget: torc
     fractions = torch.linspace(0, 1, steps + 1, device=maps.device)
     counts = torch.round(fractions[None, :] * budget[:, None]).long()  # [K, steps + 1]
     return (rank[:, None, :] < counts[:, :, None]).view(k, steps + 1, h, w)
-
-
-def instance_scores(probs: torch.Tensor, boxes: torch.Tensor, label: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Best IoU(query box, box) * p(query, label) over queries: probs [N, Q, C], boxes [N, Q, 4] and box [N, 4]
-    normalised cxcywh, label [N] -> [N]."""
-    iou = paired_box_iou(box_convert(boxes.float(), "cxcywh", "xyxy"), box_convert(box.float(), "cxcywh", "xyxy")[:, None])
-    p = probs.float().gather(-1, label[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
-    return (iou * p).amax(-1)
 
 
 def odam_scores(probs: torch.Tensor, boxes: torch.Tensor, label: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -103,7 +80,7 @@ def deletion_insertion(detect: DetectFn, pixels: torch.Tensor, mask: torch.Tenso
     if k == 0:
         empty = torch.zeros(0, device=pixels.device)
         return FaithfulnessResult(empty, empty, empty.view(0, steps + 1), empty.view(0, steps + 1), fractions)
-    baseline = baseline_images(pixels, mask, config)
+    baseline = baseline_images(pixels, mask, config.baseline, config.blur_sigma, config.seed)
     valid = F.interpolate(mask[:, None].float(), size=(h, w))[:, 0].bool()[targets.batch_index]
     odam = config.protocol == "odam"
     budget = _box_area_in_cells(targets.box.float(), valid) if odam else None

@@ -91,7 +91,8 @@ class ForwardRecord:
     output: what `forward` returns; encoder_attentions: per encoder layer [B, M, N, N];
     decoder_attentions: per decoder layer, self-attention [B, M, Q, Q]; cross_attentions: per decoder
     layer [B, M, Q, N]; features [B, D, h, w]: the projected backbone map the encoder reads (C5 after the
-    1x1 input projection); memory [B, N, D]: the encoder's output, what the decoder cross-attends to.
+    1x1 input projection); memory [B, N, D]: the encoder's output, what the decoder cross-attends to; queries [B, Q, D]: each query's
+    final state (a deformable model's adapter leaves it None).
     """
 
     output: DetectorOutput
@@ -100,6 +101,7 @@ class ForwardRecord:
     cross_attentions: tuple[torch.Tensor, ...]
     features: torch.Tensor
     memory: torch.Tensor
+    queries: torch.Tensor | None = None  # [B, Q, D]: the decoder's last hidden state, what the heads read
 
 
 @dataclass
@@ -196,7 +198,7 @@ class DetrAdapter:
         )
         memory = captured["encoder"][0]  # type: ignore[index]
         return ForwardRecord(output, tuple(out.encoder_attentions), tuple(out.decoder_attentions),
-                             tuple(out.cross_attentions), features, memory)  # type: ignore[arg-type]
+                             tuple(out.cross_attentions), features, memory, out.last_hidden_state)  # type: ignore[arg-type]
 
     def _layer_predictions(self, captured: dict[str, object], out: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decoder layer's logits and boxes, computed with the model's own heads.
@@ -242,11 +244,12 @@ class DetrAdapter:
             results.append(Detections(boxes[i, keep].cpu(), scores[i, keep].cpu(), labels[i, keep].cpu(), keep.cpu()))
         return results
 
-    @torch.inference_mode()
-    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
+                graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities [N, Q, C] and boxes [N, Q, 4] (cxcywh) of a plain forward without attention
-        capture: the cheap call that re-scores perturbed images."""
-        with self._autocast():
+        capture: the cheap call that re-scores perturbed images. In inference mode, unless `graph` (AHA's
+        loss, which differentiates the scores with respect to the perturbed pixels)."""
+        with torch.inference_mode(not graph), self._autocast():
             out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
         return self.class_probs(out.logits), out.pred_boxes.float()
 

@@ -441,11 +441,12 @@ class ViTAdapter:
                                   torch.ones(b, h, w, dtype=torch.bool, device=x.device))
         return ViTRecord(output, tuple(tokens), features)
 
-    @torch.inference_mode()
-    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
+                graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities [N, 1, C] and boxes [N, 1, 4] (the whole image, cxcywh) of a plain forward
-        without capture: a detector's output with one query, for the faithfulness and findings re-scoring."""
-        with self.autocast():
+        without capture: a detector's output with one query, for the faithfulness and findings re-scoring. In
+        inference mode, unless `graph` (AHA's loss differentiates it)."""
+        with torch.inference_mode(not graph), self.autocast():
             probs = self.class_probs(self._parts.logits(pixel_values))
         boxes = torch.tensor(WHOLE_IMAGE, device=probs.device).expand(probs.shape[0], 1, 4)
         return probs[:, None], boxes
