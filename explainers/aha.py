@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from eive_audit.explainers.base import register
 from eive_audit.pipeline.config import AhaSettings
-from eive_audit.pipeline.models.aha import (AhaDecoder, LossSettings, adapter_score, as_map, decoder_inputs,
+from eive_audit.pipeline.models.aha import (AhaDecoder, LossSettings, adapter_score, as_map, decoder_inputs, from_floor,
                                            load_explainer, refine)
 from eive_audit.pipeline.models.perturb import baseline_images
 from eive_audit.pipeline.models.preprocess import PixelBatch
@@ -58,7 +58,7 @@ class AHA:
                 logits = self._refined(model, logits, pixels, mask, targets, (h, w), loss)
         valid = mask[targets.batch_index, None].float()
         maps = F.adaptive_avg_pool2d(as_map(logits)[:, None] * valid, (h, w))[:, 0]
-        return maps * outputs.token_mask[targets.batch_index]
+        return from_floor(maps, outputs.token_mask[targets.batch_index].bool())
 
     def _refined(self, model: Any, logits: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor,
                  targets: Targets, grid: tuple[int, int], loss: LossSettings) -> torch.Tensor:
