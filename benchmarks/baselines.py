@@ -108,13 +108,15 @@ def _explainers(drise: dict[str, int], names: tuple[str, ...], ablation: bool) -
 
 
 def shipped_quality(args: argparse.Namespace, device: torch.device, model: str = "default",
-                    names: tuple[str, ...] = ("eive", *BASELINES)) -> tuple[list[Measured], int, float]:
-    """Every explainer over a fresh synthetic val set: timings, localisation and faithfulness over tp; also
-    the number of images and the seconds per image of the bare batched forward. The fusion ablation runs on
-    the shipped model only."""
+                    names: tuple[str, ...] = ("eive", *BASELINES),
+                    extra: dict[str, Explainer] | None = None) -> tuple[list[Measured], int, float]:
+    """Every explainer (`names`, then `extra` under their names) over a fresh synthetic val set: timings,
+    localisation and faithfulness over tp; also the number of images and the seconds per image of the bare
+    batched forward. The fusion ablation runs on the shipped model only, and not beside `extra`."""
     adapter = DetrAdapter.load(model, device)
     measured = _explainers({"n_masks": args.drise_masks, "batch_size": args.forward_batch}, names,
-                           ablation=model == "default")
+                           ablation=model == "default" and not extra)
+    measured += [Measured(name, explainer) for name, explainer in (extra or {}).items()]
     faithfulness = FaithfulnessConfig(steps=args.steps, batch_size=args.forward_batch)
     bare, n_images = 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -150,15 +150,15 @@ def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-def top_cue_on_cue(store: Path, run_id: str, ann: Path) -> dict[str, Any]:
+def top_cue_on_cue(store: Path, run_id: str, ann: Path, explainer: str = "eive") -> dict[str, Any]:
     """Where the cued class's largest candidate cue sits: the share of its exemplars, and of all its
     members, whose peak window centre lies within half a grid cell of a planted cue box of the same image."""
     from eive_audit.storage.catalog import query
 
     raw = json.loads(ann.read_text())
     cue = query(store, "SELECT cue_id, support, verification_drop, exemplar_ids FROM findings WHERE run_id = ? "
-                       "AND label_name = ? AND explainer = 'eive' ORDER BY support DESC, cue_id LIMIT 1",
-                [run_id, raw["synthetic"]["cued_category"]]).to_pylist()
+                       "AND label_name = ? AND explainer = ? ORDER BY support DESC, cue_id LIMIT 1",
+                [run_id, raw["synthetic"]["cued_category"], explainer]).to_pylist()
     if not cue:
         return {"cue_id": None}
     members = query(store, "SELECT instance_id, image_id, peak_x, peak_y FROM instances WHERE run_id = ? AND cue_id = ?",
@@ -207,9 +207,9 @@ def world_model(generator: str, models: Path | None) -> str:
 
 
 def audit_world(generator: str, model: str, n_val: int, seed: int, work: Path,
-                findings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Audit a fresh val split of one world; returns its instances rows (eive) with their ground truth
-    (`cf_ratio`, `positive`), the run summary and the paths."""
+                findings: dict[str, Any] | None = None, explainer: str = "eive") -> dict[str, Any]:
+    """Audit a fresh val split of one world with `explainer`; returns its instances rows with their ground
+    truth (`cf_ratio`, `positive`), the run summary and the paths."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.config import AuditConfig
     from eive_audit.pipeline.sources.synthetic import GENERATORS
@@ -218,12 +218,12 @@ def audit_world(generator: str, model: str, n_val: int, seed: int, work: Path,
     ann = generate(work / "data", 0, n_val, seed, GENERATORS[generator])["val"]
     images = work / "data" / "images" / "val"
     config = AuditConfig(images=images, coco=ann, out=work / "store", model=model, review={"report": False},
-                         findings=findings or {})
+                         findings=findings or {}, explainers={explainer: {}})
     started = time.perf_counter()
     summary = audit(config)
     seconds = time.perf_counter() - started
-    rows = query(work / "store", "SELECT * FROM instances WHERE run_id = ? AND explainer = 'eive' ORDER BY instance_id",
-                 [summary["run_id"]]).to_pylist()
+    rows = query(work / "store", "SELECT * FROM instances WHERE run_id = ? AND explainer = ? ORDER BY instance_id",
+                 [summary["run_id"], explainer]).to_pylist()
     ratios = counterfactual_ratios(DetrAdapter.load(model), rows, ann, images)
     for row in rows:
         row["cf_ratio"] = ratios[row["instance_id"]]
@@ -232,7 +232,8 @@ def audit_world(generator: str, model: str, n_val: int, seed: int, work: Path,
                    [summary["run_id"]]).to_pylist()[0]
     (work / "rows.json").write_text(json.dumps(rows, default=str))  # every instance with its ground truth, to study
     return {"rows": rows, "summary": summary, "ann": ann, "images": images, "seconds": seconds,
-            "forward_s": timing["forward_s"], "threshold": config.score_threshold, "config": config}
+            "forward_s": timing["forward_s"], "threshold": config.score_threshold, "config": config,
+            "explainer": explainer}
 
 
 def flag_rates(world: dict[str, Any], reaches: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
@@ -248,8 +249,8 @@ def flag_rates(world: dict[str, Any], reaches: tuple[int, ...] = (0, 1, 2)) -> d
 
     store, run_id = world["config"].out, world["summary"]["run_id"]
     maps = {m["instance_id"]: decode_map(m["map"], m["grid_h"], m["grid_w"]) for m in query(
-        store, "SELECT instance_id, grid_h, grid_w, \"map\" FROM maps WHERE run_id = ? AND explainer = 'eive'",
-        [run_id]).to_pylist()}
+        store, "SELECT instance_id, grid_h, grid_w, \"map\" FROM maps WHERE run_id = ? AND explainer = ?",
+        [run_id, world["explainer"]]).to_pylist()}
     images = {r["image_id"]: r for r in query(store, "SELECT * FROM images WHERE run_id = ?", [run_id]).to_pylist()}
     default = FindingsConfig()
     tps = [row for row in world["rows"] if row["outcome"] == "tp"]
@@ -301,7 +302,7 @@ def world_metrics(world: dict[str, Any], seed: int) -> dict[str, Any]:
         if summary.get("findings_seconds") is not None and summary.get("shards_seconds") else None}
     if 0 < positive.sum() < len(rows):
         result["rankings"] = {name: ranking_metrics(scores, positive) for name, scores in rankings.items()}
-    result["top_cue"] = top_cue_on_cue(world["config"].out, summary["run_id"], world["ann"])
+    result["top_cue"] = top_cue_on_cue(world["config"].out, summary["run_id"], world["ann"], world["explainer"])
     return result
 
 
@@ -382,9 +383,10 @@ def fit_rankings(worlds: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "full": {"weights": dict(full.weights), "bias": full.bias}, "held_out": held_out}
 
 
-def run(model: str, n_val: int, seed: int, work: Path, findings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The shipped world alone (the quick mode and the AAJTS comparison): its metrics as one JSON object."""
-    world = audit_world(SHIPPED_WORLD, model, n_val, seed, work, findings)
+def run(model: str, n_val: int, seed: int, work: Path, findings: dict[str, Any] | None = None,
+        explainer: str = "eive") -> dict[str, Any]:
+    """The shipped world alone (the quick mode, the AAJTS and AHA comparisons): its metrics as one JSON object."""
+    world = audit_world(SHIPPED_WORLD, model, n_val, seed, work, findings, explainer)
     return {**world_metrics(world, seed), "model": model, "n_val": n_val, "seed": seed,
             "seconds": round(world["seconds"], 1)}
 

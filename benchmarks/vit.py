@@ -207,15 +207,17 @@ def cue_dependence(adapter: ViTAdapter, split: Split) -> dict[int, bool]:
     return depends
 
 
-def cue_recovery(adapter: ViTAdapter, split: Split, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The classification audit of the split (findings on, the audit's default explainers) and how its
-    `spurious_score` ranks the predictions that depend on the cue (module docstring)."""
+def cue_recovery(adapter: ViTAdapter, split: Split, work: Path, args: argparse.Namespace,
+                 explainer: str | None = None) -> dict[str, Any]:
+    """The classification audit of the split (findings on, `explainer` or else the audit's default
+    explainers) and how its `spurious_score` ranks the predictions that depend on the cue (module docstring)."""
     from eive_audit.flows.audit import audit
     from eive_audit.pipeline.config import AuditConfig
     from eive_audit.storage.catalog import query
 
+    chosen = {} if explainer is None else {"explainers": {explainer: {}}}
     config = AuditConfig(task="classify", images=split.images, index=split.index, out=work / "store",
-                         model=args.model, device=args.device, review={"report": False})
+                         model=args.model, device=args.device, review={"report": False}, **chosen)
     explainer = next(iter(config.explainers))
     started = time.perf_counter()
     summary = audit(config)

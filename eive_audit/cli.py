@@ -1,6 +1,7 @@
 """The `eive-audit` command line. Each command is a thin shell over a library function.
 
-The flags of `run` and `train` are built from the fields of AuditConfig and TrainConfig (pipeline.config),
+The flags of `run`, `train` and `train-explainer` are built from the fields of AuditConfig, TrainConfig and
+ExplainerTrainConfig (pipeline.config),
 so a setting's default and help are written once, there. Every built flag defaults to "not given": only
 the flags given are passed on (for `run`, merged over `--config FILE`) and the config applies its own
 defaults to the rest, which --help shows as "[default: X]". A field's flag is named:
@@ -43,8 +44,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from eive_audit.explainers import BUILTIN, capabilities, check_supported
-from eive_audit.pipeline.config import (EXPLAINER_SETTINGS, AuditConfig, ReviewConfig, TrainConfig, did_you_mean,
-                                        merge_settings)
+from eive_audit.pipeline.config import (EXPLAINER_SETTINGS, AuditConfig, ExplainerTrainConfig, ReviewConfig,
+                                        TrainConfig, did_you_mean, merge_settings)
 from eive_audit.pipeline.models.families import FAMILIES, VIT_FAMILIES, Family, family_of_model
 from eive_audit.pipeline.models.labels import label_to_category, labels_of_model
 from eive_audit.pipeline.models.loading import task_of_model
@@ -259,6 +260,7 @@ def _bad_settings(exc: ValidationError, flags: list[Flag], what: str) -> NoRetur
 
 RUN_FLAGS = config_flags(AuditConfig, from_file=True)
 TRAIN_FLAGS = config_flags(TrainConfig, from_file=False)
+EXPLAINER_TRAIN_FLAGS = config_flags(ExplainerTrainConfig, from_file=False)
 
 
 @app.command()
@@ -338,6 +340,27 @@ def train(**given: Any) -> None:
 
 
 app.command()(_with_flags(train, TRAIN_FLAGS))
+
+
+def train_explainer(**given: Any) -> None:
+    """Train (or resume) a learned explainer (AHA, METHODS.md 3d) for a frozen model; a Prefect flow. The
+    directory it writes is what `run --explainer aha --aha-model DIR` reads."""
+    try:
+        config = ExplainerTrainConfig(**_given(EXPLAINER_TRAIN_FLAGS, given))
+    except ValidationError as exc:
+        _bad_settings(exc, EXPLAINER_TRAIN_FLAGS, "train-explainer")
+    _require_data(config.coco, config.images, config.index)
+    from eive_audit.flows.train import train_explainer_flow
+
+    try:
+        with exit_soon_after_termination():
+            summary = train_explainer_flow(config)
+    except ValueError as exc:  # a model the explainer cannot read (a deformable detector), data of another task
+        _fail(str(exc))
+    typer.echo(json.dumps(summary))
+
+
+app.command("train-explainer")(_with_flags(train_explainer, EXPLAINER_TRAIN_FLAGS))
 
 
 def _evaluate(coco: Path, images: Path, model: str, batch_size: int, device: str) -> dict:
@@ -486,6 +509,9 @@ def _preflight(config: AuditConfig, data: bool = True) -> None:
         check_supported(config.explainers, _family_of_model(config.model))
     except ValueError as exc:
         _fail(str(exc))
+    missing = config.missing_explainer_model()
+    if missing:
+        _fail(missing)
     _require_store(config.out)
     if config.device.startswith("cuda"):
         _require_cuda(config.device)

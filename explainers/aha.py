@@ -21,12 +21,28 @@ import torch
 import torch.nn.functional as F
 
 from eive_audit.explainers.base import register
-from eive_audit.pipeline.config import AhaSettings
+from eive_audit.pipeline.config import AhaSettings, AuditConfig
 from eive_audit.pipeline.models.aha import (AhaDecoder, LossSettings, adapter_score, as_map, decoder_inputs, from_floor,
                                            load_explainer, refine)
+from eive_audit.pipeline.models.loading import load_model
 from eive_audit.pipeline.models.perturb import baseline_images
 from eive_audit.pipeline.models.preprocess import PixelBatch
 from eive_audit.pipeline.models.targets import Targets
+
+def check_trained_for(config: AuditConfig) -> None:
+    """Refuse (ValueError, one line) a run whose AHA explainer has no directory, or was trained for another
+    model than the one it audits (ExplainerMismatch), before any image is read: the model is loaded once, on
+    the CPU, for its weights."""
+    missing = config.missing_explainer_model()
+    if missing:
+        raise ValueError(missing)
+    directories = [s.model for s in config.explainers.values() if isinstance(s, AhaSettings)]
+    if not directories:
+        return
+    model = load_model(config.model, "cpu").model
+    for directory in directories:
+        load_explainer(directory, model)
+
 
 @register("aha")
 class AHA:

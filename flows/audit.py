@@ -26,6 +26,7 @@ from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
 from eive_audit.explainers import check_supported, get_explainer
+from eive_audit.explainers.aha import check_trained_for
 from eive_audit.flows.runners import one_gpu_per_task, started
 from eive_audit.pipeline.config import AuditConfig
 from eive_audit.pipeline.models.families import family_of_model
@@ -138,6 +139,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_schema_versions(config.out)  # before anything is written: a mixed store is refused, not extended
     check_supported(config.explainers, family_of_model(config.model))  # before any image is read
+    check_trained_for(config)  # a learned explainer's target model
     # paths stored absolute: the report, the push and the diff read them from any working directory
     info = RunInfo(config.run_id, config.config_hash, config.absolute().model_dump_json(), config.model,
                    tuple(config.explainers), datetime.now(timezone.utc), config.task)

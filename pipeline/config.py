@@ -363,18 +363,22 @@ class AuditConfig(_Part):
 
     @model_validator(mode="after")
     def _explainer_models(self) -> "AuditConfig":
-        """A learned explainer without its directory takes the audited model's own (MODEL/aha), so
-        `--explainer aha` alone runs a shipped model's shipped explainer; without one it is refused here, in
-        one line, before any image is read."""
-        missing = {name: s for name, s in self.explainers.items() if isinstance(s, AhaSettings) and s.model is None}
-        if not missing:
-            return self
+        """A learned explainer without its directory takes the audited model's own (MODEL/aha) where it has
+        one, so `--explainer aha` alone runs a shipped model's shipped explainer. Without one it stays unset
+        (a directory may still be merged in: `--aha-model` over a config file) and `missing_explainer_model`
+        says so before any image is read."""
         beside = Path(resolve_model_path(self.model)) / AHA_DIR
-        if not beside.is_dir():
-            raise ValueError(f"aha needs an explainer trained for {self.model}: pass --aha-model DIR (written by "
-                             f"`eive-audit train-explainer --method aha --model {self.model}`); {beside} has none")
-        found = {name: s.model_copy(update={"model": beside.resolve()}) for name, s in missing.items()}
-        return self.model_copy(update={"explainers": {**self.explainers, **found}})
+        found = {name: s.model_copy(update={"model": beside.resolve()}) for name, s in self.explainers.items()
+                 if isinstance(s, AhaSettings) and s.model is None and beside.is_dir()}
+        return self.model_copy(update={"explainers": {**self.explainers, **found}}) if found else self
+
+    def missing_explainer_model(self) -> str | None:
+        """The one-line refusal of a learned explainer that has no directory, or None."""
+        if not any(isinstance(s, AhaSettings) and s.model is None for s in self.explainers.values()):
+            return None
+        return (f"aha needs an explainer trained for {self.model}: pass --aha-model DIR (written by "
+                f"`eive-audit train-explainer --method aha --model {self.model}`); "
+                f"{Path(resolve_model_path(self.model)) / AHA_DIR} has none")
 
     @field_validator("explainers", mode="before")
     @classmethod

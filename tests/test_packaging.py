@@ -31,7 +31,7 @@ def test_the_wheel_holds_only_the_eive_audit_namespace(wheel: zipfile.ZipFile) -
     assert {name for name in top if not name.endswith(".dist-info")} == {"eive_audit"}
 
 
-def test_every_package_folder_is_listed_and_in_the_wheel_with_the_shipped_model(wheel: zipfile.ZipFile) -> None:
+def test_every_package_folder_is_listed_and_in_the_wheel_with_the_shipped_models_and_explainers(wheel: zipfile.ZipFile) -> None:
     """setuptools would still copy an unlisted folder as data (with a warning that this becomes an error), so the
     list itself is checked against the folders."""
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -41,7 +41,8 @@ def test_every_package_folder_is_listed_and_in_the_wheel_with_the_shipped_model(
     names = set(wheel.namelist())
     assert {package.replace(".", "/") + "/__init__.py" for package in packages} <= names
     assert {f"eive_audit/pipeline/models/{shipped}/{file}" for shipped in ("default", "default_vit")
-            for file in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md")} <= names
+            for file in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
+                         "aha/aha.safetensors", "aha/aha_config.json", "aha/README.md")} <= names
 
 
 def test_the_console_script_is_the_top_layer(wheel: zipfile.ZipFile) -> None:
