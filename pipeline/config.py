@@ -121,7 +121,7 @@ class AhaSettings(ExplainerSettings):
     model: Path | None = Field(None, description="the explainer directory train-explainer wrote; none: the one "
                                                  "beside the audited model (MODEL/aha, as the shipped models have)")
     refine_steps: int = Field(0, ge=0, description="test-time refinement: optimisation steps of AHA's loss on each "
-                                                   "instance's map (each costs 2 x 16 forwards an instance)")
+                                                   "instance's map (each: 2 x percentiles forwards and backwards)")
     refine_lr: float = Field(0.5, gt=0.0, description="Adam step size of the refinement, on the map logits")
     seed: int = Field(0, description="seed of the refinement's Gumbel noise")
     batch_size: int = _unhashed(default=8, ge=1, description="instances refined at once")
@@ -370,7 +370,9 @@ class AuditConfig(_Part):
         beside = Path(resolve_model_path(self.model)) / AHA_DIR
         found = {name: s.model_copy(update={"model": beside.resolve()}) for name, s in self.explainers.items()
                  if isinstance(s, AhaSettings) and s.model is None and beside.is_dir()}
-        return self.model_copy(update={"explainers": {**self.explainers, **found}}) if found else self
+        if found:  # frozen, and an after-validator must return self: the one field is set in place
+            object.__setattr__(self, "explainers", {**self.explainers, **found})
+        return self
 
     def missing_explainer_model(self) -> str | None:
         """The one-line refusal of a learned explainer that has no directory, or None."""

@@ -23,7 +23,7 @@ from eive_audit.pipeline.sources.synthetic_classify import generate_classify
 from eive_audit.storage.catalog import query
 
 N_VAL = 24
-EXPLAINERS = "legrad,cdam"
+EXPLAINERS = "legrad,cdam,aha"  # aha: the shipped ViT's shipped explainer (MODEL/aha), found by name alone
 
 pytestmark = pytest.mark.xdist_group("classify-audit")  # one audited run for the module
 
@@ -134,7 +134,7 @@ def test_a_store_holds_both_tasks(audited: dict) -> None:
 def test_report_of_the_classification_run(audited: dict) -> None:
     report = Path(audited["summary"]["report"])
     page = report.read_text()
-    assert "legrad" in page and "cdam" in page and "correct" in page
+    assert all(name in page for name in EXPLAINERS.split(",")) and "correct" in page
 
 
 def test_push_writes_classifications_and_heatmaps(audited: dict, fiftyone_env: dict[str, str]) -> None:
@@ -148,7 +148,7 @@ def test_push_writes_classifications_and_heatmaps(audited: dict, fiftyone_env: d
     n_rows = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?", [run]).to_pylist()[0]["n"]
     assert seen["images"] == N_VAL and seen["instances"] == n_rows
     assert seen["ground_truth"] == "Classification" and seen["prediction"] == "Classification"
-    assert {"heatmap_legrad", "heatmap_cdam"} <= set(seen["fields"])
+    assert {f"heatmap_{name}" for name in EXPLAINERS.split(",")} <= set(seen["fields"])
 
 
 DUMP = """
@@ -185,3 +185,14 @@ def test_the_demo_of_the_task_audits_fresh_data_with_the_shipped_vit(tmp_path: P
     assert "Predictions most likely right or wrong for the wrong reason" in result.stderr
     [config] = query(tmp_path / "demo", "SELECT config_json FROM runs").column("config_json").to_pylist()
     assert (json.loads(config)["task"], json.loads(config)["model"]) == ("classify", "default-vit")
+
+
+def test_aha_trained_for_deletion_and_insertion_beats_legrad_on_both(audited: dict) -> None:
+    """The shipped AHA explainer optimises the two AUCs the audit stores (on the correct predictions,
+    LeGrad's maps of the same instances being the comparison; benchmarks/aha.py has the full table)."""
+    rows = query(audited["store"], "SELECT explainer, avg(deletion_auc) AS deletion, avg(insertion_auc) AS insertion "
+                                   "FROM instances WHERE run_id = ? AND outcome = 'correct' GROUP BY explainer",
+                 [audited["summary"]["run_id"]]).to_pylist()
+    means = {r["explainer"]: r for r in rows}
+    assert means["aha"]["deletion"] < means["legrad"]["deletion"]
+    assert means["aha"]["insertion"] > means["legrad"]["insertion"]

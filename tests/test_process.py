@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
+import pytest
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from eive_audit.cli import TERMINATION_GRACE_S
@@ -169,6 +170,10 @@ def _runs(args_of: list[list[str]], env: dict[str, str], logs: list[Path]) -> It
             stray.kill()
 
 
+# slow (`make test-all`): two CLI runs, each with its own server migrating a fresh database, cost 110 s of CI's two
+# cores. In the fast suite the start race on one home is test_two_starts_on_one_home_take_turns's, and a killed
+# `run` (SIGKILL, then a rerun) is test_audit.py's test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run.
+@pytest.mark.slow
 def test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed(synth: Path, tmp_path: Path) -> None:
     """Two `run`s started together on one fresh PREFECT_HOME both get going (their servers migrate the new
     database in turn); then SIGTERM to one run's process group ends it within seconds (Prefect alone

@@ -92,6 +92,11 @@ def _dask_workers() -> list[psutil.Process]:
     return workers
 
 
+# slow (`make test-all`): two spawned workers and the one its nanny restarts each import torch and load the model,
+# 130-165 s of CI's two cores, over a sixth of its 12-minute budget. In the fast suite the path it shares (shards
+# as tasks, rows merged by key) is the two-threads test's above, a killed run's exact resume is
+# test_audit.py's, and benchmarks/kill_campaign.py kills runs at random moments.
+@pytest.mark.slow
 def test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows(
         config_of, sequential, tmp_path: Path) -> None:
     """Two worker processes; once the first shard is done and before the last, one worker is killed with
