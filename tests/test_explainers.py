@@ -5,6 +5,7 @@ state left as found (also when explain raises), and an audit end to end with sev
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from eive_audit.explainers import available, get_explainer, needs_of
 from eive_audit.explainers.drise import DRise, detection_similarity, smooth_masks
 from eive_audit.explainers.rollout import relevance
-from eive_audit.pipeline.config import DriseSettings
+from eive_audit.pipeline.config import AhaSettings, DriseSettings
 from eive_audit.pipeline.geometry import Geometry
 from eive_audit.pipeline.metrics.localization import box_coverage
 from eive_audit.pipeline.models.detr import DetrAdapter
@@ -35,8 +36,28 @@ FAST_DRISE = {"n_masks": 8, "batch_size": 8}
 pytestmark = pytest.mark.xdist_group("explainers")  # the module's forwards, once
 
 
-def _explainer(name: str):
+def _explainer(name: str, adapter: DetrAdapter | None = None):
+    """The explainer `name`; aha reads a directory made for `adapter`: an untrained decoder's (what it learns
+    is tests/test_aha.py's), written once per model."""
+    if name == "aha" and adapter is not None:
+        return get_explainer(name, AhaSettings(model=_untrained_aha(adapter)))
     return get_explainer(name, DriseSettings(**FAST_DRISE) if name == "drise" else None)
+
+
+_AHA_DIRS: dict[int, Path] = {}
+
+
+def _untrained_aha(adapter: DetrAdapter) -> Path:
+    from eive_audit.pipeline.models.aha import (AhaDecoder, LossSettings, architecture_for, save_explainer,
+                                               weights_fingerprint)
+
+    if id(adapter.model) not in _AHA_DIRS:
+        out = Path(tempfile.mkdtemp(prefix="aha-"))
+        torch.manual_seed(0)
+        save_explainer(out, AhaDecoder(architecture_for(adapter, hidden=8)), LossSettings(4, 5, 0.0025, "blur", 10.0, 0.3),
+                       weights_fingerprint(adapter.model), "test model")
+        _AHA_DIRS[id(adapter.model)] = out
+    return _AHA_DIRS[id(adapter.model)]
 
 
 def _tiny(family: str) -> DetrAdapter:
@@ -106,7 +127,7 @@ def test_registry_holds_every_baseline_with_its_gradient_flag() -> None:
 @pytest.mark.parametrize("name", REGISTERED)
 def test_maps_are_non_negative_on_the_grid_and_zero_on_padding(family_forward: tuple, name: str) -> None:
     adapter, batch, outputs, targets = family_forward
-    maps = _explainer(name).explain(adapter, batch, outputs, targets)
+    maps = _explainer(name, adapter).explain(adapter, batch, outputs, targets)
     assert maps.shape == (len(targets), *outputs.grid) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and (maps >= 0).all()
     padding = ~outputs.token_mask[targets.batch_index]
@@ -120,7 +141,7 @@ def test_maps_are_non_negative_on_the_grid_and_zero_on_padding(family_forward: t
 def test_no_targets_give_no_maps(small_forward: tuple, name: str) -> None:
     adapter, batch, outputs, _ = small_forward
     empty = Targets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)), box=torch.zeros(0, 4))
-    assert _explainer(name).explain(adapter, batch, outputs, empty).shape == (0, *outputs.grid)
+    assert _explainer(name, adapter).explain(adapter, batch, outputs, empty).shape == (0, *outputs.grid)
 
 
 @pytest.mark.parametrize("name", GRADIENT)
@@ -129,10 +150,10 @@ def test_rounds_of_targets_equal_one_target_at_a_time(small_forward: tuple, name
     equal the map of that target explained alone, also when the call is made under inference mode."""
     adapter, batch, outputs, targets = small_forward
     with torch.inference_mode():
-        together = _explainer(name).explain(adapter, batch, outputs, targets)
+        together = _explainer(name, adapter).explain(adapter, batch, outputs, targets)
     for k in range(len(targets)):
         alone = Targets(*(t[k:k + 1] for t in (targets.batch_index, targets.query, targets.label, targets.box)))
-        torch.testing.assert_close(together[k:k + 1], _explainer(name).explain(adapter, batch, outputs, alone),
+        torch.testing.assert_close(together[k:k + 1], _explainer(name, adapter).explain(adapter, batch, outputs, alone),
                                    atol=1e-6, rtol=1e-4)
 
 
@@ -149,7 +170,7 @@ def test_gradient_explainers_refuse_a_train_mode_model(small_forward: tuple) -> 
 @pytest.mark.parametrize("name", ["chefer", "legrad-detr"])
 def test_maps_follow_the_target_query(shipped: tuple, name: str) -> None:
     adapter, batch, outputs, targets, coverage = shipped
-    maps = _explainer(name).explain(adapter, batch, outputs, targets)
+    maps = _explainer(name, adapter).explain(adapter, batch, outputs, targets)
     dist = maps.flatten(1) / maps.flatten(1).sum(-1, keepdim=True)
     distance = (dist[:, None] - dist[None]).abs().sum(-1)  # L1 between normalised maps, [K, K]
     off_diagonal = distance[~torch.eye(len(targets), dtype=torch.bool)]
@@ -208,7 +229,7 @@ def _hooks(model: torch.nn.Module) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("name", REGISTERED)
 def test_hooks_and_model_state_are_left_as_found_also_on_error(small_forward: tuple, name: str) -> None:
     adapter, batch, outputs, targets = small_forward
-    explainer = _explainer(name)
+    explainer = _explainer(name, adapter)
     explainer.explain(adapter, batch, outputs, targets)  # warm-up: transformers adds its own hooks once
     before = _hooks(adapter.model)
     explainer.explain(adapter, batch, outputs, targets)
