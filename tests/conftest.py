@@ -41,14 +41,19 @@ COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
 # xdist group by its name, a test outside any group by its function's name; under --dist loadfile a module goes
 # where its first test ranks. Everything else follows in collection order, so no long unit is left to start
 # last on one worker while the other idles.
-HEAVY_FIRST = ("test_shipped_model_eive_maps_beat_random_maps_on_both_aucs",  # test_audit.py
-               "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows", "fiftyone",
-               "shipped-audit", "classify-audit", "test_quick_benchmark_ranks_cue_reliant_instances_first",
-               "test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed",
-               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process", "cli-review", "review-classify", "diff",
-               "deformable", "test_fine_tuning_with_aajts_concentrates_the_attention", "report", "explainers",
+HEAVY_FIRST = ("fiftyone", "cli-review", "classify-audit",
+               "test_a_scheduled_audit_runs_on_a_real_server_and_leaves_no_process",  # test_schedule.py
+               "shipped-audit", "review-classify",
+               "test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run",  # test_audit.py
+               "test_fine_tuning_with_aajts_concentrates_the_attention",  # test_aajts.py
+               "test_shipped_model_eive_and_aha_maps_beat_random_maps_on_both_aucs",  # test_audit.py
+               "diff", "deformable", "report", "explainers",
                "test_an_audit_of_16_bit_pngs_finds_what_the_8_bit_audit_finds",  # test_decode.py
-               "test_train_cli_smoke_run_writes_a_loadable_model", "test_detr_r50_at_800px")  # test_train, test_models
+               "test_train_cli_smoke_run_writes_a_loadable_model", "test_detr_r50_at_800px",  # test_train, test_models
+               # slow (`make test-all` only)
+               "test_a_dask_cluster_with_a_worker_killed_mid_run_stores_exactly_the_sequential_rows",
+               "test_quick_benchmark_ranks_cue_reliant_instances_first",
+               "test_two_runs_at_once_on_a_fresh_home_start_and_leave_no_process_when_killed")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

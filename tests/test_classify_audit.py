@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import CLI, invoke, run_ok
+from cli import invoke, run_ok
 from eive_audit.pipeline.models.locate import DEFAULT_MODEL_DIR
 from eive_audit.pipeline.models.vit import ViTAdapter
 from eive_audit.pipeline.sources.decode import decode_rgb
 from eive_audit.pipeline.sources.synthetic_classify import generate_classify
 from eive_audit.storage.catalog import query
 
-N_VAL = 24
+N_VAL = 16
 EXPLAINERS = "legrad,cdam,aha"  # aha: the shipped ViT's shipped explainer (MODEL/aha), found by name alone
 
 pytestmark = pytest.mark.xdist_group("classify-audit")  # one audited run for the module
@@ -138,21 +138,28 @@ def test_report_of_the_classification_run(audited: dict) -> None:
 
 
 def test_push_writes_classifications_and_heatmaps(audited: dict, fiftyone_env: dict[str, str]) -> None:
+    """`eive-audit push`, then what FiftyOne holds, in one fresh interpreter (this process never imports
+    fiftyone, test_fiftyone_push.py says why): one interpreter, not two, saves a torch and fiftyone import."""
     run = audited["summary"]["run_id"]
-    pushed = subprocess.run([*CLI, "push", "--store", str(audited["store"]), "--run", run, "--dataset", "cls"],
-                            env=fiftyone_env, capture_output=True, text=True, timeout=600)
-    assert pushed.returncode == 0, pushed.stderr[-3000:]
-    dump = subprocess.run([sys.executable, "-c", DUMP], env=fiftyone_env, capture_output=True, text=True, timeout=600)
-    assert dump.returncode == 0, dump.stderr[-3000:]
-    seen = json.loads(dump.stdout)
+    done = subprocess.run([sys.executable, "-c", PUSH_AND_DUMP, str(audited["store"]), run], env=fiftyone_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pushed, seen = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
     n_rows = query(audited["store"], "SELECT count(*) AS n FROM instances WHERE run_id = ?", [run]).to_pylist()[0]["n"]
+    assert (pushed["run_id"], pushed["images"], pushed["instances"]) == (run, N_VAL, n_rows)
     assert seen["images"] == N_VAL and seen["instances"] == n_rows
     assert seen["ground_truth"] == "Classification" and seen["prediction"] == "Classification"
     assert {f"heatmap_{name}" for name in EXPLAINERS.split(",")} <= set(seen["fields"])
 
 
-DUMP = """
-import json
+PUSH_AND_DUMP = """
+import json, sys
+from typer.testing import CliRunner
+from eive_audit.cli import app
+store, run = sys.argv[1:]
+result = CliRunner().invoke(app, ["push", "--store", store, "--run", run, "--dataset", "cls"])
+assert result.exit_code == 0, result.output
+print(result.stdout.strip().splitlines()[-1])
 import fiftyone as fo
 images, instances = fo.load_dataset("cls"), fo.load_dataset("cls-instances")
 first = images.first()

@@ -27,7 +27,7 @@ from eive_audit.storage.catalog import query, refresh_catalog
 from eive_audit.storage.writer import read_table, write_table
 
 DATASET = "audit"
-N_IMAGES = 24  # of the synth fixture's 40 val images: enough for tp, fp and fn rows, and faster
+N_IMAGES = 20  # of the synth fixture's 40 val images: enough for tp, fp and fn rows, and faster
 SECOND_RUN = "copy-of-run"  # the same rows under another id, its json moved away, three rows given a cue, no AUCs
 CUE = "eive:circle:0"
 DETECTION_COLUMNS = {"image_id", "query", "score", "iou", "gt_annotation_id"}  # the same for every explainer
