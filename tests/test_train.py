@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import invoke, invoke_ok
 from safetensors.torch import load_file
+
+from cli import invoke, invoke_ok
+from interrupt import Interrupted, crash_at
 
 from eive_audit.pipeline.models.detr import DetrAdapter, load_hf_model
 from eive_audit.pipeline.models.families import FAMILIES, build_config
@@ -31,10 +33,6 @@ def test_train_cli_smoke_run_writes_a_loadable_model(synth: Path, tmp_path: Path
     assert adapter.detect([torch.zeros(3, 128, 128, dtype=torch.uint8)], score_threshold=0.0)[0].boxes.shape == (20, 4)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("aajts", [False, True])
 def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path: Path, aajts: bool) -> None:
     def config(out: Path) -> TrainConfig:
@@ -44,12 +42,8 @@ def test_interrupted_training_resumes_to_the_same_weights(synth: Path, tmp_path:
 
     train(config(tmp_path / "straight"))
 
-    def crash_at_3(step: int, _losses: dict[str, float]) -> None:
-        if step == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train(config(tmp_path / "resumed"), on_step=crash_at_3)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path / "resumed"), on_step=crash_at(3))
     assert (tmp_path / "resumed" / CHECKPOINT_DIR / "trainer_state.pt").is_file()
     seen: list[int] = []
     train(config(tmp_path / "resumed"), on_step=lambda step, _loss: seen.append(step))
@@ -80,12 +74,8 @@ def test_a_checkpoint_resumes_only_under_the_settings_that_wrote_it(synth: Path,
     config = TrainConfig(coco=synth / "annotations" / "train.json", images=synth / "images" / "train",
                          out=tmp_path / "model", steps=3, batch_size=4, checkpoint_every=2, device="cpu", threads=1)
 
-    def crash_at_3(step: int, _losses: dict[str, float]) -> None:
-        if step == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train(config, on_step=crash_at_3)
+    with pytest.raises(Interrupted):
+        train(config, on_step=crash_at(3))
     with pytest.raises(ValueError, match="written by a run with other settings"):
         train(config.model_copy(update={"aajts": True}))
     seen: list[int] = []

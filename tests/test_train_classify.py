@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification, ViTImageProcessor
 
+from interrupt import Interrupted, crash_at
 from eive_audit.pipeline.config import TrainConfig
 from eive_audit.pipeline.sources.synthetic_classify import generate_classify
 from eive_audit.pipeline.train import CHECKPOINT_DIR
@@ -35,15 +36,6 @@ def _config(data: Path, out: Path, **changes: object) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _crash_at_3(step: int, _logged: dict[str, float]) -> None:
-    if step == 3:
-        raise _Interrupt
-
-
 def test_a_short_run_writes_a_model_the_stock_classes_load(data: Path, tmp_path: Path) -> None:
     summary = train_classifier(_config(data, tmp_path / "m", steps=3))
     assert summary["steps"] == 3 and summary["images"] == 12 and 0.0 <= summary["final_accuracy"] <= 1.0
@@ -60,8 +52,8 @@ def test_a_short_run_writes_a_model_the_stock_classes_load(data: Path, tmp_path:
 
 def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(data: Path, tmp_path: Path) -> None:
     train_classifier(_config(data, tmp_path / "straight"))
-    with pytest.raises(_Interrupt):
-        train_classifier(_config(data, tmp_path / "resumed"), on_step=_crash_at_3)
+    with pytest.raises(Interrupted):
+        train_classifier(_config(data, tmp_path / "resumed"), on_step=crash_at(3))
     with pytest.raises(ValueError, match="written by a run with other settings"):
         train_classifier(_config(data, tmp_path / "resumed", lr=1e-3))
     seen: list[int] = []

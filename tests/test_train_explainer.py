@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli import invoke, invoke_ok, run_ok
+from interrupt import Interrupted, crash_at
 from eive_audit.pipeline.config import ExplainerTrainConfig
 from eive_audit.pipeline.models.aha import AHA_CONFIG, AHA_WEIGHTS, weights_fingerprint
 from eive_audit.pipeline.models.vit import ViTAdapter
@@ -66,19 +67,10 @@ def test_train_explainer_writes_a_directory_the_audit_reads_and_another_model_re
     assert not any(p.is_file() for p in (tmp_path / "other").rglob("*")), "refused before anything is written"
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _crash_at_3(step: int, _logged: dict[str, float]) -> None:
-    if step == 3:
-        raise _Interrupt
-
-
 def test_an_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_one(data: Path, tmp_path: Path) -> None:
     train_aha(_config(data, tmp_path / "straight"))
-    with pytest.raises(_Interrupt):
-        train_aha(_config(data, tmp_path / "resumed"), on_step=_crash_at_3)
+    with pytest.raises(Interrupted):
+        train_aha(_config(data, tmp_path / "resumed"), on_step=crash_at(3))
     assert (tmp_path / "resumed" / CHECKPOINT_DIR).is_dir()
     with pytest.raises(ValueError, match="written by a run with other settings"):
         train_aha(_config(data, tmp_path / "resumed", tau_end=0.5))
