@@ -165,19 +165,21 @@ class Flag:
     name: str
     field: FieldInfo
     from_file: bool  # the command also reads a --config file
+    aliases: tuple[str, ...] = ()  # other spellings, without dashes (a field's json_schema_extra "aliases")
 
     @property
     def parameter(self) -> inspect.Parameter:
         """The typer option: "not given" (None) by default, the field's description as help, its default shown."""
         kind = _option_type(self.field.annotation)
         decls = f"--{self.name}/--no-{self.name}" if kind is bool else f"--{self.name}"
+        aliases = [f"--{alias}" for alias in self.aliases]
         help = self.field.description or ""
         if self.path == ("explainer",):
             help += f"; comma-separated names of {', '.join(map(capabilities, BUILTIN))}"
         if self.field.is_required():
             help += " (required unless --config gives it)" if self.from_file else " (required)"
         default = _shown_default(self.field)
-        option = typer.Option(None, decls, help=help, show_default=default if default is not None else False)
+        option = typer.Option(None, decls, *aliases, help=help, show_default=default if default is not None else False)
         return inspect.Parameter(self.name.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=option,
                                  annotation=Optional[kind])
 
@@ -213,7 +215,8 @@ def config_flags(model: type[BaseModel], from_file: bool, path: tuple[str, ...] 
         else:
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             own = prefix.rstrip("-") if name == "enabled" else f"{prefix}{name}".replace("_", "-")
-            flags.append(Flag((*path, name), str(extra.get("flag") or own), field, from_file))
+            flags.append(Flag((*path, name), str(extra.get("flag") or own), field, from_file,
+                              tuple(extra.get("aliases", ()))))
     return flags
 
 

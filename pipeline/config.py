@@ -118,8 +118,9 @@ class AhaSettings(ExplainerSettings):
     """AHA (METHODS.md 3d): a decoder trained for the target model (`eive-audit train-explainer --method aha`)
     predicts each instance's map in one forward; optionally refined on the instance by a few steps of its loss."""
 
-    model: Path | None = Field(None, description="the explainer directory train-explainer wrote; none: the one "
-                                                 "beside the audited model (MODEL/aha, as the shipped models have)")
+    model: Path | None = Field(None, json_schema_extra={"aliases": ["explainer-model"]},  # the issue's spelling
+                               description="the explainer directory train-explainer wrote; none: the one "
+                                           "beside the audited model (MODEL/aha, as the shipped models have)")
     refine_steps: int = Field(0, ge=0, description="test-time refinement: optimisation steps of AHA's loss on each "
                                                    "instance's map (each: 2 x percentiles forwards and backwards)")
     refine_lr: float = Field(0.5, gt=0.0, description="Adam step size of the refinement, on the map logits")

@@ -62,7 +62,7 @@ def test_train_explainer_writes_a_directory_the_audit_reads_and_another_model_re
     assert len(rows) >= 4 and {r["explainer"] for r in rows} == {"aha"} and {(r["grid_h"], r["grid_w"]) for r in rows} == {(12, 12)}
 
     refused = invoke("run", "--coco", synth / "annotations" / "val.json", "--images", synth / "images" / "val",
-                     "--out", tmp_path / "other", "--explainer", "eive,aha", "--aha-model", out, "--device", "cpu")
+                     "--out", tmp_path / "other", "--explainer", "eive,aha", "--explainer-model", out, "--device", "cpu")
     assert refused.code == 2 and "trained for another model" in refused.stderr, refused.stderr
     assert not any(p.is_file() for p in (tmp_path / "other").rglob("*")), "refused before anything is written"
 
