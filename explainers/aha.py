@@ -29,6 +29,7 @@ from eive_audit.pipeline.models.perturb import baseline_images
 from eive_audit.pipeline.models.preprocess import PixelBatch
 from eive_audit.pipeline.models.targets import Targets
 
+
 def check_trained_for(config: AuditConfig) -> None:
     """Refuse (ValueError, one line) a run whose AHA explainer has no directory, or was trained for another
     model than the one it audits (ExplainerMismatch), before any image is read: the model is loaded once, on

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli import invoke, invoke_ok, run_ok
+from cli import invoke, run_ok
 from interrupt import Interrupted, crash_at
 from eive_audit.pipeline.config import ExplainerTrainConfig
 from eive_audit.pipeline.models.aha import AHA_CONFIG, AHA_WEIGHTS, weights_fingerprint
