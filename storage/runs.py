@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eive_audit.storage.catalog import query, reader, refresh_catalog
+from eive_audit.storage.catalog import reader, refresh_catalog
 from eive_audit.storage.schema import FLAGGED
 from eive_audit.storage.writer import read_table, table_path, write_table
 
