@@ -16,7 +16,8 @@ Every figure comes from the benchmark of the task, run here with AHA added, on a
   `spurious_recovery.run` for the detector) with the findings step reading AHA's maps, beside the same with
   the task's usual explainer (LeGrad for the ViT, EIVE for the detector).
 
-    python benchmarks/aha.py --threads 2                     # the defaults: about 25 minutes on 2 CPU cores
+    python benchmarks/aha.py --threads 2                     # the defaults (96 ViT, 16 detector images)
+    python benchmarks/aha.py --threads 1 --vit-images 48 --drise-masks 300 --recovery-images 80   # README's: 12 min
     python benchmarks/aha.py --vit-images 24 --det-images 6 --no-recovery   # a few minutes
 """
 

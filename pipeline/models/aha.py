@@ -299,8 +299,8 @@ def refine(logits: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, refer
            steps: int, lr: float, seed: int = 0) -> torch.Tensor:
     """Test-time refinement: `steps` Adam steps of `aha_loss` on the map logits [K, H, W] themselves (the
     decoder stays as trained), on `grid` (the grid the maps are scored on) at the training's final
-    temperature (`settings.tau`), with Gumbel noise of a fixed seed. Each instance's loss is its own, so refining a batch of instances refines
-    each as if alone. Returns the refined logits, detached."""
+    temperature (`settings.tau`), with Gumbel noise of a fixed seed. Each instance's loss is its own, so
+    refining a batch of instances refines each as if alone. Returns the refined logits, detached."""
     delta = torch.zeros_like(logits, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     generator = torch.Generator(device=logits.device).manual_seed(seed)
