@@ -68,9 +68,17 @@ def test_every_config_field_is_a_flag_with_the_configs_default_and_help(command:
         assert option.show_default == (False if default is None else str(default)), flag
         if field.annotation is bool:
             assert f"--no-{flag}" in option.secondary_opts, flag
+    aliases = {alias: flag for flag, field in leaves for alias in _aliases(field)}
+    assert all(options[alias] is options[flag] for alias, flag in aliases.items()), "an alias is its field's option"
     own = {"config"} if command == "run" else set()
-    listed = {flag for flag, _ in leaves} | {f"no-{flag}" for flag, f in leaves if f.annotation is bool}
+    listed = {flag for flag, _ in leaves} | {f"no-{flag}" for flag, f in leaves if f.annotation is bool} | set(aliases)
     assert set(options) - listed == own, "every flag is a config field"
+
+
+def _aliases(field: FieldInfo) -> list[str]:
+    """The other spellings a field names for its flag (json_schema_extra "aliases")."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return list(extra.get("aliases", []))
 
 
 def test_demo_takes_the_run_flags_but_the_data_ones() -> None:
